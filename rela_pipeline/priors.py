@@ -1,0 +1,335 @@
+"""Prior models: parse a spec, load the model from local files, record its preprocessing.
+
+Spec forms (MISSION.md; ReLA section 4 uses CLIP, BYOL-trained and random priors):
+
+==================================================  =============================================
+``random:<torchvision arch>``                       randomly initialised, seeded (the paper's Rand.)
+``torchvision:<arch>``                              torchvision's default weights (hub or cache)
+``torchvision:<arch>:<weights file>``               local state_dict file
+``open_clip:<model>:<pretrained tag>``              open_clip weights by tag (hub or cache)
+``open_clip:<model>:<weights file>``                local open_clip checkpoint
+``open_clip:<model>:random``                        randomly initialised open_clip image tower
+``checkpoint:<file>``                               a backbone written by ``rela-pipeline train``
+==================================================  =============================================
+
+Every prior exposes a module mapping a normalised float batch ``(B, 3, S, S)`` to ``(B, D)``
+embeddings. Torchvision classifiers lose their final linear layer (replaced by identity), so D is
+the penultimate (pooled) feature size. Files are loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import v2 as T
+
+from .errors import RelaError
+from .fileio import sha256_file
+from .models import load_backbone_checkpoint, load_state_dict_strict, safe_torch_load
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SPEC_FORMS = (
+    "random:<torchvision arch>",
+    "torchvision:<arch>[:<weights file>]",
+    "open_clip:<model>:<pretrained tag|weights file|random>",
+    "checkpoint:<file>",
+)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Deterministic evaluation preprocessing of a prior (no augmentation; ReLA step 1).
+
+    Applied as: convert to RGB, resize (shorter side to ``resize_size`` for mode "shortest", both
+    sides for "squash"), centre crop ``crop_size``, to uint8 tensor ``(3, crop, crop)``; then on the
+    compute device ``(x / 255 - mean) / std`` in float32.
+
+    Attributes:
+        resize_size: pixels.
+        crop_size: pixels; the model input is ``crop_size x crop_size``.
+        interpolation: "bilinear" or "bicubic".
+        mean, std: per-channel normalisation of [0, 1] pixel values.
+        resize_mode: "shortest" (keep aspect ratio) or "squash".
+    """
+
+    resize_size: int
+    crop_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize_mode: str = "shortest"
+
+    def to_uint8_transform(self) -> T.Compose:
+        """Return the CPU part (PIL RGB image -> uint8 tensor ``(3, crop, crop)``), run in workers."""
+        interpolation = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[self.interpolation]
+        size = self.resize_size if self.resize_mode == "shortest" else (self.resize_size, self.resize_size)
+        return T.Compose([T.PILToTensor(), T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(self.crop_size)])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Map uint8 ``(B, 3, H, W)`` to normalised float32 on the same device."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+        return (images.float().div_(255.0) - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            RelaError: on missing or malformed fields.
+        """
+        try:
+            return cls(
+                resize_size=int(data["resize_size"]),
+                crop_size=int(data["crop_size"]),
+                interpolation=str(data.get("interpolation", "bilinear")),
+                mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
+                std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),
+                resize_mode=str(data.get("resize_mode", "shortest")),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise RelaError(f"malformed preprocessing record: {error}") from None
+
+
+@dataclass
+class Prior:
+    """A loaded prior model.
+
+    Attributes:
+        spec: the spec string it was loaded from.
+        model: eval-mode module, ``(B, 3, crop, crop)`` float32 normalised -> ``(B, D)``.
+        preprocessing: how images are prepared for ``model``.
+        weights: provenance record: ``{"source": str, "path": str|None, "sha256": str|None}``.
+    """
+
+    spec: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    weights: dict[str, Any] = field(default_factory=dict)
+
+
+class _ImageEncoder(nn.Module):
+    """Adapter exposing ``open_clip`` ``encode_image`` as ``forward``."""
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        self.clip_model = clip_model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip_model.encode_image(images)
+
+
+def _drop_final_linear(model: nn.Module) -> nn.Module:
+    """Replace the last ``nn.Linear`` (the classifier) of a torchvision model with identity."""
+    last_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name = name
+    if last_name is None:
+        return model
+    parent_name, _, child = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+    return model
+
+
+def _check_torchvision_arch(arch: str) -> None:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        examples = ", ".join(a for a in ("resnet18", "resnet50", "vit_b_16", "convnext_tiny") if a in available)
+        raise RelaError(f"unknown torchvision architecture '{arch}' (e.g. {examples}; {len(available)} classification models available)")
+
+
+def _torchvision_preprocessing(arch: str) -> Preprocessing:
+    """Preprocessing of the arch's default torchvision weights (ImageNet 256/224 when it has none)."""
+    try:
+        transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        interpolation = "bicubic" if "BICUBIC" in str(transforms.interpolation) else "bilinear"
+        return Preprocessing(
+            resize_size=int(transforms.resize_size[0]),
+            crop_size=int(transforms.crop_size[0]),
+            interpolation=interpolation,
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+        )
+    except (ValueError, AttributeError, KeyError):
+        return Preprocessing(resize_size=256, crop_size=224)
+
+
+def _file_record(path: str, source: str) -> dict[str, Any]:
+    return {"source": source, "path": os.path.abspath(path), "sha256": sha256_file(path)}
+
+
+def _hub_is_reachable(host: str, timeout_s: float = 3.0) -> bool:
+    """True when ``host`` resolves (a cheap offline check before a model hub download)."""
+    previous = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout_s)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@contextlib.contextmanager
+def _huggingface_offline_if_unreachable() -> Iterator[bool]:
+    """Switch huggingface_hub to cache-only while the hub does not resolve (fail fast offline)."""
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:  # pragma: no cover - open_clip depends on it
+        yield False
+        return
+    offline = bool(hf_constants.HF_HUB_OFFLINE) or not _hub_is_reachable("huggingface.co")
+    previous = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = offline
+    try:
+        yield offline
+    finally:
+        hf_constants.HF_HUB_OFFLINE = previous
+
+
+def _load_random(arch: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    _check_torchvision_arch(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(arch, weights=None)
+    return _drop_final_linear(model), {"source": f"random init, seed {seed}", "path": None, "sha256": None}
+
+
+def _load_torchvision(arch: str, weights_file: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    _check_torchvision_arch(arch)
+    if weights_file:
+        model = torchvision.models.get_model(arch, weights=None)
+        state = safe_torch_load(weights_file, "prior weights file")
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        load_state_dict_strict(model, state, f"weights file {weights_file} for torchvision {arch}")
+        return _drop_final_linear(model), _file_record(weights_file, "local file")
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError):
+        raise RelaError(f"torchvision {arch} has no published weights; use random:{arch} or give a weights file") from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise RelaError(
+            f"cannot fetch torchvision weights {weights} ({type(error).__name__}; offline?): "
+            f"put the file at {cached} or pass torchvision:{arch}:<weights file>"
+        ) from None
+    record = {"source": f"torchvision {weights}", "path": cached, "sha256": sha256_file(cached) if os.path.isfile(cached) else None}
+    return _drop_final_linear(model), record
+
+
+def _load_open_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Preprocessing, dict[str, Any]]:
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        raise RelaError(f"unknown open_clip model '{model_name}' ({len(open_clip.list_models())} available, e.g. ViT-B-16, RN50)")
+    is_file = os.path.sep in pretrained or os.path.isfile(pretrained)
+    if is_file and not os.path.isfile(pretrained):
+        raise RelaError(f"open_clip weights file not found: {pretrained}")
+    if pretrained == "random":
+        clip_model, record = open_clip.create_model(model_name, pretrained=None), {"source": "random init (open_clip)", "path": None, "sha256": None}
+    elif is_file:
+        try:
+            clip_model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as error:  # open_clip raises RuntimeError/KeyError/UnpicklingError for bad files
+            raise RelaError(f"weights file {pretrained} does not load into open_clip {model_name}: {str(error).splitlines()[0][:200]}") from None
+        record = _file_record(pretrained, "local file")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise RelaError(f"open_clip {model_name} has no pretrained tag '{pretrained}' (tags: {', '.join(tags) or 'none'}; or give a weights file, or 'random')")
+        with _huggingface_offline_if_unreachable() as offline:
+            try:
+                clip_model = open_clip.create_model(model_name, pretrained=pretrained)
+            except Exception:  # open_clip wraps hub failures in RuntimeError
+                how = "the model hub is unreachable and the weights are not in the local cache" if offline else "download failed"
+                raise RelaError(f"cannot load open_clip {model_name}:{pretrained}: {how}; pass open_clip:{model_name}:<weights file>") from None
+        record = {"source": f"open_clip pretrained tag {pretrained}", "path": None, "sha256": None}
+    cfg = getattr(clip_model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    resize_mode = cfg.get("resize_mode", "shortest")
+    preprocessing = Preprocessing(
+        resize_size=size,
+        crop_size=size,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        resize_mode="squash" if resize_mode == "squash" else "shortest",
+    )
+    return _ImageEncoder(clip_model), preprocessing, record
+
+
+def load_prior(spec: str, *, seed: int = 0, image_size: int | None = None) -> Prior:
+    """Load a prior model from its spec (see module docstring for the forms).
+
+    Args:
+        spec: prior spec string.
+        seed: seed of the random initialisation for ``random:`` and ``open_clip:<m>:random``.
+        image_size: if given, resize and crop to this size (pixels) instead of the prior's own
+            preprocessing: the whole image is resized to image_size x image_size without a crop
+            (e.g. 32 for CIFAR-scale data); mean/std stay the prior's.
+
+    Returns:
+        A :class:`Prior` in eval mode on CPU.
+
+    Raises:
+        RelaError: unknown spec form (the message lists the valid forms), unknown architecture,
+            missing/unsafe/mismatched weights file, or hub weights unavailable offline.
+    """
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise RelaError(f"unknown prior spec '{spec}'; valid forms: {' | '.join(SPEC_FORMS)}")
+    if kind == "random":
+        model, weights = _load_random(rest, seed)
+        preprocessing = Preprocessing(resize_size=256, crop_size=224)
+    elif kind == "torchvision":
+        arch, _, weights_file = rest.partition(":")
+        model, weights = _load_torchvision(arch, weights_file or None)
+        preprocessing = _torchvision_preprocessing(arch)
+    elif kind == "open_clip":
+        model_name, _, pretrained = rest.partition(":")
+        if not pretrained:
+            raise RelaError(f"open_clip prior needs a pretrained tag, weights file or 'random': open_clip:{model_name}:<tag|file|random>")
+        if pretrained == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model, preprocessing, weights = _load_open_clip(model_name, pretrained)
+            weights["source"] += f", seed {seed}"
+        else:
+            model, preprocessing, weights = _load_open_clip(model_name, pretrained)
+    elif kind == "checkpoint":
+        model, meta = load_backbone_checkpoint(rest)
+        weights = _file_record(rest, f"rela-pipeline checkpoint ({meta['backbone']['name']}, step {meta.get('step', 0)})")
+        saved = meta.get("preprocessing")
+        preprocessing = Preprocessing.from_dict(saved) if saved else Preprocessing(resize_size=256, crop_size=224)
+    else:
+        raise RelaError(f"unknown prior spec '{spec}'; valid forms: {' | '.join(SPEC_FORMS)}")
+    if image_size is not None:
+        if image_size < 8:
+            raise RelaError(f"--image-size must be at least 8 pixels, got {image_size}")
+        preprocessing = Preprocessing(image_size, image_size, preprocessing.interpolation, preprocessing.mean, preprocessing.std, "squash")
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return Prior(spec=spec, model=model, preprocessing=preprocessing, weights=weights)

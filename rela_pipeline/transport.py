@@ -1,0 +1,193 @@
+"""Linear transport: PCA of prior embeddings followed by per-component standardisation.
+
+ReLA (Sun et al., NeurIPS 2024, section 3 and the released code) turns prior embeddings ``x``
+into representation targets ``y`` by a linear map fitted on the whole dataset::
+
+    y = ((x - mean) @ components.T) / scale
+
+where ``components`` are the eigenvectors of the embedding covariance sorted by descending
+eigenvalue and ``scale = sqrt(eigenvalue)``, i.e. every kept component has zero mean and unit
+variance over the dataset (population statistics, ddof = 0). A student of feature dim ``k``
+aligns to the first ``k`` components (the paper's k = min(student dim, prior dim)).
+
+Moments are accumulated batch by batch in float64 (memory ``O(D^2)``, independent of N), shifted
+by the first batch's mean to avoid cancellation in ``E[xx^T] - mean mean^T``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import RelaError
+from .fileio import load_npz, write_npz_atomic
+
+#: Components whose eigenvalue is below this fraction of the largest are numerically zero
+#: (rank deficiency, e.g. fewer images than dimensions) and are not kept: standardising them
+#: would blow rounding noise up to unit variance.
+RELATIVE_EIGENVALUE_FLOOR = 1e-9
+
+
+class MomentAccumulator:
+    """Streaming first and second moments of ``(B, D)`` batches, in float64.
+
+    Args:
+        dim: embedding dimension D.
+        device: where the ``(D, D)`` float64 accumulator lives (the embedding device is cheapest).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.device = torch.device(device)
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a batch ``(B, D)`` of any float dtype (rows with NaN/Inf must be removed first).
+
+        Raises:
+            ValueError: if the batch is not ``(B, D)``.
+        """
+        if batch.ndim != 2 or batch.shape[1] != self.dim:
+            raise ValueError(f"expected a (B, {self.dim}) batch, got {tuple(batch.shape)}")
+        if batch.shape[0] == 0:
+            return
+        x = batch.to(self.device, torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(mean (D,), covariance (D, D))`` as float64 numpy, population (ddof = 0).
+
+        Raises:
+            RelaError: if fewer than two samples were added.
+        """
+        if self.count < 2:
+            raise RelaError(f"linear transport needs at least 2 embedded images, got {self.count}")
+        centred_mean = self.sum / self.count
+        covariance = self.outer / self.count - torch.outer(centred_mean, centred_mean)
+        covariance = 0.5 * (covariance + covariance.T)
+        mean = centred_mean + self.shift
+        return mean.cpu().numpy(), covariance.cpu().numpy()
+
+
+@dataclass
+class LinearTransport:
+    """Fitted linear transport (PCA + standardisation).
+
+    Attributes:
+        mean: float64 ``(D,)`` embedding mean.
+        components: float64 ``(K, D)`` unit eigenvectors, rows sorted by descending variance; the
+            sign of each row is fixed so its largest-magnitude entry is positive (deterministic).
+        scale: float64 ``(K,)`` = sqrt(explained_variance), the standard deviation of each component.
+        explained_variance: float64 ``(K,)`` eigenvalues (population variance of each component).
+        explained_variance_ratio: float64 ``(K,)`` eigenvalue / total variance.
+        num_samples: images the moments were computed over.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    scale: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    num_samples: int
+
+    @property
+    def input_dim(self) -> int:
+        """Embedding dimension D."""
+        return int(self.mean.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        """Number of kept components K (<= D and <= N - 1)."""
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(cls, moments: MomentAccumulator) -> "LinearTransport":
+        """Eigendecompose the accumulated covariance (``numpy.linalg.eigh``, float64).
+
+        Raises:
+            RelaError: fewer than two samples, or a covariance that is zero or not finite.
+        """
+        mean, covariance = moments.mean_and_covariance()
+        if not np.all(np.isfinite(covariance)):
+            raise RelaError("embedding covariance is not finite (the prior produced NaN or Inf)")
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+        if eigenvalues[0] <= 0:
+            raise RelaError("all embeddings are identical: the prior gives no variance to transport")
+        keep = eigenvalues > eigenvalues[0] * RELATIVE_EIGENVALUE_FLOOR
+        keep[moments.count - 1 :] = False  # at most N - 1 directions carry variance
+        eigenvalues, components = eigenvalues[keep], eigenvectors[:, keep].T.copy()
+        signs = np.sign(components[np.arange(len(components)), np.argmax(np.abs(components), axis=1)])
+        components *= signs[:, None]
+        total = float(np.trace(covariance))
+        return cls(
+            mean=mean,
+            components=components,
+            scale=np.sqrt(eigenvalues),
+            explained_variance=eigenvalues,
+            explained_variance_ratio=eigenvalues / total,
+            num_samples=moments.count,
+        )
+
+    def apply(self, embeddings: torch.Tensor | np.ndarray, dims: int | None = None) -> torch.Tensor:
+        """Transport embeddings ``(B, D)`` to targets ``(B, dims or K)`` float32.
+
+        Computed in float32 on the input's device (torch) or on CPU (numpy input).
+        """
+        x = torch.as_tensor(embeddings)
+        k = self.output_dim if dims is None else min(dims, self.output_dim)
+        device = x.device
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
+        components = torch.as_tensor(self.components[:k], dtype=torch.float32, device=device)
+        scale = torch.as_tensor(self.scale[:k], dtype=torch.float32, device=device)
+        return ((x.float() - mean) @ components.T) / scale
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the parameters to an ``.npz`` (no pickle, byte-reproducible), atomically."""
+        write_npz_atomic(
+            path,
+            {
+                "mean": self.mean,
+                "components": self.components,
+                "scale": self.scale,
+                "explained_variance": self.explained_variance,
+                "explained_variance_ratio": self.explained_variance_ratio,
+                "num_samples": np.asarray(self.num_samples, dtype=np.int64),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LinearTransport":
+        """Read parameters written by :meth:`save`.
+
+        Raises:
+            RelaError: missing file, missing arrays, or inconsistent shapes.
+        """
+        try:
+            arrays = load_npz(path)
+            transport = cls(
+                mean=arrays["mean"],
+                components=arrays["components"],
+                scale=arrays["scale"],
+                explained_variance=arrays["explained_variance"],
+                explained_variance_ratio=arrays["explained_variance_ratio"],
+                num_samples=int(arrays["num_samples"]),
+            )
+        except (OSError, KeyError, ValueError) as error:
+            raise RelaError(f"cannot read transport file {path}: {error}") from None
+        k, d = transport.components.shape if transport.components.ndim == 2 else (-1, -1)
+        if transport.mean.shape != (d,) or transport.scale.shape != (k,) or transport.explained_variance.shape != (k,):
+            raise RelaError(f"transport file {path} has inconsistent shapes")
+        return transport

@@ -1,0 +1,34 @@
+"""Shared fixtures: the committed Fashion-MNIST sample and one small shard set built from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from rela_pipeline.stages.embed import EmbedConfig, run_embed
+
+FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "fashion_mnist_mini"
+TRAIN_DIR = FIXTURE_ROOT / "train"
+TEST_DIR = FIXTURE_ROOT / "test"
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def small_embed_config(data_dir: Path, out_dir: Path, **overrides) -> EmbedConfig:
+    """A fast CPU configuration: random ResNet-18 prior at 32 px, no worker processes."""
+    settings = dict(
+        data_dir=data_dir, prior="random:resnet18", out_dir=out_dir, image_size=32, batch_size=64,
+        num_workers=0, shard_size=64, progress=False, device="cpu",
+    )
+    settings.update(overrides)
+    return EmbedConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def shard_set(tmp_path_factory) -> tuple[Path, dict]:
+    """Stage one on the 300-image real fixture, raw embeddings kept: ``(OUT, manifest)``."""
+    out = tmp_path_factory.mktemp("shards") / "out"
+    manifest = run_embed(small_embed_config(TRAIN_DIR, out, keep_embeddings=True))
+    return out, manifest

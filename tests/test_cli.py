@@ -1,0 +1,170 @@
+"""The CLI end to end on the real fixture, and every bad input of stage one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from rela_pipeline.cli import main
+from rela_pipeline.shards.manifest import read_manifest
+from rela_pipeline.stages import embed as embed_stage
+from tests.conftest import TRAIN_DIR
+
+FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, stderr: str, fragment: str) -> None:
+    assert code != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
+def assert_no_output(out: Path) -> None:
+    leftovers = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert leftovers == [], leftovers
+
+
+def small_tree(tmp_path: Path, per_class: int = 4) -> Path:
+    """A copy of a few real images per class, so runs are quick and may be altered."""
+    root = tmp_path / "data"
+    for class_dir in sorted(TRAIN_DIR.iterdir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(image, root / class_dir.name / image.name)
+    return root
+
+
+def test_embed_inspect_verify_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST)
+    assert code == 0, stderr
+    assert "wrote 300 samples in 5 shards" in stdout
+    code, stdout, _ = run_cli("inspect", str(out))
+    assert code == 0 and "300 written, 0 skipped" in stdout and "random:resnet18" in stdout
+    code, stdout, _ = run_cli("verify", str(out))
+    assert code == 0 and "300 samples verified" in stdout
+    (out / "shard-000002.tar").write_bytes(b"not a tar")
+    code, _, stderr = run_cli("verify", str(out))
+    assert code == 1 and "FAIL shard-000002.tar" in stderr
+
+
+def test_missing_data_dir(tmp_path):
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *FAST)
+    assert_one_line_error(code, stderr, "data directory not found")
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *FAST)
+    assert_one_line_error(code, stderr, "data directory is empty")
+
+
+def test_data_dir_without_images(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "notes.txt").write_text("no images here")
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *FAST)
+    assert_one_line_error(code, stderr, "no images found")
+    assert_no_output(tmp_path / "out")
+
+
+def test_corrupt_truncated_and_fake_images_are_skipped_and_listed(tmp_path):
+    data = small_tree(tmp_path)
+    real = next((data / "3_dress").iterdir()).read_bytes()
+    (data / "3_dress" / "truncated.png").write_bytes(real[: len(real) // 2])
+    (data / "4_coat" / "fake.jpg").write_text("this is not a JPEG")
+    (data / "4_coat" / "readme.txt").write_text("ignored")
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("embed", "--data", str(data), "--out", str(out), *FAST)
+    assert code == 0, stderr
+    manifest = read_manifest(out)
+    skipped = {item["path"]: item["reason"] for item in manifest["skipped"]}
+    assert set(skipped) == {"3_dress/truncated.png", "4_coat/fake.jpg"}
+    assert manifest["samples"] == {**manifest["samples"], "scanned": 42, "written": 40, "skipped": 2}
+    assert {item["path"] for item in manifest["ignored"]} == {"4_coat/readme.txt"}
+    assert "2 skipped" in stdout
+
+
+def test_unknown_prior_spec(tmp_path):
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(tmp_path / "out"), "--prior", "resnet50")
+    assert_one_line_error(code, stderr, "valid forms: random:<torchvision arch>")
+    assert_no_output(tmp_path / "out")
+
+
+def test_weights_file_missing_or_of_the_wrong_architecture(tmp_path):
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(tmp_path / "out"), "--prior", f"torchvision:resnet18:{tmp_path / 'missing.pth'}")
+    assert_one_line_error(code, stderr, "not found")
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(tmp_path / "out"), "--prior", f"torchvision:resnet50:{weights}")
+    assert_one_line_error(code, stderr, "does not fit the architecture")
+
+
+def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
+    data = small_tree(tmp_path, per_class=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"old")
+    code, _, stderr = run_cli("embed", "--data", str(data), "--out", str(out), *FAST)
+    assert_one_line_error(code, stderr, "not empty; pass --overwrite")
+    assert (out / "shard-000000.tar").read_bytes() == b"old"
+    code, _, stderr = run_cli("embed", "--data", str(data), "--out", str(out), "--overwrite", *FAST)
+    assert code == 0, stderr
+    assert read_manifest(out)["samples"]["written"] == 20
+    (out / "my-notes.txt").write_text("keep me")
+    code, _, stderr = run_cli("embed", "--data", str(data), "--out", str(out), "--overwrite", *FAST)
+    assert_one_line_error(code, stderr, "did not write")
+    assert (out / "my-notes.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_interrupt_while_writing_shards_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    written = []
+    original = embed_stage.ShardSetWriter.write
+
+    def write_then_interrupt(self, sample):
+        if len(written) == 100:  # one 64-sample shard is finished, the second is half written
+            raise KeyboardInterrupt
+        written.append(sample["__key__"])
+        original(self, sample)
+
+    monkeypatch.setattr(embed_stage.ShardSetWriter, "write", write_then_interrupt)
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST)
+    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert_no_output(out)
+
+
+def test_ctrl_c_in_a_real_process(tmp_path):
+    """SIGINT to the real CLI mid-embedding: exit 130, one line, no manifest, no partial files."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
+               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / ".work" / "embeddings.npy").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the embedding loop (300 images at 224 px take ~10 s here)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: no manifest written; partial output removed"]
+    assert_no_output(out)

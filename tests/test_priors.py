@@ -1,0 +1,135 @@
+"""Prior specs: parsing, seeded random priors, local weights files, checkpoints, safe loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+import torch
+import torchvision
+
+from rela_pipeline import priors
+from rela_pipeline.errors import RelaError
+from rela_pipeline.models import build_backbone, save_backbone_checkpoint
+from rela_pipeline.priors import load_prior
+
+
+def forward(prior, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return prior.model(prior.preprocessing.normalise(images))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "random", "random:", "hub:resnet18", "torchvision"])
+def test_unknown_spec_lists_the_valid_forms(spec):
+    with pytest.raises(RelaError) as error:
+        load_prior(spec)
+    message = str(error.value)
+    assert "\n" not in message
+    assert all(form in message for form in priors.SPEC_FORMS)
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(RelaError, match="unknown torchvision architecture 'resnet19'"):
+        load_prior("random:resnet19")
+
+
+def test_random_prior_is_seeded_and_headless(images):
+    a, b, c = load_prior("random:resnet18", seed=1), load_prior("random:resnet18", seed=1), load_prior("random:resnet18", seed=2)
+    out_a, out_b, out_c = forward(a, images), forward(b, images), forward(c, images)
+    assert out_a.shape == (3, 512)  # the fc classifier is gone: pooled features
+    torch.testing.assert_close(out_a, out_b)
+    assert not torch.allclose(out_a, out_c)
+    assert a.preprocessing.crop_size == 224 and a.preprocessing.mean == priors.IMAGENET_MEAN
+
+
+def test_torchvision_weights_file_loads_exactly(tmp_path, images):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    prior = load_prior(f"torchvision:resnet18:{path}", image_size=32)
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    expected = reference(prior.preprocessing.normalise(images))
+    torch.testing.assert_close(forward(prior, images), expected)
+    assert prior.weights["sha256"] and prior.weights["path"] == str(path)
+    assert prior.preprocessing.crop_size == 32
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(RelaError, match="does not fit the architecture"):
+        load_prior(f"torchvision:resnet34:{path}")
+
+
+def test_missing_weights_file():
+    with pytest.raises(RelaError, match="not found"):
+        load_prior("torchvision:resnet18:/nonexistent/weights.pth")
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": _Exploit(str(marker))}, handle)
+    with pytest.raises(RelaError, match="not a plain weights file"):
+        load_prior(f"torchvision:resnet18:{path}")
+    with pytest.raises(RelaError, match="not a plain weights file"):
+        load_prior(f"checkpoint:{path}")
+    assert not marker.exists()
+
+
+def test_project_checkpoint_is_a_prior(tmp_path, images):
+    backbone = build_backbone("convnet").eval()
+    path = tmp_path / "backbone.pt"
+    save_backbone_checkpoint(path, backbone, {"name": "convnet"}, preprocessing={"resize_size": 32, "crop_size": 32}, step=7)
+    prior = load_prior(f"checkpoint:{path}")
+    assert prior.preprocessing.crop_size == 32
+    assert "step 7" in prior.weights["source"]
+    torch.testing.assert_close(forward(prior, images), backbone(prior.preprocessing.normalise(images)))
+
+
+def test_checkpoint_of_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(RelaError, match="not a rela-pipeline backbone checkpoint"):
+        load_prior(f"checkpoint:{path}")
+
+
+def test_open_clip_tag_fails_fast_and_clearly_offline(monkeypatch):
+    monkeypatch.setattr(priors, "_hub_is_reachable", lambda host, timeout_s=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(RelaError, match="unreachable.*weights file"):
+        load_prior("open_clip:RN50:openai")
+    assert time.perf_counter() - start < 30  # cache-only lookup, no network retries
+
+
+def test_open_clip_unknown_model_and_tag():
+    with pytest.raises(RelaError, match="unknown open_clip model"):
+        load_prior("open_clip:NoSuchModel:random")
+    with pytest.raises(RelaError, match="no pretrained tag 'nosuchtag'"):
+        load_prior("open_clip:RN50:nosuchtag")
+    with pytest.raises(RelaError, match="needs a pretrained tag"):
+        load_prior("open_clip:RN50")
+
+
+def test_open_clip_random_image_tower(images):
+    prior = load_prior("open_clip:ViT-B-32:random", seed=0)
+    assert prior.preprocessing.crop_size == 224 and prior.preprocessing.interpolation == "bicubic"
+    resized = torch.nn.functional.interpolate(images.float(), size=224).to(torch.uint8)
+    assert forward(prior, resized).shape == (3, 512)

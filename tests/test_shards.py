@@ -1,0 +1,113 @@
+"""Shards read back with plain webdataset and with tarfile; manifest verification."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from rela_pipeline.errors import RelaError
+from rela_pipeline.fileio import load_npz
+from rela_pipeline.shards.manifest import read_manifest, verify_shard_set
+from rela_pipeline.transport import LinearTransport
+from tests.conftest import TRAIN_DIR
+
+
+def shard_paths(out, manifest):
+    return [str(out / s["name"]) for s in manifest["shards"]]
+
+
+def test_webdataset_reads_every_sample_with_targets_equal_to_transported_embeddings(shard_set):
+    out, manifest = shard_set
+    transport = LinearTransport.load(out / "transport.npz")
+    expected = transport.apply(np.load(out / "embeddings.npy")).numpy()
+    samples = list(wds.WebDataset(shard_paths(out, manifest), shardshuffle=False).decode())
+    assert len(samples) == manifest["samples"]["written"] == 300
+    for sample in samples:
+        meta = sample["json"]
+        index = meta["index"]
+        assert sample["__key__"] == f"{index:09d}" and "." not in sample["__key__"]
+        target = sample["target.npy"]
+        assert target.dtype == np.float16 and target.shape == (manifest["targets"]["dim"],)
+        np.testing.assert_allclose(target.astype(np.float32), expected[index], atol=2e-2, rtol=1e-2)
+        assert sample["cls"] == meta["label"] == manifest["dataset"]["class_names"].index(meta["path"].split("/")[0])
+    assert sorted(s["json"]["index"] for s in samples) == list(range(300))
+
+
+def test_tarfile_sees_original_image_bytes_and_consistent_fields(shard_set):
+    out, manifest = shard_set
+    scores = load_npz(out / "scores.npz")
+    seen = 0
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as archive:
+            members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+        keys = {name.split(".", 1)[0] for name in members}
+        assert len(keys) == shard["samples"]
+        for key in keys:
+            meta = json.loads(members[f"{key}.json"])
+            assert members[f"{key}.png"] == (TRAIN_DIR / meta["path"]).read_bytes()  # not re-encoded
+            assert int(members[f"{key}.cls"]) == meta["label"]
+            target = np.load(io.BytesIO(members[f"{key}.target.npy"]), allow_pickle=False)
+            assert target.shape == (manifest["targets"]["dim"],)
+            assert meta["knn_density"] == pytest.approx(float(scores["knn_density"][meta["index"]]))
+            assert meta["nn_index"] == int(scores["nn_index"][meta["index"]])
+            seen += 1
+    assert seen == 300
+
+
+def test_manifest_records_provenance(shard_set):
+    out, manifest = shard_set
+    assert manifest["prior"]["spec"] == "random:resnet18"
+    assert manifest["prior"]["preprocessing"]["crop_size"] == 32
+    fingerprint = manifest["dataset"]["fingerprint"]
+    assert fingerprint["file_count"] == 300
+    assert fingerprint["total_bytes"] == sum(p.stat().st_size for p in TRAIN_DIR.rglob("*.png"))
+    assert sum(manifest["samples"]["per_class"].values()) == 300
+    assert [s["samples"] for s in manifest["shards"]] == [64, 64, 64, 64, 44]
+    assert manifest["software"]["torch"] and manifest["timings_s"]["total"] > 0
+    assert read_manifest(out) == manifest
+
+
+def test_verify_passes_then_catches_tampering_and_missing_shards(shard_set, tmp_path):
+    out, manifest = shard_set
+    assert verify_shard_set(out).ok
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = copy / manifest["shards"][1]["name"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (copy / manifest["shards"][3]["name"]).unlink()
+    problems = verify_shard_set(copy).problems
+    assert any(manifest["shards"][1]["name"] in p and "sha256" in p for p in problems)
+    assert any(manifest["shards"][3]["name"] in p and "missing" in p for p in problems)
+
+
+def test_verify_catches_a_manifest_count_that_lies(shard_set, tmp_path):
+    out, manifest = shard_set
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["shards"][0]["samples"] += 1
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    problems = verify_shard_set(copy).problems
+    assert any("65" in p or "64 samples" in p for p in problems)
+
+
+def test_incompatible_schema_and_missing_manifest_are_refused(shard_set, tmp_path):
+    out, _ = shard_set
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(RelaError, match="schema_version 99"):
+        read_manifest(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(RelaError, match="incomplete"):
+        read_manifest(copy)
