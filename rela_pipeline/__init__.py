@@ -1,3 +1,46 @@
-"""rela-pipeline: offline ReLA pipeline producing prior representations in WebDataset shards."""
+"""rela-pipeline: offline ReLA pipeline producing prior representations in WebDataset shards.
+
+The public API is importable from the package root; heavy modules (torch, faiss) load on first
+use, so ``import rela_pipeline`` and the CLI's ``--help`` stay fast::
+
+    from rela_pipeline import EmbedConfig, run_embed, verify_shard_set
+    manifest = run_embed(EmbedConfig(data_dir="data/train", prior="random:resnet18", out_dir="shards"))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "RelaError": "rela_pipeline.errors",
+    "EmbedConfig": "rela_pipeline.stages.embed",
+    "run_embed": "rela_pipeline.stages.embed",
+    "embed_images": "rela_pipeline.stages.embed",
+    "prepare_fashion_mnist": "rela_pipeline.stages.prepare",
+    "Prior": "rela_pipeline.priors",
+    "Preprocessing": "rela_pipeline.priors",
+    "load_prior": "rela_pipeline.priors",
+    "LinearTransport": "rela_pipeline.transport",
+    "MomentAccumulator": "rela_pipeline.transport",
+    "SubsetScores": "rela_pipeline.scores",
+    "knn_scores": "rela_pipeline.scores",
+    "read_manifest": "rela_pipeline.shards.manifest",
+    "verify_shard_set": "rela_pipeline.shards.manifest",
+    "describe_shard_set": "rela_pipeline.shards.manifest",
+    "scan_image_folder": "rela_pipeline.imagefolder",
+    "build_backbone": "rela_pipeline.models",
+    "save_backbone_checkpoint": "rela_pipeline.models",
+    "load_backbone_checkpoint": "rela_pipeline.models",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    """Import public API names lazily from their modules (PEP 562)."""
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'rela_pipeline' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg).")
 @click.option("--prior", required=True, help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | open_clip:<model>:<tag|file|random> | checkpoint:<file>.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory for shards, transport, scores and manifest.")
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")
 @click.option("--num-workers", default=None, type=int, help="DataLoader decode workers [default: min(8, CPU count)].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--no-amp", is_flag=True, help="Disable autocast (bf16/fp16) on CUDA.")

@@ -20,6 +20,7 @@ the penultimate (pooled) feature size. Files are loaded with ``torch.load(weight
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -76,8 +77,7 @@ class Preprocessing:
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Map uint8 ``(B, 3, H, W)`` to normalised float32 on the same device."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+        mean, std = _channel_stats(images.device, self.mean, self.std)
         return (images.float().div_(255.0) - mean) / std
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +104,13 @@ class Preprocessing:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise RelaError(f"malformed preprocessing record: {error}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as ``(1, 3, 1, 1)`` float32 tensors on ``device``, made once per device."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
 
 
 @dataclass

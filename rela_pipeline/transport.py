@@ -34,6 +34,9 @@ RELATIVE_EIGENVALUE_FLOOR = 1e-9
 class MomentAccumulator:
     """Streaming first and second moments of ``(B, D)`` batches, in float64.
 
+    Updates never synchronise the host with the device (no data-dependent shapes), so on CUDA
+    the accumulation overlaps with the next batch.
+
     Args:
         dim: embedding dimension D.
         device: where the ``(D, D)`` float64 accumulator lives (the embedding device is cheapest).
@@ -42,26 +45,36 @@ class MomentAccumulator:
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.dim = dim
         self.device = torch.device(device)
-        self.count = 0
+        self._count = torch.zeros((), dtype=torch.float64, device=self.device)
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
 
-    def update(self, batch: torch.Tensor) -> None:
-        """Add a batch ``(B, D)`` of any float dtype (rows with NaN/Inf must be removed first).
+    @property
+    def count(self) -> int:
+        """Rows added so far (reading it synchronises with the device)."""
+        return int(self._count.item())
+
+    def update(self, batch: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the rows of ``batch`` ``(B, D)`` (any float dtype) where ``mask`` ``(B,)`` bool is True.
+
+        Masked-out rows (e.g. undecodable images, non-finite outputs) contribute nothing; they
+        must still be finite (zero them first).
 
         Raises:
-            ValueError: if the batch is not ``(B, D)``.
+            ValueError: if the batch is not ``(B, D)`` or the mask not ``(B,)``.
         """
         if batch.ndim != 2 or batch.shape[1] != self.dim:
             raise ValueError(f"expected a (B, {self.dim}) batch, got {tuple(batch.shape)}")
-        if batch.shape[0] == 0:
-            return
         x = batch.to(self.device, torch.float64)
-        if self.shift is None:
-            self.shift = x.mean(0)
-        x = x - self.shift
-        self.count += x.shape[0]
+        weight = torch.ones(x.shape[0], dtype=torch.float64, device=self.device) if mask is None else mask.to(self.device, torch.float64)
+        if weight.shape != (x.shape[0],):
+            raise ValueError(f"expected a ({x.shape[0]},) mask, got {tuple(weight.shape)}")
+        rows = weight.sum()
+        if self.shift is None:  # the first batch's mean; any fixed shift keeps the result exact
+            self.shift = (x * weight[:, None]).sum(0) / rows.clamp(min=1.0)
+        x = (x - self.shift) * weight[:, None]
+        self._count += rows
         self.sum += x.sum(0)
         self.outer += x.T @ x
 
@@ -71,10 +84,11 @@ class MomentAccumulator:
         Raises:
             RelaError: if fewer than two samples were added.
         """
-        if self.count < 2:
-            raise RelaError(f"linear transport needs at least 2 embedded images, got {self.count}")
-        centred_mean = self.sum / self.count
-        covariance = self.outer / self.count - torch.outer(centred_mean, centred_mean)
+        count = self.count
+        if count < 2:
+            raise RelaError(f"linear transport needs at least 2 embedded images, got {count}")
+        centred_mean = self.sum / count
+        covariance = self.outer / count - torch.outer(centred_mean, centred_mean)
         covariance = 0.5 * (covariance + covariance.T)
         mean = centred_mean + self.shift
         return mean.cpu().numpy(), covariance.cpu().numpy()
@@ -127,7 +141,8 @@ class LinearTransport:
         if eigenvalues[0] <= 0:
             raise RelaError("all embeddings are identical: the prior gives no variance to transport")
         keep = eigenvalues > eigenvalues[0] * RELATIVE_EIGENVALUE_FLOOR
-        keep[moments.count - 1 :] = False  # at most N - 1 directions carry variance
+        count = moments.count
+        keep[count - 1 :] = False  # at most N - 1 directions carry variance
         eigenvalues, components = eigenvalues[keep], eigenvectors[:, keep].T.copy()
         signs = np.sign(components[np.arange(len(components)), np.argmax(np.abs(components), axis=1)])
         components *= signs[:, None]
@@ -138,7 +153,7 @@ class LinearTransport:
             scale=np.sqrt(eigenvalues),
             explained_variance=eigenvalues,
             explained_variance_ratio=eigenvalues / total,
-            num_samples=moments.count,
+            num_samples=count,
         )
 
     def apply(self, embeddings: torch.Tensor | np.ndarray, dims: int | None = None) -> torch.Tensor:

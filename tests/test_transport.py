@@ -72,3 +72,17 @@ def test_component_signs_are_deterministic_and_saved_file_is_reproducible(embedd
     loaded = LinearTransport.load(tmp_path / "a.npz")
     np.testing.assert_array_equal(loaded.components, first.components)
     assert loaded.num_samples == len(embeddings)
+
+
+def test_masked_rows_contribute_nothing(embeddings):
+    mask = np.zeros(len(embeddings), dtype=bool)
+    mask[::3] = True
+    masked = MomentAccumulator(embeddings.shape[1])
+    for start in range(0, len(embeddings), 40):
+        block = torch.from_numpy(embeddings[start : start + 40])
+        masked.update(block, torch.from_numpy(mask[start : start + 40]))
+    selected = MomentAccumulator(embeddings.shape[1])
+    selected.update(torch.from_numpy(embeddings[mask]))
+    assert masked.count == selected.count == mask.sum()
+    for a, b in zip(masked.mean_and_covariance(), selected.mean_and_covariance()):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)

@@ -52,6 +52,8 @@ from ..transport import LinearTransport, MomentAccumulator
 logger = logging.getLogger(__name__)
 
 WORK_DIR_NAME = ".work"
+#: Default images per forward pass, by ``device is CUDA``.
+DEFAULT_BATCH_SIZE = {False: 32, True: 256}
 _OWNED_NAMES = {MANIFEST_NAME, TRANSPORT_NAME, SCORES_NAME, EMBEDDINGS_NAME, WORK_DIR_NAME}
 
 
@@ -63,7 +65,8 @@ class EmbedConfig:
         data_dir: ImageFolder root.
         prior: prior spec (see :mod:`rela_pipeline.priors`).
         out_dir: output directory of the shard set.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: 256 on CUDA, 32 on CPU (large batches are
+            slower on CPU: memory traffic, see the README's benchmarks).
         num_workers: DataLoader worker processes decoding images (0: decode in the main process).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         amp: autocast (bfloat16, float16 where bf16 is unsupported) on CUDA; ignored on CPU.
@@ -82,7 +85,7 @@ class EmbedConfig:
     data_dir: Path
     prior: str
     out_dir: Path
-    batch_size: int = 256
+    batch_size: int | None = None
     num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     device: str = "auto"
     amp: bool = True
@@ -99,7 +102,7 @@ class EmbedConfig:
 
     def validate(self) -> None:
         """Raise :class:`RelaError` on out-of-range settings."""
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise RelaError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
@@ -168,7 +171,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast_for(device: torch.device, enabled: bool):
+    """Autocast context for the prior's forward pass: bfloat16 on CUDA (float16 where bf16 is
+    unsupported), a no-op on CPU or when ``enabled`` is False."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -245,12 +250,12 @@ def embed_images(
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with autocast_for(device, amp):
                 out = model(prior.preprocessing.normalise(images))
             out = out.float()
             valid = decoded.to(device, non_blocking=True) & torch.isfinite(out).all(dim=1)
             out = torch.where(valid[:, None], out, torch.zeros_like(out))
-            moments.update(out[valid])
+            moments.update(out, valid)
             if device.type == "cuda":
                 host_out = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
                 host_valid = torch.empty(valid.shape, dtype=torch.bool, pin_memory=True)
@@ -372,6 +377,8 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     t = time.perf_counter()
     prior = load_prior(config.prior, seed=config.seed, image_size=config.image_size)
     device = resolve_device(config.device)
+    if config.batch_size is None:
+        config.batch_size = DEFAULT_BATCH_SIZE[device.type == "cuda"]
     timings["load_prior"] = time.perf_counter() - t
     say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
 

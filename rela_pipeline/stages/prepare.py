@@ -182,7 +182,7 @@ def prepare_fashion_mnist(
         target = out_dir / split
         if _is_non_empty(target) and not overwrite:
             raise RelaError(
-                f"{target} already exists and is not empty; pass overwrite=True to replace it"
+                f"{target} already exists and is not empty; pass --overwrite to replace it"
             )
 
     source_dir = _resolve_source(source, splits, out_dir)
