@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 import shutil
 import signal
 import subprocess
@@ -168,3 +169,20 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: no manifest written; partial output removed"]
     assert_no_output(out)
+
+
+def test_unlabelled_folder_gives_shards_without_cls(tmp_path):
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i, image in enumerate(sorted(TRAIN_DIR.rglob("*.png"))[::15]):
+        shutil.copy(image, data / f"img{i:03d}.png")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("embed", "--data", str(data), "--out", str(out), "--keep-embeddings", *FAST)
+    assert code == 0, stderr
+    manifest = read_manifest(out)
+    assert manifest["dataset"]["labelled"] is False and manifest["dataset"]["class_names"] == []
+    with tarfile.open(out / "shard-000000.tar") as archive:
+        suffixes = {name.split(".", 1)[1] for name in archive.getnames()}
+    assert suffixes == {"png", "target.npy", "json"}
+    code, stdout, _ = run_cli("verify", str(out))
+    assert code == 0 and "20 samples verified" in stdout
