@@ -44,7 +44,7 @@ import torch
 from rela_pipeline.fileio import write_json_atomic
 from rela_pipeline.imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
 from rela_pipeline.priors import Prior, load_prior
-from rela_pipeline.stages.embed import DEFAULT_BATCH_SIZE, EmbedConfig, autocast_for, embed_images, resolve_device, run_embed
+from rela_pipeline.stages.embed import EmbedConfig, autocast_for, default_batch_size, embed_images, resolve_device, run_embed
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fashion_mnist_mini" / "train"
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
     if args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZE[device.type == "cuda"]
+        args.batch_size = default_batch_size(device)
     prior = load_prior(args.prior, image_size=args.image_size)
     prior.model.to(device)
     if device.type == "cuda":  # as embed_images does

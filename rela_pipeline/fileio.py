@@ -37,6 +37,47 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class HashingFile:
+    """Wrap a binary file so that every byte written or read through it is SHA-256 hashed.
+
+    Lets a stream be checksummed in the same pass that writes or parses it (e.g. a tar shard),
+    instead of reading the file a second time. Only ``write``/``read``/``flush``/``close`` and
+    ``fileno`` are forwarded.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.name = getattr(handle, "name", None)
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self.handle.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self._digest.update(data)
+        return data
+
+    def drain(self, chunk_bytes: int = 1 << 20) -> None:
+        """Read (and hash) whatever the consumer left unread, up to the end of the file."""
+        while self.read(chunk_bytes):
+            pass
+
+    def hexdigest(self) -> str:
+        """Hex SHA-256 of the bytes passed through so far."""
+        return self._digest.hexdigest()
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open ``path + '.partial'`` for writing and rename it to ``path`` on success.

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RelaError
-from ..fileio import load_npz, sha256_file
+from ..fileio import HashingFile, load_npz, sha256_file
 from .format import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, TARGET_FIELD
 
 #: Top-level fields every manifest of this schema version must have.
@@ -78,25 +78,32 @@ class VerifyReport:
         return not self.problems
 
 
-def _tar_sample_keys(path: Path, target_dim: int, target_dtype: str, problems: list[str]) -> int:
-    """Count the samples of a shard with ``tarfile``; check each target's shape and dtype."""
+def _scan_shard(path: Path, target_dim: int, target_dtype: str, problems: list[str]) -> tuple[int, str]:
+    """Read a shard once: count its samples with ``tarfile``, check each target's shape and dtype,
+    and hash the file in the same pass. Returns ``(samples, hex sha256)``.
+
+    Raises:
+        tarfile.TarError, OSError, ValueError: when the file is not a readable tar.
+    """
     keys: set[str] = set()
-    with tarfile.open(path, "r|") as archive:
-        for member in archive:
-            if not member.isfile():
-                problems.append(f"{path.name}: unexpected non-file member {member.name!r}")
-                continue
-            key, _, suffix = member.name.partition(".")
-            if "/" in key or key.startswith(".") or not key:
-                problems.append(f"{path.name}: unsafe member name {member.name!r}")
-                continue
-            keys.add(key)
-            if suffix == TARGET_FIELD:
-                data = archive.extractfile(member).read()
-                target = np.load(io.BytesIO(data), allow_pickle=False)
-                if target.shape != (target_dim,) or str(target.dtype) != target_dtype:
-                    problems.append(f"{path.name}: sample {key} target is {target.dtype}{list(target.shape)}, manifest says {target_dtype}[{target_dim}]")
-    return len(keys)
+    with open(path, "rb") as raw:
+        stream = HashingFile(raw)
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    problems.append(f"{path.name}: unexpected non-file member {member.name!r}")
+                    continue
+                key, _, suffix = member.name.partition(".")
+                if "/" in key or key.startswith(".") or not key:
+                    problems.append(f"{path.name}: unsafe member name {member.name!r}")
+                    continue
+                keys.add(key)
+                if suffix == TARGET_FIELD:
+                    target = np.load(io.BytesIO(archive.extractfile(member).read()), allow_pickle=False)
+                    if target.shape != (target_dim,) or str(target.dtype) != target_dtype:
+                        problems.append(f"{path.name}: sample {key} target is {target.dtype}{list(target.shape)}, manifest says {target_dtype}[{target_dim}]")
+        stream.drain()
+    return len(keys), stream.hexdigest()
 
 
 def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
@@ -115,25 +122,31 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
     report = VerifyReport()
     targets = manifest["targets"]
 
-    def check_file(name: str, expected_sha256: str) -> bool:
-        path = out / name
-        if not path.is_file():
-            report.problems.append(f"{name}: missing")
-            return False
+    def compare_sha256(name: str, actual: str, expected: str) -> bool:
         report.checked_files += 1
-        actual = sha256_file(path)
-        if actual != expected_sha256:
-            report.problems.append(f"{name}: sha256 {actual[:12]}... does not match manifest {expected_sha256[:12]}...")
+        if actual != expected:
+            report.problems.append(f"{name}: sha256 {actual[:12]}... does not match manifest {expected[:12]}...")
             return False
         return True
 
+    def check_file(name: str, expected_sha256: str) -> bool:
+        if not (out / name).is_file():
+            report.problems.append(f"{name}: missing")
+            return False
+        return compare_sha256(name, sha256_file(out / name), expected_sha256)
+
     for shard in manifest["shards"]:
-        if not check_file(shard["name"], shard["sha256"]):
+        path = out / shard["name"]
+        if not path.is_file():
+            report.problems.append(f"{shard['name']}: missing")
             continue
         try:
-            count = _tar_sample_keys(out / shard["name"], int(targets["dim"]), str(targets["dtype"]), report.problems)
+            count, actual = _scan_shard(path, int(targets["dim"]), str(targets["dtype"]), report.problems)
         except (tarfile.TarError, OSError, ValueError) as error:
+            compare_sha256(shard["name"], sha256_file(path), shard["sha256"])
             report.problems.append(f"{shard['name']}: unreadable tar ({error})")
+            continue
+        if not compare_sha256(shard["name"], actual, shard["sha256"]):
             continue
         report.checked_samples += count
         if count != shard["samples"]:

@@ -1,7 +1,7 @@
 """Writing shards with webdataset's ``ShardWriter``, never leaving a shard that looks complete.
 
-The shard being written is named ``shard-NNNNNN.tar.partial``; when webdataset closes it the
-file is fsynced, hashed and renamed to ``shard-NNNNNN.tar``. On an error or Ctrl-C the partial
+The shard being written is named ``shard-NNNNNN.tar.partial`` and hashed as its bytes are
+written; when webdataset closes it the file is fsynced and renamed to ``shard-NNNNNN.tar``. On an error or Ctrl-C the partial
 file is deleted, so a final-named shard is always a complete tar.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import webdataset as wds
 
-from ..fileio import PARTIAL_SUFFIX, sha256_file
+from ..fileio import PARTIAL_SUFFIX, HashingFile
 from .format import SHARD_PATTERN, TAR_MTIME
 
 
@@ -63,7 +63,7 @@ class ShardSetWriter:
         )
 
     def _open(self, name: str):
-        self._handle = open(self.out_dir / (name + PARTIAL_SUFFIX), "wb")
+        self._handle = HashingFile(open(self.out_dir / (name + PARTIAL_SUFFIX), "wb"))
         self._count = 0
         return self._handle
 
@@ -78,7 +78,7 @@ class ShardSetWriter:
             return
         final = self.out_dir / name
         os.replace(partial, final)
-        self.shards.append(ShardInfo(name, self._count, final.stat().st_size, sha256_file(final)))
+        self.shards.append(ShardInfo(name, self._count, final.stat().st_size, handle.hexdigest()))
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one encoded sample (starts a new shard when the current one is full)."""

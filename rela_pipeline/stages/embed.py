@@ -19,6 +19,7 @@ an incomplete run nor a partial file under a final name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import logging
@@ -52,8 +53,6 @@ from ..transport import LinearTransport, MomentAccumulator
 logger = logging.getLogger(__name__)
 
 WORK_DIR_NAME = ".work"
-#: Default images per forward pass, by ``device is CUDA``.
-DEFAULT_BATCH_SIZE = {False: 32, True: 256}
 _OWNED_NAMES = {MANIFEST_NAME, TRANSPORT_NAME, SCORES_NAME, EMBEDDINGS_NAME, WORK_DIR_NAME}
 
 
@@ -169,6 +168,12 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RelaError(f"--device {device} requested but CUDA is not available")
     return resolved
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass when none is given: 256 on CUDA, 32 on CPU (larger batches are
+    memory-bound and slower on CPU; see the README's benchmarks)."""
+    return 256 if device.type == "cuda" else 32
 
 
 def autocast_for(device: torch.device, enabled: bool):
@@ -377,8 +382,8 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     t = time.perf_counter()
     prior = load_prior(config.prior, seed=config.seed, image_size=config.image_size)
     device = resolve_device(config.device)
-    if config.batch_size is None:
-        config.batch_size = DEFAULT_BATCH_SIZE[device.type == "cuda"]
+    if config.batch_size is None:  # resolved here so the manifest records the size used
+        config = dataclasses.replace(config, batch_size=default_batch_size(device))
     timings["load_prior"] = time.perf_counter() - t
     say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
 
