@@ -73,7 +73,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--no-amp", is_flag=True, help="Disable autocast (bf16/fp16) on CUDA.")
 @click.option("--image-size", type=int, default=None, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random priors.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random priors and of the sample order in shards.")
 @click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per shard.")
 @click.option("--max-shard-bytes", default=3e9, show_default=True, type=float, help="Bytes per shard at most.")
 @click.option("--target-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of targets.")

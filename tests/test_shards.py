@@ -14,6 +14,7 @@ import webdataset as wds
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import load_npz
 from rela_pipeline.shards.manifest import read_manifest, verify_shard_set
+from rela_pipeline.stages.embed import shard_write_order
 from rela_pipeline.transport import LinearTransport
 from tests.conftest import TRAIN_DIR
 
@@ -37,6 +38,16 @@ def test_webdataset_reads_every_sample_with_targets_equal_to_transported_embeddi
         np.testing.assert_allclose(target.astype(np.float32), expected[index], atol=2e-2, rtol=1e-2)
         assert sample["cls"] == meta["label"] == manifest["dataset"]["class_names"].index(meta["path"].split("/")[0])
     assert sorted(s["json"]["index"] for s in samples) == list(range(300))
+
+
+def test_samples_are_written_in_the_seeded_permutation_so_each_shard_mixes_classes(shard_set):
+    out, manifest = shard_set
+    samples = list(wds.WebDataset(shard_paths(out, manifest), shardshuffle=False).decode())
+    written = [s["json"]["index"] for s in samples]
+    assert manifest["shard_order"] == {"kind": "permutation", "seed": 0}
+    assert written == shard_write_order(300, 0).tolist() != list(range(300))
+    first_shard = samples[: manifest["shards"][0]["samples"]]  # 64 samples of a class-sorted folder
+    assert len({s["cls"] for s in first_shard}) == 10
 
 
 def test_tarfile_sees_original_image_bytes_and_consistent_fields(shard_set):

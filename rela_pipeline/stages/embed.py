@@ -70,7 +70,7 @@ class EmbedConfig:
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         amp: autocast (bfloat16, float16 where bf16 is unsupported) on CUDA; ignored on CPU.
         image_size: resize whole images to this many pixels instead of the prior's preprocessing.
-        seed: seed of random priors.
+        seed: seed of random priors and of the order samples are written into shards.
         shard_size: samples per shard.
         max_shard_bytes: bytes per shard at most (a shard closes once it passes this size).
         target_dtype: "float16" or "float32".
@@ -456,7 +456,11 @@ def _write_shards(config, index, kept, targets, scores: SubsetScores, labels, ou
     with ShardSetWriter(out_dir, config.shard_size, config.max_shard_bytes) as writer, tqdm(
         total=len(kept), unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True
     ) as bar:
-        for i, row in enumerate(kept):
+        # Shards hold samples in a seeded random order: an ImageFolder scan is sorted by class, and
+        # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
+        # of one or two classes. Keys stay the sample indices, so nothing else depends on the order.
+        for i in shard_write_order(len(kept), config.seed).tolist():
+            row = kept[i]
             relative = index.files[row]
             label = int(labels[i]) if labels is not None else None
             metadata = {
@@ -470,6 +474,12 @@ def _write_shards(config, index, kept, targets, scores: SubsetScores, labels, ou
             writer.write(encode_sample(i, relative, image_bytes, np.asarray(targets[i]), metadata, label))
             bar.update(1)
     return writer.shards
+
+
+def shard_write_order(num_samples: int, seed: int) -> np.ndarray:
+    """The order in which sample indices are written into shards: a permutation of
+    ``range(num_samples)`` (int64, ``(num_samples,)``) from ``numpy.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).permutation(num_samples)
 
 
 def _write_rows_npy(source: np.ndarray, rows: np.ndarray, path: Path, chunk_rows: int = 65536) -> None:
@@ -530,6 +540,7 @@ def _build_manifest(config, index, prior, device, result, kept, transport, score
         "skipped": [{"path": index.files[row], "reason": reason} for row, reason in sorted(result.failures.items())],
         "ignored": [{"path": path, "reason": reason} for path, reason in sorted(index.ignored.items())],
         "shards": [s.to_dict() for s in shards],
+        "shard_order": {"kind": "permutation", "seed": config.seed},
         "settings": settings,
         "software": _package_versions(),
         "host": {
