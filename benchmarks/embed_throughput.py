@@ -44,7 +44,8 @@ import torch
 from rela_pipeline.fileio import write_json_atomic
 from rela_pipeline.imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
 from rela_pipeline.priors import Prior, load_prior
-from rela_pipeline.stages.embed import EmbedConfig, autocast_for, default_batch_size, embed_images, resolve_device, run_embed
+from rela_pipeline.runtime import autocast_for, resolve_device
+from rela_pipeline.stages.embed import EmbedConfig, default_batch_size, embed_images, run_embed
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fashion_mnist_mini" / "train"
 

@@ -1,10 +1,12 @@
-"""rela-pipeline: offline ReLA pipeline producing prior representations in WebDataset shards.
+"""rela-pipeline: the ReLA method in two offline stages, prior representations in WebDataset
+shards (embed) and self-supervised training on them (train, eval).
 
 The public API is importable from the package root; heavy modules (torch, faiss) load on first
 use, so ``import rela_pipeline`` and the CLI's ``--help`` stay fast::
 
-    from rela_pipeline import EmbedConfig, run_embed, verify_shard_set
+    from rela_pipeline import EmbedConfig, TrainConfig, run_embed, run_train
     manifest = run_embed(EmbedConfig(data_dir="data/train", prior="random:resnet18", out_dir="shards"))
+    summary = run_train(TrainConfig(shards="shards", out_dir="runs/byol-rela", data_ratio=0.2))
 """
 
 from __future__ import annotations
@@ -34,6 +36,23 @@ _API = {
     "build_backbone": "rela_pipeline.models",
     "save_backbone_checkpoint": "rela_pipeline.models",
     "load_backbone_checkpoint": "rela_pipeline.models",
+    "TrainConfig": "rela_pipeline.stages.train",
+    "run_train": "rela_pipeline.stages.train",
+    "EvalConfig": "rela_pipeline.stages.evaluate",
+    "run_eval": "rela_pipeline.stages.evaluate",
+    "ReLA": "rela_pipeline.rela",
+    "alignment_loss": "rela_pipeline.rela",
+    "AdaptiveSchedule": "rela_pipeline.rela",
+    "ConstantSchedule": "rela_pipeline.rela",
+    "parse_schedule": "rela_pipeline.rela",
+    "BYOL": "rela_pipeline.methods",
+    "SimCLR": "rela_pipeline.methods",
+    "DINO": "rela_pipeline.methods",
+    "build_method": "rela_pipeline.methods",
+    "SubsetSampler": "rela_pipeline.subsets",
+    "open_shard_set": "rela_pipeline.shards.reader",
+    "rela_views": "rela_pipeline.views",
+    "method_views": "rela_pipeline.views",
 }
 
 __all__ = ["__version__", *_API]

@@ -19,6 +19,12 @@ from .errors import RelaError
 logger = logging.getLogger("rela_pipeline")
 
 
+_INTERRUPTED = {
+    "embed": "no manifest written; partial output removed",
+    "train": "the run directory keeps its last complete checkpoint; continue with --resume",
+}
+
+
 class _Group(click.Group):
     """Click group that turns RelaError and Ctrl-C into one-line messages and exit codes."""
 
@@ -29,7 +35,7 @@ class _Group(click.Group):
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: no manifest written; partial output removed", err=True)
+            click.echo(f"interrupted: {_INTERRUPTED.get(ctx.invoked_subcommand or '', 'nothing half-written was kept')}", err=True)
             sys.exit(130)
 
 
@@ -120,6 +126,85 @@ def verify(out_dir: Path) -> None:
     if not report.ok:
         raise RelaError(f"{len(report.problems)} problem(s) in {out_dir}", exit_code=1)
     click.echo(f"OK {out_dir}: {report.checked_files} files, {report.checked_samples} samples verified")
+
+
+@main.command()
+@click.option("--shards", required=True, help="Shard set: an embed output directory, or the URL of its manifest.json (any URL webdataset opens, e.g. pipe:curl -s http://host/set/manifest.json).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory (config, metrics.jsonl, checkpoints, backbone.pt, summary.json).")
+@click.option("--method", default="byol", show_default=True, help="SSL method: byol | simclr | dino.")
+@click.option("--backbone", default="convnet", show_default=True, help="Student: convnet | resnet18 | resnet50.")
+@click.option("--cifar-stem/--imagenet-stem", default=None, help="ResNet stem [default: CIFAR stem at 64 px and below].")
+@click.option("--image-size", default=32, show_default=True, type=int, help="Pixels of the square training views.")
+@click.option("--epochs", default=10, show_default=True, type=int, help="Epochs (each over a fresh subset).")
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Images per optimisation step.")
+@click.option("--data-ratio", default=1.0, show_default=True, type=float, help="Fraction of the samples in each epoch's subset, in (0, 1].")
+@click.option("--subset", default="random", show_default=True, help="Subset rule: random (the paper) | density | dedup (stage-one scores; see the README).")
+@click.option("--dedup-threshold", default=0.98, show_default=True, type=float, help="Cosine at which the dedup rule calls a nearest neighbour a duplicate.")
+@click.option("--rela-schedule", default="adaptive", show_default=True, help="adaptive (plateau switch) | constant:<fraction of steps>.")
+@click.option("--no-rela", is_flag=True, help="Train without the ReLA loss (the baselines).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
+@click.option("--lr-schedule", default="constant", show_default=True, help="constant | cosine.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--no-amp", is_flag=True, help="Disable autocast (bf16/fp16) on CUDA.")
+@click.option("--num-workers", default=None, type=int, help="Decode/augment workers [default: min(8, CPUs - 1)].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subsets, shuffles and views.")
+@click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
+@click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
+@click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples instead of failing.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
+@click.pass_context
+def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, no_amp: bool, no_online_probe: bool, **options) -> None:
+    """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
+    on a fresh dynamic subset every epoch."""
+    from .stages.train import TrainConfig, run_train
+
+    config = TrainConfig(
+        shards=shards, out_dir=out_dir, rela_schedule="none" if no_rela else rela_schedule, amp=not no_amp,
+        online_probe=not no_online_probe, progress=not ctx.obj["quiet"], **options,
+    )
+    summary = run_train(config)
+    budget, final = summary["budget"], summary["final"]
+    switch = summary["rela_switch_step"]
+    click.echo(
+        f"trained {budget['steps']} steps ({budget['images_seen']} images, {budget['fraction']:.1%} of the full run's "
+        f"{budget['full_run_steps']} steps) in {summary['wall_clock_s']:.1f}s; ReLA "
+        + ("off" if config.rela_schedule == "none" else f"until step {switch}" if switch is not None else "for the whole run")
+        + (f"; final loss {final['loss']:.4f}" if final.get("loss") is not None else "")
+        + (f", online probe {final['probe_acc']:.1%}" if final.get("probe_acc") is not None else "")
+        + f"; backbone -> {summary['checkpoint']}"
+    )
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A backbone checkpoint (RUN/backbone.pt or RUN/checkpoints/last.pt).")
+@click.option("--train", "train_dir", required=True, type=click.Path(path_type=Path), help="Labelled ImageFolder to fit the linear probe and the k-NN bank on.")
+@click.option("--test", "test_dir", required=True, type=click.Path(path_type=Path), help="Labelled ImageFolder to measure on (same classes).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per feature-extraction batch.")
+@click.option("--num-workers", default=None, type=int, help="Decode workers [default: min(4, CPUs)].")
+@click.option("--image-size", default=None, type=int, help="Override the checkpoint's input size.")
+@click.option("--probe-epochs", default=100, show_default=True, type=int, help="Linear-probe epochs (the paper: 100).")
+@click.option("--probe-lr", default=3e-4, show_default=True, type=float, help="Linear-probe Adam learning rate (the paper: 3e-4).")
+@click.option("--knn-k", default=200, show_default=True, type=int, help="Neighbours of the k-NN classifier.")
+@click.option("--knn-temperature", default=0.1, show_default=True, type=float, help="Temperature of the k-NN vote weights exp(cos / t).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the linear probe.")
+@click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
+@click.pass_context
+def evaluate(ctx: click.Context, json_out: Path | None, **options) -> None:
+    """Measure a backbone: linear-probe and k-NN top-1 on frozen features."""
+    from .fileio import write_json_atomic
+    from .stages.evaluate import EvalConfig, run_eval
+
+    result = run_eval(EvalConfig(progress=not ctx.obj["quiet"], **options))
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    click.echo(
+        f"linear probe top-1 {result['linear_probe']['top1']:.2%}  k-NN (k={result['knn']['k']}) top-1 {result['knn']['top1']:.2%}  "
+        f"[{result['checkpoint']}, step {result['step']}, {result['train_samples']} train / {result['test_samples']} test images, "
+        f"{result['timings_s']['total']:.1f}s]"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

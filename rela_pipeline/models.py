@@ -8,7 +8,7 @@ Checkpoint format (a plain dict, loadable with ``torch.load(path, weights_only=T
     {"format": "rela-pipeline/backbone", "format_version": 1,
      "backbone": {"name": "resnet18", "cifar_stem": True},
      "feature_dim": 512, "state_dict": {...}, "preprocessing": {...} | None,
-     "step": int, "config": {...}}
+     "step": int, "config": {...}, "training_state": {...}  (optional; see stages/train.py)}
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def save_backbone_checkpoint(
     preprocessing: Mapping[str, Any] | None = None,
     step: int = 0,
     config: Mapping[str, Any] | None = None,
+    training_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Save a backbone in the project's checkpoint format, atomically.
 
@@ -115,6 +116,9 @@ def save_backbone_checkpoint(
             (:class:`rela_pipeline.priors.Preprocessing` as a dict), or None for the default.
         step: optimisation steps done when saved.
         config: free-form run configuration (JSON-like values only).
+        training_state: optional state to resume training (tensors, numbers, strings, lists and
+            dicts only, so the file stays loadable with ``weights_only=True``); stored under
+            ``"training_state"`` and ignored by :func:`load_backbone_checkpoint`.
     """
     from .fileio import atomic_write
 
@@ -128,6 +132,8 @@ def save_backbone_checkpoint(
         "step": int(step),
         "config": dict(config or {}),
     }
+    if training_state is not None:
+        payload["training_state"] = dict(training_state)
     with atomic_write(path, "wb") as handle:
         torch.save(payload, handle)
 
@@ -186,7 +192,8 @@ def load_backbone_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[s
     """Load a backbone saved by :func:`save_backbone_checkpoint` (weights-only, CPU, eval mode).
 
     Returns:
-        ``(backbone, checkpoint)`` where ``checkpoint`` is the saved dict without ``state_dict``.
+        ``(backbone, checkpoint)`` where ``checkpoint`` is the saved dict without ``state_dict``
+        and ``training_state``.
 
     Raises:
         RelaError: missing or unsafe file, not this project's format, or weights that do not fit
@@ -203,5 +210,5 @@ def load_backbone_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[s
     backbone = build_backbone(str(config["name"]), cifar_stem=bool(config.get("cifar_stem", False)))
     load_state_dict_strict(backbone, payload["state_dict"], f"checkpoint {path}")
     backbone.eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
     return backbone, meta

@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from rela_pipeline.cli import main
 from rela_pipeline.stages.embed import EmbedConfig, run_embed
 
 FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "fashion_mnist_mini"
@@ -14,6 +16,21 @@ TRAIN_DIR = FIXTURE_ROOT / "train"
 TEST_DIR = FIXTURE_ROOT / "test"
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Invoke the CLI quietly in-process: ``(exit code, stdout, stderr)``."""
+    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, stderr: str, fragment: str) -> None:
+    """A failed command printed exactly one ``error: ...`` line containing ``fragment``."""
+    assert code != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in stderr
 
 
 def small_embed_config(data_dir: Path, out_dir: Path, **overrides) -> EmbedConfig:

@@ -14,27 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 
-from rela_pipeline.cli import main
 from rela_pipeline.shards.manifest import read_manifest
 from rela_pipeline.stages import embed as embed_stage
-from tests.conftest import TRAIN_DIR
+from tests.conftest import TRAIN_DIR, assert_one_line_error, run_cli
 
 FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
-
-
-def run_cli(*args: str):
-    result = CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_one_line_error(code: int, stderr: str, fragment: str) -> None:
-    assert code != 0
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in stderr
 
 
 def assert_no_output(out: Path) -> None:

@@ -52,16 +52,30 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RelaError(f"{out_dir} has no {MANIFEST_NAME}: not a shard set, or an incomplete embed run")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
         raise RelaError(f"cannot read {path}: {error}") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """Parse and validate a manifest's JSON text; ``where`` names it in error messages.
+
+    Raises:
+        RelaError: malformed JSON, another schema, an incompatible schema version, or missing
+            required fields.
+    """
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RelaError(f"cannot read {where}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise RelaError(f"{path} is not a rela-pipeline shard-set manifest")
+        raise RelaError(f"{where} is not a rela-pipeline shard-set manifest")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise RelaError(f"{path} has schema_version {manifest.get('schema_version')!r}; this version of rela-pipeline reads {SCHEMA_VERSION}")
+        raise RelaError(f"{where} has schema_version {manifest.get('schema_version')!r}; this version of rela-pipeline reads {SCHEMA_VERSION}")
     missing = [name for name in REQUIRED_FIELDS if name not in manifest]
     if missing:
-        raise RelaError(f"{path} lacks required fields: {', '.join(missing)}")
+        raise RelaError(f"{where} lacks required fields: {', '.join(missing)}")
     return manifest
 
 

@@ -42,6 +42,7 @@ from ..errors import RelaError
 from ..fileio import PARTIAL_SUFFIX, sha256_file, write_json_atomic, write_npz_atomic
 from ..imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
 from ..priors import Prior, Preprocessing, load_prior
+from ..runtime import autocast_for, resolve_device
 from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SubsetScores, knn_scores
 from ..shards.format import (
     EMBEDDINGS_NAME, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, SCORES_NAME, SHARD_GLOB,
@@ -156,33 +157,10 @@ class _DecodeDataset(Dataset):
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
 
 
-def resolve_device(device: str) -> torch.device:
-    """Map "auto" to CUDA when available, else CPU; check an explicit CUDA request.
-
-    Raises:
-        RelaError: CUDA requested but not available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RelaError(f"--device {device} requested but CUDA is not available")
-    return resolved
-
-
 def default_batch_size(device: torch.device) -> int:
     """Images per forward pass when none is given: 256 on CUDA, 32 on CPU (larger batches are
     memory-bound and slower on CPU; see the README's benchmarks)."""
     return 256 if device.type == "cuda" else 32
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """Autocast context for the prior's forward pass: bfloat16 on CUDA (float16 where bf16 is
-    unsupported), a no-op on CPU or when ``enabled`` is False."""
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def embedding_dim(prior: Prior, device: torch.device) -> int:

@@ -1,0 +1,338 @@
+"""Reading a shard set for training: locate and check it, then stream batches of views.
+
+A shard set is named by its directory (``OUT``) or by the URL of its manifest: anything
+webdataset's ``gopen`` opens, e.g. ``http://host/set/manifest.json``, ``s3://...`` via ``pipe:``,
+or ``pipe:curl -s http://host/set/manifest.json``. The shards, ``scores.npz`` and
+``transport.npz`` are the manifest's siblings: their URLs replace the last ``manifest.json`` in the
+manifest's URL by the file's name.
+
+Streaming (one epoch, built per epoch so the subset and the shuffles are a function of
+``(seed, epoch)``)::
+
+    shard URLs, shuffled  ->  split by DataLoader worker  ->  tar samples (webdataset)
+      ->  keep the epoch's subset (by key, before any decoding)  ->  shuffle buffer
+      ->  decode image, target (first K components), label  ->  batches of B with their views
+
+A batch is a dict ``{"views": [(B, 3, S, S) float32, ...], "target": (B, K) float32,
+"label": (B,) int64 (-1 when unlabelled), "index": (B,) int64, "phase": "rela" | "ssl"}``. The views
+come from the ReLA or the method's transform according to a flag shared with the workers, read
+once per batch, so a batch never mixes the two. Errors inside workers travel as
+``{"error": "<one line>"}`` batches and are raised as :class:`RelaError` by the consumer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ..errors import RelaError
+from .format import IMAGE_FIELDS, MANIFEST_NAME, SCORES_NAME, TARGET_FIELD
+from .manifest import parse_manifest, read_manifest
+
+logger = logging.getLogger("rela_pipeline")
+
+#: Values of the shared phase flag.
+PHASE_RELA, PHASE_SSL = 1, 0
+
+
+@dataclass
+class ShardSetSource:
+    """A located and checked shard set.
+
+    Attributes:
+        location: as given (directory or manifest URL).
+        manifest: the validated manifest dict.
+        shard_urls: URL or path of every shard that will be read, in manifest order.
+        shard_samples: samples in each of those shards (from the manifest).
+        skipped_shards: names of shards left out under ``skip_bad_shards``.
+        local_dir: the directory for a local shard set, else None.
+    """
+
+    location: str
+    manifest: dict[str, Any]
+    shard_urls: list[str]
+    shard_samples: list[int]
+    skipped_shards: list[str]
+    local_dir: Path | None
+
+    @property
+    def num_samples(self) -> int:
+        """N: the sample count of the shard set (indices run over ``range(N)``)."""
+        return int(self.manifest["samples"]["written"])
+
+    @property
+    def readable_samples(self) -> int:
+        """Samples in the shards that will be read (N minus those in skipped shards)."""
+        return int(sum(self.shard_samples))
+
+    @property
+    def target_dim(self) -> int:
+        """Dimension of the stored representation targets."""
+        return int(self.manifest["targets"]["dim"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names ([] for unlabelled data)."""
+        return list(self.manifest["dataset"].get("class_names") or [])
+
+    def sibling_url(self, name: str) -> str:
+        """Path or URL of the file ``name`` next to the manifest."""
+        if self.local_dir is not None:
+            return str(self.local_dir / name)
+        head, sep, tail = self.location.rpartition(MANIFEST_NAME)
+        return head + name + tail
+
+    def read_file(self, name: str) -> bytes:
+        """Read a sibling file (``scores.npz``, ...) completely.
+
+        Raises:
+            RelaError: it cannot be opened or read.
+        """
+        return _read_url(self.sibling_url(name))
+
+    def load_scores(self) -> dict[str, np.ndarray]:
+        """The stage-one scores (``knn_density``, ``nn_similarity``, ``nn_index``, ``label``), checked
+        against the manifest's SHA-256.
+
+        Raises:
+            RelaError: missing, altered or unreadable.
+        """
+        import hashlib
+
+        data = self.read_file(SCORES_NAME)
+        expected = self.manifest["scores"].get("sha256")
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise RelaError(f"{SCORES_NAME} of {self.location} does not match the manifest's sha256 (altered or truncated)")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (ValueError, OSError) as error:
+            raise RelaError(f"cannot read {SCORES_NAME} of {self.location}: {error}") from None
+
+
+def _read_url(url: str) -> bytes:
+    try:
+        if "://" not in url and not url.startswith("pipe:"):
+            return Path(url).read_bytes()
+        with wds.gopen(url, "rb") as stream:
+            return stream.read()
+    except Exception as error:  # gopen raises many types (OSError, IOError from pipes, ...)
+        raise RelaError(f"cannot read {url}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False) -> ShardSetSource:
+    """Locate a shard set and check it before training starts.
+
+    Checks: the manifest validates (schema, version, fields); shard counts add up to
+    ``samples.written``; targets are a positive dimension. For a local set also: every shard file
+    exists with the manifest's byte size (a truncated or replaced shard is caught here, by name).
+    Remote shards are checked while streaming.
+
+    Args:
+        location: a shard-set directory, or the URL of its ``manifest.json``.
+        skip_bad_shards: leave out missing or wrong-sized shards with a warning instead of failing.
+
+    Raises:
+        RelaError: any failed check (naming the shard), or no readable shard left.
+    """
+    location = str(location)
+    if "://" in location or location.startswith("pipe:"):
+        if MANIFEST_NAME not in location:
+            raise RelaError(f"a remote shard set is named by the URL of its {MANIFEST_NAME}; got {location}")
+        text = _read_url(location).decode("utf-8", errors="replace")
+        manifest = parse_manifest(text, location)
+        local_dir = None
+    else:
+        path = Path(location)
+        if path.name == MANIFEST_NAME:
+            path = path.parent
+        manifest = read_manifest(path)
+        local_dir = path
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise RelaError(f"manifest of {location} lists no shards")
+    try:
+        counted = sum(int(s["samples"]) for s in shards)
+        written = int(manifest["samples"]["written"])
+        target_dim = int(manifest["targets"]["dim"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise RelaError(f"manifest of {location} has malformed shard or sample records ({error})") from None
+    if counted != written:
+        raise RelaError(f"manifest of {location} is inconsistent: its shards hold {counted} samples but samples.written is {written}")
+    if target_dim < 1:
+        raise RelaError(f"manifest of {location} records target dim {target_dim}")
+    urls, samples, skipped = [], [], []
+    for shard in shards:
+        name = str(shard["name"])
+        if "/" in name or name.startswith("."):
+            raise RelaError(f"manifest of {location} names an unsafe shard path {name!r}")
+        if local_dir is not None:
+            file = local_dir / name
+            problem = None
+            if not file.is_file():
+                problem = f"shard {name} is missing from {local_dir}"
+            elif file.stat().st_size != int(shard["bytes"]):
+                problem = f"shard {name} is {file.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"
+            if problem:
+                if not skip_bad_shards:
+                    raise RelaError(f"{problem}; rerun embed, or pass --skip-bad-shards to train without it")
+                logger.warning("skipping: %s", problem)
+                skipped.append(name)
+                continue
+            urls.append(str(file))
+        else:
+            head, _, tail = location.rpartition(MANIFEST_NAME)
+            urls.append(head + name + tail)
+        samples.append(int(shard["samples"]))
+    if not urls:
+        raise RelaError(f"no readable shard left in {location}")
+    return ShardSetSource(location, manifest, urls, samples, skipped, local_dir)
+
+
+class _ErrorLatch:
+    """Collects the first stream error inside a worker so it can be passed on as a batch."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.message: str | None = None
+
+    def handle_shard(self, error: Exception) -> bool:
+        """webdataset handler for shard-level errors: warn and continue, or latch and stop."""
+        url = next((a for a in reversed(error.args) if isinstance(a, str) and (a.endswith(".tar") or "shard-" in a)), None)
+        name = os.path.basename(url) if url else "a shard"
+        first = next((str(a) for a in error.args if isinstance(a, str) and a != url), type(error).__name__)
+        message = f"cannot read shard {name}: {type(error).__name__}: {first.splitlines()[0] if first else ''}".rstrip(": ")
+        if self.skip:
+            logger.warning("skipping the rest of %s (%s)", name, type(error).__name__)
+            return True
+        self.message = self.message or message + " (pass --skip-bad-shards to skip bad shards with a warning)"
+        return False
+
+
+def _decode_sample(sample: dict[str, Any], target_dim: int) -> tuple[Image.Image, np.ndarray, int, int]:
+    key = sample["__key__"]
+    index = int(key)
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None:
+        raise ValueError(f"sample {key} has no image field")
+    with Image.open(io.BytesIO(sample[field])) as image:
+        image = image.convert("RGB")
+    if TARGET_FIELD not in sample:
+        raise ValueError(f"sample {key} has no {TARGET_FIELD}")
+    target = np.load(io.BytesIO(sample[TARGET_FIELD]), allow_pickle=False)
+    if target.ndim != 1 or target.shape[0] < target_dim or target.dtype.kind != "f":
+        raise ValueError(f"sample {key} target is {target.dtype}{list(target.shape)}, expected float[>={target_dim}]")
+    target = target[:target_dim].astype(np.float32)
+    if not np.isfinite(target).all():
+        raise ValueError(f"sample {key} target has NaN or Inf")
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return image, target, label, index
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """One epoch of training batches from a shard set (see the module docstring).
+
+    Args:
+        source: from :func:`open_shard_set`.
+        subset_mask: ``(N,)`` bool, the epoch's subset.
+        target_dim: K, leading target components to return.
+        rela_views, ssl_views: PIL image -> list of ``(3, S, S)`` float tensors.
+        phase: shared flag (``multiprocessing.Value``) holding :data:`PHASE_RELA` or
+            :data:`PHASE_SSL`; read once per batch.
+        batch_size: B; the last incomplete batch of each worker is dropped.
+        seed, epoch: seed the shard order and the shuffle buffer.
+        shuffle_buffer: samples held for shuffling (per worker).
+        skip_bad_shards: warn and continue on unreadable shards and undecodable samples.
+    """
+
+    def __init__(
+        self,
+        source: ShardSetSource,
+        subset_mask: np.ndarray,
+        target_dim: int,
+        rela_views: Callable,
+        ssl_views: Callable,
+        phase: Any,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int = 2000,
+        skip_bad_shards: bool = False,
+    ) -> None:
+        super().__init__()
+        self.urls = list(source.shard_urls)
+        self.mask = subset_mask
+        self.target_dim = target_dim
+        self.rela_views = rela_views
+        self.ssl_views = ssl_views
+        self.phase = phase
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.skip = skip_bad_shards
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = self._worker()
+        order = list(self.urls)
+        random.Random(f"{self.seed}:{self.epoch}:shards").shuffle(order)
+        mine = order[worker::workers]
+        latch = _ErrorLatch(self.skip)
+        samples = wds.tarfile_to_samples(handler=latch.handle_shard)({"url": url} for url in mine)
+        selected = (s for s in samples if self._in_subset(s.get("__key__", "")))
+        rng = random.Random(f"{self.seed}:{self.epoch}:{worker}:buffer")
+        shuffled = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 500), rng=rng)(selected)
+        batch: list[tuple] = []
+        for sample in shuffled:
+            try:
+                batch.append(_decode_sample(sample, self.target_dim))
+            except (ValueError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+                shard = os.path.basename(str(sample.get("__url__", "?")))
+                message = f"bad sample in shard {shard}: {error}"
+                if self.skip:
+                    logger.warning("skipping %s", message)
+                    continue
+                yield {"error": message + " (pass --skip-bad-shards to skip bad samples with a warning)"}
+                return
+            if len(batch) == self.batch_size:
+                yield self._make_batch(batch)
+                batch = []
+        if latch.message:
+            yield {"error": latch.message}
+
+    def _in_subset(self, key: str) -> bool:
+        return key.isdigit() and int(key) < len(self.mask) and bool(self.mask[int(key)])
+
+    def _make_batch(self, batch: list[tuple]) -> dict[str, Any]:
+        rela = self.phase.value == PHASE_RELA
+        transform = self.rela_views if rela else self.ssl_views
+        per_sample = [transform(image) for image, _, _, _ in batch]
+        views = [torch.stack([views[v] for views in per_sample]) for v in range(len(per_sample[0]))]
+        return {
+            "views": views,
+            "target": torch.from_numpy(np.stack([t for _, t, _, _ in batch])),
+            "label": torch.tensor([label for _, _, label, _ in batch], dtype=torch.int64),
+            "index": torch.tensor([index for _, _, _, index in batch], dtype=torch.int64),
+            "phase": "rela" if rela else "ssl",
+        }
+
+
+def new_phase_flag(rela: bool) -> Any:
+    """A flag shared with DataLoader workers (fork or spawn) telling which views to make."""
+    return multiprocessing.get_context().Value("b", PHASE_RELA if rela else PHASE_SSL, lock=False)
+

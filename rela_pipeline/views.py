@@ -1,0 +1,74 @@
+"""Augmented views: the ReLA views and each SSL method's standard views, scaled to the image size.
+
+All transforms are lightly's (torchvision underneath) and map a PIL RGB image to a list of float32
+``(3, S, S)`` tensors normalised with the ImageNet mean and std (the same normalisation the
+student's evaluation preprocessing uses). Gaussian blur is off at 32 px and below, as in the SSL
+literature's CIFAR recipes (solo-learn, lightly's CIFAR-10 benchmarks).
+
+ReLA views (MISSION.md item 3): RandomResizedCrop(scale 0.5-1), horizontal flip,
+ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2. That is lightly's SimCLR view with
+``min_scale=0.5`` and no blur.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
+from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.transforms.simclr_transform import SimCLRViewTransform
+
+from .errors import RelaError
+
+#: Image sizes at or below which Gaussian blur is not used.
+NO_BLUR_MAX_SIZE = 32
+
+ViewTransform = Callable[[object], list]
+
+
+def _blur(size: int, probability: float) -> float:
+    return 0.0 if size <= NO_BLUR_MAX_SIZE else probability
+
+
+def rela_views(image_size: int) -> MultiViewTransform:
+    """Two ReLA views of ``image_size`` pixels (module docstring)."""
+    view = SimCLRViewTransform(input_size=image_size, min_scale=0.5, cj_prob=0.8, cj_strength=1.0, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8, cj_hue=0.2, random_gray_scale=0.2, gaussian_blur=0.0)
+    return MultiViewTransform([view, view])
+
+
+def byol_views(image_size: int) -> BYOLTransform:
+    """BYOL's asymmetric pair (lightly's BYOLTransform: blur 1.0 / 0.1, solarisation 0 / 0.2)."""
+    return BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=image_size, gaussian_blur=_blur(image_size, 1.0)),
+        view_2_transform=BYOLView2Transform(input_size=image_size, gaussian_blur=_blur(image_size, 0.1)),
+    )
+
+
+def simclr_views(image_size: int) -> SimCLRTransform:
+    """SimCLR's symmetric pair (lightly's SimCLRTransform, blur 0.5 above 32 px)."""
+    return SimCLRTransform(input_size=image_size, gaussian_blur=_blur(image_size, 0.5))
+
+
+def dino_views(image_size: int, n_local_views: int = 6) -> DINOTransform:
+    """DINO's multi-crop: two global crops of ``image_size`` and ``n_local_views`` local crops of
+    ``round(image_size * 96 / 224)`` pixels (the paper's 224/96 ratio; at least 8)."""
+    local = max(8, round(image_size * 96 / 224))
+    blur = (1.0, 0.1, 0.5) if image_size > NO_BLUR_MAX_SIZE else (0.0, 0.0, 0.0)
+    return DINOTransform(global_crop_size=image_size, local_crop_size=local, n_local_views=n_local_views, gaussian_blur=blur)
+
+
+_METHOD_VIEWS = {"byol": byol_views, "simclr": simclr_views, "dino": dino_views}
+
+
+def method_views(method: str, image_size: int) -> ViewTransform:
+    """The standard views of a built-in SSL method.
+
+    Raises:
+        RelaError: unknown method or an image size below 8 pixels.
+    """
+    if image_size < 8:
+        raise RelaError(f"image size must be at least 8 pixels, got {image_size}")
+    if method not in _METHOD_VIEWS:
+        raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_VIEWS)}")
+    return _METHOD_VIEWS[method](image_size)

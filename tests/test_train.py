@@ -1,0 +1,310 @@
+"""Stage two on the real fixture: training, budget accounting, resume, custom methods, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rela_pipeline.errors import RelaError
+from rela_pipeline.models import load_backbone_checkpoint, safe_torch_load, save_backbone_checkpoint, build_backbone
+from rela_pipeline.priors import load_prior
+from rela_pipeline.stages import train as train_stage
+from rela_pipeline.stages.embed import run_embed
+from rela_pipeline.stages.evaluate import EvalConfig, run_eval
+from rela_pipeline.stages.train import TrainConfig, run_train
+from tests.conftest import TEST_DIR, TRAIN_DIR, assert_one_line_error, run_cli, small_embed_config
+
+
+def config(shards: Path, out: Path, **overrides) -> TrainConfig:
+    """Fast CPU settings: ConvNet student, 32 px, batch 32 (9 steps per epoch on 300 samples)."""
+    settings = dict(shards=str(shards), out_dir=out, epochs=2, batch_size=32, num_workers=0, log_every=3, progress=False, device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def intervals(run: Path) -> list[dict]:
+    return [r for r in records(run) if "event" not in r]
+
+
+@pytest.fixture()
+def shard_copy(shard_set, tmp_path) -> Path:
+    """A private copy of the fixture's shard set that a test may damage."""
+    out, _ = shard_set
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_train_then_eval_end_to_end_and_the_rela_loss_falls(shard_set, tmp_path):
+    shards, manifest = shard_set
+    run = tmp_path / "run"
+    summary = run_train(config(shards, run, epochs=6, log_every=9, rela_schedule="constant:1.0"))
+    logged = intervals(run)
+    assert [r["step"] for r in logged] == [9, 18, 27, 36, 45, 54]
+    assert all(r["phase"] == "rela" and r["ssl_loss"] is None for r in logged)
+    first, last = logged[0]["rela_loss"], logged[-1]["rela_loss"]
+    assert last < first - 0.03, (first, last)  # the student aligns with the transported prior targets
+    for key in ("loss", "rho", "probe_acc", "lr", "images_per_s", "images_seen", "budget_fraction"):
+        assert key in logged[-1]
+    assert summary["budget"] == {"steps": 54, "images_seen": 54 * 32, "full_run_steps": 54, "fraction": 1.0}
+
+    # The trained backbone is a checkpoint: loadable weights-only, usable as a stage-one prior, evaluable.
+    payload = torch.load(run / "backbone.pt", weights_only=True)
+    assert payload["step"] == 54 and payload["backbone"] == {"name": "convnet", "cifar_stem": True}
+    prior = load_prior(f"checkpoint:{run / 'backbone.pt'}")
+    reembedded = run_embed(small_embed_config(TRAIN_DIR, tmp_path / "reembed", prior=f"checkpoint:{run / 'backbone.pt'}", image_size=None))
+    assert reembedded["prior"]["embedding_dim"] == 256 and prior.preprocessing.crop_size == 32
+    result = run_eval(EvalConfig(checkpoint=run / "backbone.pt", train_dir=TRAIN_DIR, test_dir=TEST_DIR, device="cpu", num_workers=0, probe_epochs=5, knn_k=20, progress=False))
+    assert result["step"] == 54 and 0.0 <= result["linear_probe"]["top1"] <= 1.0 and result["knn"]["top1"] > 0.2
+
+
+def test_constant_schedule_switches_to_the_method_loss_and_logs_the_step(shard_set, tmp_path):
+    shards, _ = shard_set
+    run = tmp_path / "run"
+    summary = run_train(config(shards, run, method="simclr", rela_schedule="constant:0.5"))
+    assert summary["rela_switch_step"] == 9  # ceil(0.5 * 18 steps)
+    events = [r for r in records(run) if r.get("event") == "rela_switch"]
+    assert len(events) == 1 and events[0]["step"] == 9
+    logged = intervals(run)
+    assert [r["phase"] for r in logged] == ["rela"] * 3 + ["ssl"] * 3
+    assert all(r["rela_loss"] is None and r["ssl_loss"] is not None for r in logged[3:])
+
+
+def test_budget_accounting_on_a_dynamic_subset(shard_set, tmp_path):
+    shards, _ = shard_set
+    summary = run_train(config(shards, tmp_path / "run", epochs=3, data_ratio=0.5, rela_schedule="none"))
+    # 150 samples per epoch -> 4 batches of 32; the full run would take 9 per epoch.
+    assert summary["budget"]["steps"] == 12 and summary["budget"]["images_seen"] == 12 * 32
+    assert summary["budget"]["full_run_steps"] == 27 and summary["budget"]["fraction"] == pytest.approx(12 / 27, abs=1e-6)
+    epochs = [r for r in records(tmp_path / "run") if r.get("event") == "epoch_end"]
+    assert [e["epoch_steps"] for e in epochs] == [4, 4, 4]
+
+
+def test_subset_streaming_delivers_exactly_the_epochs_subset(shard_set):
+    from rela_pipeline.shards.reader import TrainingStream, new_phase_flag, open_shard_set
+    from rela_pipeline.subsets import SubsetSampler
+    from rela_pipeline.views import byol_views, rela_views
+
+    shards, _ = shard_set
+    source = open_shard_set(shards)
+    sampler = SubsetSampler(source.num_samples, 0.4, seed=1)
+    seen = {}
+    for epoch in (0, 1):
+        stream = TrainingStream(source, sampler.mask(epoch), 16, rela_views(32), byol_views(32), new_phase_flag(True), 20, seed=1, epoch=epoch)
+        batches = list(stream)
+        seen[epoch] = sorted(int(i) for b in batches for i in b["index"])
+        assert all(b["views"][0].shape == (20, 3, 32, 32) and b["target"].shape == (20, 16) and b["phase"] == "rela" for b in batches)
+        assert set(seen[epoch]) <= set(sampler.indices(epoch).tolist()) and len(seen[epoch]) == 120  # 120 = 6 full batches
+    assert seen[0] != seen[1]
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(shard_set, tmp_path, monkeypatch):
+    shards, _ = shard_set
+    straight = tmp_path / "straight"
+    run_train(config(shards, straight, epochs=3, rela_schedule="constant:0.5"))
+
+    crashed = tmp_path / "crashed"
+    real_save = train_stage._save_checkpoint
+
+    def save_then_crash(out, cfg, *args):
+        real_save(out, cfg, *args)
+        if args[-3] == 0:  # the epoch argument: crash right after the first epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config(shards, crashed, epochs=3, rela_schedule="constant:0.5"))
+    monkeypatch.setattr(train_stage, "_save_checkpoint", real_save)
+    assert torch.load(crashed / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
+    assert not (crashed / "backbone.pt").exists()
+
+    summary = run_train(config(shards, crashed, epochs=3, rela_schedule="constant:0.5", resume=True))
+    assert summary["budget"]["steps"] == 27 and summary["rela_switch_step"] == 14
+    steps = [r["step"] for r in intervals(crashed)]
+    assert steps == sorted(set(steps)) and steps[-1] == 27  # no step logged twice
+    resumed, _ = load_backbone_checkpoint(crashed / "backbone.pt")
+    reference, _ = load_backbone_checkpoint(straight / "backbone.pt")
+    for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
+
+
+def test_resume_refuses_other_settings_and_runs_need_a_flag_to_reuse_a_directory(shard_set, tmp_path):
+    shards, _ = shard_set
+    run = tmp_path / "run"
+    run_train(config(shards, run, epochs=1, rela_schedule="none"))
+    with pytest.raises(RelaError, match="not empty"):
+        run_train(config(shards, run, epochs=1, rela_schedule="none"))
+    with pytest.raises(RelaError, match="different settings.*backbone"):
+        run_train(config(shards, run, epochs=1, rela_schedule="none", backbone="resnet18", resume=True))
+    summary = run_train(config(shards, run, epochs=1, rela_schedule="none", overwrite=True))
+    assert summary["budget"]["steps"] == 9
+
+
+class ToyMethod(nn.Module):
+    """A user-defined SSL method: a predictor on top of the backbone, a plain regression loss."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.predictor = nn.Linear(backbone.feature_dim, backbone.feature_dim)
+        self.calls = 0
+        self.momentum_steps: list[int] = []
+
+    def forward(self, views):
+        self.calls += 1
+        a, b = self.backbone(views[0]), self.backbone(views[1])
+        return nn.functional.mse_loss(self.predictor(a), b.detach())
+
+    def update_momentum(self, step, total_steps):
+        self.momentum_steps.append(step)
+
+
+def test_any_method_gets_rela_through_the_python_api(shard_set, tmp_path):
+    from rela_pipeline.views import simclr_views
+
+    shards, _ = shard_set
+    made = []
+
+    def factory(backbone):
+        made.append(ToyMethod(backbone))
+        return made[0]
+
+    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=simclr_views(32))
+    toy = made[0]
+    assert toy.calls == 9  # only the SSL half of the 18 steps called the method's loss
+    assert toy.momentum_steps == list(range(18))  # its momentum hook ran on every step, ReLA phase included
+    assert summary["rela_switch_step"] == 9 and summary["method"] == "toy"
+    with pytest.raises(RelaError, match="view transform"):
+        run_train(config(shards, tmp_path / "other", method="toy"), method_factory=ToyMethod)
+
+
+def test_worker_processes_switch_to_the_methods_views_after_the_rela_phase(shard_set, tmp_path):
+    from rela_pipeline.views import dino_views
+
+    shards, _ = shard_set
+    made = []
+
+    def factory(backbone):
+        made.append(ViewCounter(backbone))
+        return made[0]
+
+    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1), method_factory=factory, ssl_views=dino_views(32))
+    assert summary["rela_switch_step"] == 9
+    counts = made[0].view_counts
+    # The worker process made 2 ReLA views per sample until the flag flipped, then DINO's 2 global
+    # + 6 local crops: a few batches prefetched before the switch may still carry ReLA views.
+    assert len(counts) == 9 and counts[-1] == 8 and set(counts) <= {2, 8}
+    assert counts.count(2) <= 4
+
+
+class ViewCounter(ToyMethod):
+    """Records how many views each SSL-phase batch brought."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__(backbone)
+        self.view_counts: list[int] = []
+
+    def forward(self, views):
+        self.view_counts.append(len(views))
+        return super().forward(views)
+
+
+def test_dino_trains_on_multi_crop_views(shard_set, tmp_path):
+    shards, _ = shard_set
+    summary = run_train(config(shards, tmp_path / "run", method="dino", epochs=1, rela_schedule="none"))
+    assert summary["budget"]["steps"] == 9 and intervals(tmp_path / "run")[-1]["ssl_loss"] is not None
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_missing_shard_fails_with_its_name_or_is_skipped_with_a_warning(shard_copy, tmp_path, caplog):
+    (shard_copy / "shard-000002.tar").unlink()
+    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "--device", "cpu")
+    assert_one_line_error(code, stderr, "shard-000002.tar is missing")
+    assert not (tmp_path / "run").exists()
+    logging.getLogger("rela_pipeline").addHandler(caplog.handler)  # the CLI stops propagation to the root logger
+    try:
+        summary = run_train(config(shard_copy, tmp_path / "run", epochs=1, rela_schedule="none", skip_bad_shards=True))
+    finally:
+        logging.getLogger("rela_pipeline").removeHandler(caplog.handler)
+    assert summary["skipped_shards"] == ["shard-000002.tar"]
+    assert summary["budget"]["steps"] == (300 - 64) // 32
+    assert "skipping" in caplog.text
+
+
+def test_truncated_shard_is_named_before_training(shard_copy, tmp_path):
+    shard = shard_copy / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--num-workers", "0", "--device", "cpu", "--batch-size", "32")
+    assert_one_line_error(code, stderr, "shard-000001.tar is 5000 bytes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_shard_fails_while_streaming_and_leaves_nothing(shard_copy, tmp_path):
+    shard = shard_copy / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[2048:6144] = b"\x00garbage!" * (4096 // 9) + b"\x00" * (4096 % 9)  # same size, broken tar headers and members
+    shard.write_bytes(bytes(data))
+    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--batch-size", "32", "--no-rela")
+    assert_one_line_error(code, stderr, "shard-000000.tar")
+    assert not (tmp_path / "run").exists()  # stopped before its first checkpoint: nothing half-written kept
+    summary = run_train(config(shard_copy, tmp_path / "run", epochs=1, rela_schedule="none", skip_bad_shards=True))
+    assert 0 < summary["budget"]["steps"] < 9
+
+
+def test_incompatible_manifest_schema_is_refused(shard_copy, tmp_path):
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, stderr, "schema_version 99")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--data-ratio", "0"], "--data-ratio must be in (0, 1]"),
+        (["--data-ratio", "1.5"], "--data-ratio must be in (0, 1]"),
+        (["--method", "moco"], "unknown SSL method 'moco'"),
+        (["--backbone", "vit"], "unknown backbone 'vit'"),
+        (["--data-ratio", "0.05"], "empty subset"),
+        (["--rela-schedule", "sometimes"], "unknown ReLA schedule"),
+        (["--subset", "hardest"], "unknown subset rule"),
+    ],
+)
+def test_bad_train_options_give_one_line_errors_and_no_output(shard_set, tmp_path, args, fragment):
+    shards, _ = shard_set
+    code, _, stderr = run_cli("train", "--shards", str(shards), "--out", str(tmp_path / "run"), "--batch-size", "32", *args)
+    assert_one_line_error(code, stderr, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_another_backbone_is_refused(tmp_path):
+    # Weights of a ResNet-18 recorded as a ConvNet: the loader must refuse them, not half-load them.
+    path = tmp_path / "mislabelled.pt"
+    save_backbone_checkpoint(path, build_backbone("resnet18", cifar_stem=True), {"name": "convnet"})
+    code, _, stderr = run_cli("eval", "--checkpoint", str(path), "--train", str(TRAIN_DIR), "--test", str(TEST_DIR))
+    assert_one_line_error(code, stderr, "does not fit the architecture")
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--prior", f"checkpoint:{path}", "--out", str(tmp_path / "shards"))
+    assert_one_line_error(code, stderr, "does not fit the architecture")
+
+
+def test_training_checkpoint_is_a_weights_only_file_with_resume_state(shard_set, tmp_path):
+    shards, _ = shard_set
+    run_train(config(shards, tmp_path / "run", epochs=1))
+    payload = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.pt", "checkpoint")
+    assert payload["format"] == "rela-pipeline/backbone" and payload["step"] == 9
+    assert {"optimizer", "rela", "schedule", "torch_rng", "epoch"} <= set(payload["training_state"])
+    assert payload["training_state"]["schedule"]["switch_step"] is None  # adaptive: still in the ReLA phase
