@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (the main job on real data) and `make test`.
+# The README's two commands: `make demo` (the whole job on real data: prepare, embed, train, eval)
+# and `make test`.
 # Both set themselves up on a fresh machine (scripts/setup.sh).
 PY := .venv/bin/python
 CLI := .venv/bin/rela-pipeline
@@ -19,11 +20,15 @@ demo: setup
 	$(CLI) embed --data $(DATA)/train --prior random:resnet18 --image-size 64 --out $(RUN)/shards --overwrite
 	$(CLI) inspect $(RUN)/shards
 	$(CLI) verify $(RUN)/shards
+	$(CLI) train --shards $(RUN)/shards --out $(RUN)/byol-rela --method byol --backbone convnet --epochs 5 --data-ratio 0.1 --overwrite
+	$(CLI) eval --checkpoint $(RUN)/byol-rela/backbone.pt --train $(DATA)/train --test $(DATA)/test --json $(RUN)/eval.json
 
 bench: setup
 	@bash scripts/fashion_mnist_source.sh
 	@[ -d $(DATA)/test ] || $(CLI) prepare fashion-mnist --out $(DATA)
 	$(PY) benchmarks/embed_throughput.py --data $(DATA)/train --image-size 64 --out $(RUN)/embed_throughput.json
+	@[ -f $(RUN)/shards/manifest.json ] || $(CLI) embed --data $(DATA)/train --prior random:resnet18 --image-size 64 --out $(RUN)/shards --overwrite
+	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone resnet18 --image-size 32 --out $(RUN)/train_throughput.json
 
 clean:
 	rm -rf $(RUN)

@@ -171,6 +171,7 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
         f"trained {budget['steps']} steps ({budget['images_seen']} images, {budget['fraction']:.1%} of the full run's "
         f"{budget['full_run_steps']} steps) in {summary['wall_clock_s']:.1f}s; ReLA "
         + ("off" if config.rela_schedule == "none" else f"until step {switch}" if switch is not None else "for the whole run")
+        + (f"; ReLA loss {summary['rela_loss']['first_interval']:.3f} -> {summary['rela_loss']['last_interval']:.3f}" if summary["rela_loss"]["last_interval"] is not None else "")
         + (f"; final loss {final['loss']:.4f}" if final.get("loss") is not None else "")
         + (f", online probe {final['probe_acc']:.1%}" if final.get("probe_acc") is not None else "")
         + f"; backbone -> {summary['checkpoint']}"

@@ -19,7 +19,6 @@ optimisation steps, the full run being the same epochs over all N samples with t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from ..methods import METHODS, build_method
 from ..models import BACKBONES, build_backbone, safe_torch_load, save_backbone_checkpoint
 from ..priors import Preprocessing
 from ..rela import ReLA, StepOutput, parse_schedule
-from ..runtime import resolve_device
+from ..runtime import autocast_and_scaler, resolve_device
 from ..shards.reader import PHASE_SSL, ShardSetSource, TrainingStream, new_phase_flag, open_shard_set
 from ..subsets import SUBSET_RULES, SubsetSampler
 from ..views import method_views, rela_views
@@ -254,14 +253,6 @@ class _MetricsLog:
         self.handle.close()
 
 
-def _amp_setup(device: torch.device, enabled: bool) -> tuple[Callable[[], Any], torch.amp.GradScaler]:
-    """Autocast factory and grad scaler: bf16 where supported (no scaling), else fp16 + scaling."""
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
 def run_train(
     config: TrainConfig,
     *,
@@ -281,7 +272,8 @@ def run_train(
 
     Returns:
         The summary dict: budget (steps, images_seen, full_run_steps, fraction), wall-clock
-        seconds, ReLA switch step, final metrics and output paths.
+        seconds, ReLA switch step, the ReLA loss of the first and last logged intervals of this
+        invocation, the last interval's metrics and output paths.
 
     Raises:
         RelaError: bad settings, a shard set that fails its checks, bad shards or samples met
@@ -335,7 +327,7 @@ def _train(config, source: ShardSetSource, sampler: SubsetSampler, labelled: boo
     budget = Budget(full_run_steps=config.epochs * (source.num_samples // config.batch_size))
     lr_lambda = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) if config.lr_schedule == "cosine" else (lambda s: 1.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    autocast, scaler = _amp_setup(device, config.amp)
+    autocast, scaler = autocast_and_scaler(device, config.amp)
 
     start_epoch, elapsed_before = 0, 0.0
     if resuming:
@@ -438,6 +430,7 @@ def _train(config, source: ShardSetSource, sampler: SubsetSampler, labelled: boo
         "budget": {"steps": budget.steps, "images_seen": budget.images_seen, "full_run_steps": budget.full_run_steps, "fraction": round(budget.fraction, 6)},
         "wall_clock_s": round(wall, 2),
         "final": interval.last_record,
+        "rela_loss": {"first_interval": interval.first_rela_loss, "last_interval": interval.last_rela_loss},
         "checkpoint": str(out / BACKBONE_NAME),
         "shards": source.location,
         "skipped_shards": source.skipped_shards,
@@ -493,6 +486,8 @@ class _Interval:
 
     def __init__(self) -> None:
         self.last_record: dict[str, Any] = {}
+        self.first_rela_loss: float | None = None
+        self.last_rela_loss: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -531,6 +526,10 @@ class _Interval:
         for name in ("loss", "rela_loss", "ssl_loss", "probe_loss"):
             record[name] = float(self.sums[name]) / self.counts[name] if name in self.counts else None
         record["probe_acc"] = float(self.sums["probe_correct"]) / self.probe_images if self.probe_images else None
+        if record["rela_loss"] is not None:
+            self.last_rela_loss = record["rela_loss"]
+            if self.first_rela_loss is None:
+                self.first_rela_loss = record["rela_loss"]
         self.last_record = record
         self._reset()
         return record
