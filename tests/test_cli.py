@@ -141,8 +141,11 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
                "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]
+    # A shell starts background jobs with SIGINT ignored, and children inherit that (CI may run the
+    # suite so): give the CLI the default disposition, as an interactive terminal would.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / ".work" / "embeddings.npy").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
