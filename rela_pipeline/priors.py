@@ -24,6 +24,7 @@ import functools
 import os
 import socket
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -33,6 +34,7 @@ from torchvision.transforms import v2 as T
 
 from .errors import RelaError
 from .fileio import sha256_file
+from .imagefolder import decode_rgb
 from .models import load_backbone_checkpoint, load_state_dict_strict, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,6 +113,31 @@ def _channel_stats(device: torch.device, mean: tuple, std: tuple) -> tuple[torch
     """Mean and std as ``(1, 3, 1, 1)`` float32 tensors on ``device``, made once per device."""
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)  # noqa: E731
     return as_tensor(mean), as_tensor(std)
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Image ``i`` of an ImageFolder decoded and preprocessed to a uint8 tensor, for DataLoader
+    workers (shared by embed and eval).
+
+    Items are ``(i, image uint8 (3, S, S), ok, reason)``. A file PIL cannot decode yields zeros,
+    ``ok=False`` and a one-line reason instead of raising, so the main process decides (embed skips
+    it, eval stops naming the file).
+    """
+
+    def __init__(self, root: Path, files: list[str], preprocessing: Preprocessing) -> None:
+        self.root, self.files = Path(root), files
+        self.transform = preprocessing.to_uint8_transform()
+        self.size = preprocessing.crop_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
+        try:
+            return i, self.transform(decode_rgb(self.root / self.files[i])), True, ""
+        except (OSError, ValueError, SyntaxError, Warning) as error:  # PIL raises all of these
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'undecodable'}"
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
 
 
 @dataclass

@@ -169,16 +169,22 @@ class ToyMethod(nn.Module):
         self.momentum_steps.append(step)
 
 
+def recording_factory(method_class):
+    """A ``method_factory`` that also keeps the method it builds: ``(made, factory)``."""
+    made = []
+
+    def factory(backbone):
+        made.append(method_class(backbone))
+        return made[-1]
+
+    return made, factory
+
+
 def test_any_method_gets_rela_through_the_python_api(shard_set, tmp_path):
     from rela_pipeline.views import simclr_views
 
     shards, _ = shard_set
-    made = []
-
-    def factory(backbone):
-        made.append(ToyMethod(backbone))
-        return made[0]
-
+    made, factory = recording_factory(ToyMethod)
     summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=simclr_views(32))
     toy = made[0]
     assert toy.calls == 9  # only the SSL half of the 18 steps called the method's loss
@@ -192,12 +198,7 @@ def test_worker_processes_switch_to_the_methods_views_after_the_rela_phase(shard
     from rela_pipeline.views import dino_views
 
     shards, _ = shard_set
-    made = []
-
-    def factory(backbone):
-        made.append(ViewCounter(backbone))
-        return made[0]
-
+    made, factory = recording_factory(ViewCounter)
     summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1), method_factory=factory, ssl_views=dino_views(32))
     assert summary["rela_switch_step"] == 9
     counts = made[0].view_counts

@@ -34,14 +34,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import RelaError
 from ..fileio import PARTIAL_SUFFIX, sha256_file, write_json_atomic, write_npz_atomic
-from ..imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
-from ..priors import Prior, Preprocessing, load_prior
+from ..imagefolder import ImageFolderIndex, scan_image_folder
+from ..priors import PreprocessedImages, Prior, Preprocessing, load_prior
 from ..runtime import autocast_for, resolve_device
 from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SubsetScores, knn_scores
 from ..shards.format import (
@@ -137,26 +137,6 @@ class EmbeddingResult:
         return len(self.ok) / max(self.seconds, 1e-9)
 
 
-class _DecodeDataset(Dataset):
-    """Decodes image ``i`` to a uint8 ``(3, S, S)`` tensor; failures yield zeros and a reason."""
-
-    def __init__(self, root: Path, files: list[str], preprocessing: Preprocessing) -> None:
-        self.root, self.files = root, files
-        self.transform = preprocessing.to_uint8_transform()
-        self.size = preprocessing.crop_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
-        try:
-            image = self.transform(decode_rgb(self.root / self.files[i]))
-            return i, image, True, ""
-        except (OSError, ValueError, SyntaxError, Warning) as error:  # PIL raises all of these
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'undecodable'}"
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
-
-
 def default_batch_size(device: torch.device) -> int:
     """Images per forward pass when none is given: 256 on CUDA, 32 on CPU (larger batches are
     memory-bound and slower on CPU; see the README's benchmarks)."""
@@ -211,7 +191,7 @@ def embed_images(
     failures: dict[int, str] = {}
     moments = MomentAccumulator(dim, device)
     loader = DataLoader(
-        _DecodeDataset(index.root, index.files, prior.preprocessing),
+        PreprocessedImages(index.root, index.files, prior.preprocessing),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import RelaError
-from ..imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
+from ..imagefolder import ImageFolderIndex, scan_image_folder
 from ..models import load_backbone_checkpoint
-from ..priors import Preprocessing
+from ..priors import PreprocessedImages, Preprocessing
 from ..runtime import autocast_for, resolve_device
 
 #: Preprocessing used when a checkpoint records none and no image size is given: whole image
@@ -124,26 +124,6 @@ def eval_preprocessing(saved: dict[str, Any] | None, image_size: int | None = No
     return Preprocessing(image_size, image_size, base.interpolation, base.mean, base.std, "squash")
 
 
-class _EvalDataset(Dataset):
-    """Decodes image ``i`` to a uint8 ``(3, S, S)`` tensor; a failure yields zeros and a reason
-    (raised as an error by the main process, which knows the file name)."""
-
-    def __init__(self, root: Path, files: list[str], preprocessing: Preprocessing) -> None:
-        self.root, self.files = root, files
-        self.transform = preprocessing.to_uint8_transform()
-        self.size = preprocessing.crop_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
-        try:
-            return i, self.transform(decode_rgb(self.root / self.files[i])), True, ""
-        except (OSError, ValueError, SyntaxError, Warning) as error:  # PIL raises all of these
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'undecodable'}"
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
-
-
 def extract_features(
     backbone: nn.Module,
     index: ImageFolderIndex,
@@ -186,7 +166,7 @@ def extract_features(
     n = len(index.files)
     labels = torch.from_numpy(index.labels.astype(np.int64)) if index.labels is not None else torch.full((n,), -1, dtype=torch.int64)
     loader = DataLoader(
-        _EvalDataset(index.root, index.files, preprocessing),
+        PreprocessedImages(index.root, index.files, preprocessing),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -218,6 +198,14 @@ def extract_features(
             bar.update(len(rows))
     assert features is not None  # index.files is never empty (scan_image_folder refuses that)
     return features, labels
+
+
+def _check_splits(train_features, train_labels, test_features, test_labels, num_classes: int) -> None:
+    """ValueError unless both splits are (N, F) features with (N,) labels in range and equal F."""
+    _check_split(train_features, train_labels, num_classes, "train")
+    _check_split(test_features, test_labels, num_classes, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train and test feature dimensions differ: {train_features.shape[1]} vs {test_features.shape[1]}")
 
 
 def _check_split(features: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str) -> None:
@@ -274,10 +262,7 @@ def linear_probe_accuracy(
         ValueError: malformed shapes, mismatched feature dimensions, labels out of range, or
             non-positive ``epochs``/``batch_size``/``lr``.
     """
-    _check_split(train_features, train_labels, num_classes, "train")
-    _check_split(test_features, test_labels, num_classes, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train and test feature dimensions differ: {train_features.shape[1]} vs {test_features.shape[1]}")
+    _check_splits(train_features, train_labels, test_features, test_labels, num_classes)
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
     device = torch.device(device)
@@ -349,10 +334,7 @@ def knn_accuracy(
     """
     from lightly.utils.benchmarking import knn_predict
 
-    _check_split(train_features, train_labels, num_classes, "train")
-    _check_split(test_features, test_labels, num_classes, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train and test feature dimensions differ: {train_features.shape[1]} vs {test_features.shape[1]}")
+    _check_splits(train_features, train_labels, test_features, test_labels, num_classes)
     if k < 1 or not temperature > 0 or chunk_size < 1:
         raise ValueError(f"k, temperature and chunk_size must be positive, got {k}, {temperature}, {chunk_size}")
     device = train_features.device

@@ -462,6 +462,7 @@ def _eval_preprocessing(image_size: int) -> Preprocessing:
 def _step(rela: ReLA, probe, optimizer, scaler, autocast, capture: _FirstOutput, batch, device) -> tuple[StepOutput, torch.Tensor | None, torch.Tensor | None]:
     views = [v.to(device, non_blocking=True) for v in batch["views"]]
     targets = batch["target"].to(device, non_blocking=True)
+    labelled = bool((batch["label"] >= 0).all())  # on the host copy: no device sync per step
     labels = batch["label"].to(device, non_blocking=True)
     capture.value = None
     with autocast():
@@ -469,7 +470,7 @@ def _step(rela: ReLA, probe, optimizer, scaler, autocast, capture: _FirstOutput,
         loss = output.loss
         probe_loss = probe_correct = None
         features = capture.value
-        if probe is not None and features is not None and features.shape[0] >= labels.shape[0] and bool((labels >= 0).all()):
+        if probe is not None and features is not None and features.shape[0] >= labels.shape[0] and labelled:
             logits = probe(features[: labels.shape[0]].detach().float())
             probe_loss = F.cross_entropy(logits, labels)
             probe_correct = (logits.argmax(1) == labels).sum().detach()
