@@ -6,7 +6,7 @@ CLI := .venv/bin/rela-pipeline
 DATA := data/fashion-mnist
 RUN := runs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench budget-table clean
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,12 @@ bench: setup
 	$(PY) benchmarks/embed_throughput.py --data $(DATA)/train --image-size 64 --out $(RUN)/embed_throughput.json
 	@[ -f $(RUN)/shards/manifest.json ] || $(CLI) embed --data $(DATA)/train --prior random:resnet18 --image-size 64 --out $(RUN)/shards --overwrite
 	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone resnet18 --image-size 32 --out $(RUN)/train_throughput.json
+
+# The accuracy-against-budget table (README "Budget table"); about an hour on 2 CPU cores.
+# Rerunning resumes: finished runs are kept.
+budget-table: setup
+	@bash scripts/fashion_mnist_source.sh
+	$(PY) benchmarks/budget_table.py --profile cpu --out runs/budget-cpu
 
 clean:
 	rm -rf $(RUN)

@@ -26,7 +26,8 @@ Profiles:
   optimiser (AdamW 1e-3, wd 0.01, batch 128, mixed precision), 100 epochs at 100% budget.
 
 ``--tiny`` shrinks either profile to seconds per run (for tests): 2 epochs, probe 10 epochs, batch
-16, 20 images per class when the data is prepared here.
+16, 20 images per class when the data is prepared here. ``--epochs`` and ``--cells`` (a selection of
+cells; BYOL* is always run) serve follow-up experiments, e.g. a longer schedule for a few cells.
 
 Outputs in ``--out``: ``results.csv`` and ``results.json`` (one row per cell, plus every run),
 ``results.md`` (the Markdown table), ``budget_curve.png`` (top-1 against the fraction of BYOL*
@@ -72,6 +73,7 @@ SCORE_RULE_BUDGET = 0.2
 RANDOM_PRIOR = "random"
 BYOL_STAR_PRIOR = "byol*"
 PRIOR_LABELS = {RANDOM_PRIOR: "Rand.", BYOL_STAR_PRIOR: "BYOL*"}
+REFERENCE_KEY = "byol-100"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class Cell:
 
 def table_cells() -> list[Cell]:
     """The cells, in run order: BYOL* first (its seed-0 backbone is a prior), then by budget."""
-    cells = [Cell("byol-100", "BYOL", 1.0, None)]
+    cells = [Cell(REFERENCE_KEY, "BYOL", 1.0, None)]
     for budget in BUDGETS:
         pct = round(budget * 100)
         cells.append(Cell(f"byol-{pct}", "BYOL", budget, None))
@@ -158,6 +160,20 @@ def table_cells() -> list[Cell]:
     for rule in SCORE_SUBSET_RULES:
         cells.append(Cell(f"byol-rela-random-{pct}-{rule}", f"BYOL + ReLA, {PRIOR_LABELS[RANDOM_PRIOR]} prior", SCORE_RULE_BUDGET, RANDOM_PRIOR, rule))
     return cells
+
+
+def select_cells(keys: str) -> list[Cell]:
+    """The cells named in the comma-separated ``keys``, in table order, BYOL* always included.
+
+    Raises:
+        RelaError: an unknown key (the message lists the known ones).
+    """
+    cells = table_cells()
+    wanted = {k.strip() for k in keys.split(",") if k.strip()}
+    unknown = wanted - {c.key for c in cells}
+    if unknown:
+        raise RelaError(f"unknown cell(s) {', '.join(sorted(unknown))}; cells are: {', '.join(c.key for c in cells)}")
+    return [c for c in cells if c.key in wanted or c.key == REFERENCE_KEY]
 
 
 def _slug(prior: str) -> str:
@@ -174,15 +190,18 @@ class BudgetTable:
             prepare Fashion-MNIST into ``out/data`` (``profile.limit_per_class`` of the train split).
         device: ``auto``, ``cpu`` or ``cuda[:N]`` for embed, train and eval.
         num_workers: DataLoader workers for train and eval (None: the stages' defaults).
+        cells: the cells to run, BYOL* first (default: :func:`table_cells`).
 
     Raises:
         RelaError: ``out`` holds a benchmark with different settings; or any stage's error.
     """
 
-    def __init__(self, profile: Profile, out: Path, data: Path | None, device: str = "auto", num_workers: int | None = None):
+    def __init__(self, profile: Profile, out: Path, data: Path | None, device: str = "auto", num_workers: int | None = None, cells: list[Cell] | None = None):
         self.profile, self.out, self.device, self.num_workers = profile, out, device, num_workers
         self.data = data
-        self.cells = table_cells()
+        self.cells = cells or table_cells()
+        if self.cells[0].key != REFERENCE_KEY:
+            raise RelaError(f"the first cell must be the reference {REFERENCE_KEY}")
         self.runs_total = len(self.cells) * profile.seeds
 
     # -- set-up -------------------------------------------------------------------------------
@@ -300,6 +319,7 @@ class BudgetTable:
             the ``results.json`` payload.
         """
         started = time.perf_counter()
+        machine = machine_info(self.device)  # the commit this invocation starts from
         self.check_out_dir()
         train_dir, test_dir = self.data_dirs()
         stage_one: dict[str, dict[str, Any]] = {}
@@ -323,11 +343,11 @@ class BudgetTable:
                         f"{cell.label} @ {cell.budget:.0%} seed {seed}: linear probe {result['linear_probe_top1']:.2%}, "
                         f"k-NN {result['knn_top1']:.2%} (train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s)"
                     )
-        for prior in (RANDOM_PRIOR, BYOL_STAR_PRIOR):
+        for prior in sorted({RANDOM_PRIOR} | {c.prior for c in self.cells if c.prior}):
             if prior not in stage_one:
                 stage_one[prior] = self.stage_one(prior, train_dir)
         payload = summarise(self.profile, self.cells, results, stage_one)
-        payload["machine"] = machine_info(self.device)
+        payload["machine"] = machine
         payload["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
         payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
         write_outputs(self.out, payload)
@@ -355,7 +375,7 @@ def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]]
     missing = [k for k, rows in by_cell.items() if not rows]
     if missing:
         raise RelaError(f"cells without results: {', '.join(missing)}")
-    reference = by_cell[cells[0].key]
+    reference = by_cell[REFERENCE_KEY]
     ref_images = statistics.fmean(r["images_seen"] for r in reference)
     ref_seconds = statistics.fmean(r["train_seconds"] for r in reference)
     rows = []
@@ -480,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: prepare Fashion-MNIST into OUT/data)")
     parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the profile's)")
+    parser.add_argument("--cells", default=None, help="comma-separated cell keys to run (BYOL*, byol-100, is always run); default: all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args(argv)
@@ -490,8 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             parser.error("--seeds must be >= 1")
         profile = dataclasses.replace(profile, seeds=args.seeds)
-    table = BudgetTable(profile, args.out, args.data, device=args.device, num_workers=args.num_workers)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            parser.error("--epochs must be >= 1")
+        profile = dataclasses.replace(profile, epochs=args.epochs)
     try:
+        table = BudgetTable(profile, args.out, args.data, device=args.device, num_workers=args.num_workers,
+                            cells=select_cells(args.cells) if args.cells else None)
         payload = table.run()
     except RelaError as exc:
         print(f"error: {exc}", file=sys.stderr)

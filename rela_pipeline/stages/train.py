@@ -79,7 +79,8 @@ class TrainConfig:
         lr_schedule: ``constant`` (the paper) or ``cosine`` (to 0 at the last step).
         device: "auto", "cpu", "cuda" or "cuda:N".
         amp: bf16 (fp16 with loss scaling where bf16 is unsupported) autocast on CUDA.
-        num_workers: DataLoader workers decoding and augmenting; None = ``min(8, CPUs - 1)``, >= 1.
+        num_workers: DataLoader workers decoding and augmenting; None = ``min(8, CPUs - 1)``; 0 = in
+            the main process (no prefetch).
         seed: seeds the backbone, heads, subsets, shuffles and augmentations.
         shuffle_buffer: samples per worker held in webdataset's shuffle buffer.
         log_every: steps per ``metrics.jsonl`` interval record.
