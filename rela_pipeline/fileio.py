@@ -135,3 +135,66 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     with np.load(path, allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking POSIX record lock (``fcntl.lockf``) on ``path`` for the block.
+
+    A POSIX lock belongs to the process: the kernel drops it when the process exits for any reason
+    (``kill -9`` included), and forked children (DataLoader workers that outlive a killed parent
+    for a few seconds) do not inherit it. So a crashed run never leaves it stuck; the file itself
+    stays behind then and the next holder reuses it. NFS forwards these locks to the server. Two
+    holders inside one process are not told apart (POSIX semantics).
+
+    The holder writes ``pid <n> on <host> since <time>`` into the file for the refusal message,
+    and removes the file when the block exits, normally or by an exception. After locking it checks
+    that the file it locked is still the one at ``path``, so a process that opened the file just
+    before the previous holder removed it never runs on a lock of an unlinked file.
+
+    Args:
+        path: the lock file (created if missing).
+        what: the refused operation, starting with a command name (e.g. ``"embed into OUT"``).
+
+    Raises:
+        RelaError: another process holds the lock (the message names it), or the lock file
+            cannot be created.
+    """
+    import errno
+    import fcntl
+    import socket
+    import time
+
+    from .errors import RelaError
+
+    path = Path(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise RelaError(f"cannot create lock file {path}: {error.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise RelaError(f"cannot lock {path}: {error.strerror}") from None
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise RelaError(f"another {what.split()[0]} is running ({holder}); refusing to {what} at the same time") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    try:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)

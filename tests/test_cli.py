@@ -159,6 +159,33 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     assert_no_output(out)
 
 
+def test_one_embed_at_a_time_and_a_killed_run_does_not_leave_the_lock_stuck(tmp_path):
+    """A second embed into OUT is refused while the first runs; after kill -9 the next run proceeds."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
+               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 120
+    while not (out / ".work" / "embeddings.npy").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run finished before the second could start"
+    before = sorted(p.name for p in out.rglob("*"))
+
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), "--overwrite", *FAST)
+    assert_one_line_error(code, stderr, f"another embed is running (pid {first.pid} on ")
+    assert first.poll() is None  # the refused run neither stopped nor disturbed the first one
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+    first.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
+    first.wait(timeout=60)
+    assert (out / embed_stage.LOCK_NAME).exists() and not (out / "manifest.json").exists()
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), "--overwrite", *FAST)
+    assert code == 0, stderr
+    assert (out / "manifest.json").exists() and not (out / embed_stage.LOCK_NAME).exists()
+    code, stdout, _ = run_cli("verify", str(out))
+    assert code == 0 and "300 samples verified" in stdout
+
+
 def test_unlabelled_folder_gives_shards_without_cls(tmp_path):
     data = tmp_path / "flat"
     data.mkdir()

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import RelaError
-from ..fileio import PARTIAL_SUFFIX, sha256_file, write_json_atomic, write_npz_atomic
+from ..fileio import PARTIAL_SUFFIX, exclusive_lock, sha256_file, write_json_atomic, write_npz_atomic
 from ..imagefolder import ImageFolderIndex, scan_image_folder
 from ..priors import PreprocessedImages, Prior, Preprocessing, load_prior
 from ..runtime import autocast_for, resolve_device
@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR_NAME = ".work"
 _OWNED_NAMES = {MANIFEST_NAME, TRANSPORT_NAME, SCORES_NAME, EMBEDDINGS_NAME, WORK_DIR_NAME}
+
+#: Lock file held in OUT while a run writes there (see :func:`rela_pipeline.fileio.exclusive_lock`).
+LOCK_NAME = ".rela-embed.lock"
 
 
 @dataclass
@@ -285,7 +288,7 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise RelaError(f"output path exists and is not a directory: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = sorted(os.listdir(out_dir))
+    entries = sorted(e for e in os.listdir(out_dir) if e != LOCK_NAME)
     if not entries:
         return
     if not overwrite:
@@ -324,8 +327,9 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
 
     Raises:
         RelaError: any bad input (see :class:`EmbedConfig`, :func:`scan_image_folder`,
-            :func:`rela_pipeline.priors.load_prior`, :func:`prepare_output_dir`), or no decodable
-            image. On this, on ``KeyboardInterrupt`` and on any other error, no manifest is
+            :func:`rela_pipeline.priors.load_prior`, :func:`prepare_output_dir`), no decodable
+            image, or another ``embed`` writing into the same OUT (it holds ``OUT/.rela-embed.lock``;
+            the refused run touches nothing in OUT). On this, on ``KeyboardInterrupt`` and on any other error, no manifest is
             written and the run's files are removed.
     """
     say = on_phase or logger.info
@@ -345,19 +349,23 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     timings["load_prior"] = time.perf_counter() - t
     say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
 
-    prepare_output_dir(out_dir, config.overwrite)
-    work = out_dir / WORK_DIR_NAME
-    try:
-        work.mkdir()
-        manifest = _run_stages(config, index, prior, device, out_dir, work, timings, say)
-        shutil.rmtree(work)
-        timings["total"] = time.perf_counter() - t0
-        manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-        return manifest
-    except BaseException:
-        _remove_run_files(out_dir)
-        raise
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RelaError(f"output path exists and is not a directory: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / LOCK_NAME, f"embed into {out_dir}"):
+        prepare_output_dir(out_dir, config.overwrite)
+        work = out_dir / WORK_DIR_NAME
+        try:
+            work.mkdir()
+            manifest = _run_stages(config, index, prior, device, out_dir, work, timings, say)
+            shutil.rmtree(work)
+            timings["total"] = time.perf_counter() - t0
+            manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+            return manifest
+        except BaseException:
+            _remove_run_files(out_dir)
+            raise
 
 
 def _run_stages(
