@@ -7,15 +7,21 @@ directory and renamed (``os.replace``, atomic on POSIX) once complete.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
+import time
 import zipfile
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 
 import numpy as np
+
+from .errors import RelaError
 
 #: Suffix of files that are still being written; a reader must ignore them.
 PARTIAL_SUFFIX = ".partial"
@@ -160,13 +166,6 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         RelaError: another process holds the lock (the message names it), or the lock file
             cannot be created.
     """
-    import errno
-    import fcntl
-    import socket
-    import time
-
-    from .errors import RelaError
-
     path = Path(path)
     while True:
         try:

@@ -278,16 +278,26 @@ def _package_versions() -> dict[str, str | None]:
     return versions
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir`` or clear a previous shard set from it.
+def make_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` (and its parents) if missing.
 
     Raises:
-        RelaError: ``out_dir`` is a file; it is non-empty and ``overwrite`` is False; or, with
-            ``overwrite``, it holds files rela-pipeline did not write (never deleted).
+        RelaError: ``out_dir`` exists and is not a directory.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise RelaError(f"output path exists and is not a directory: {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Check that the existing directory ``out_dir`` is empty, or clear a previous shard set from it.
+
+    The run's lock file (:data:`LOCK_NAME`) does not count and is never removed.
+
+    Raises:
+        RelaError: it is non-empty and ``overwrite`` is False; or, with ``overwrite``, it holds
+            files rela-pipeline did not write (never deleted).
+    """
     entries = sorted(e for e in os.listdir(out_dir) if e != LOCK_NAME)
     if not entries:
         return
@@ -327,10 +337,11 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
 
     Raises:
         RelaError: any bad input (see :class:`EmbedConfig`, :func:`scan_image_folder`,
-            :func:`rela_pipeline.priors.load_prior`, :func:`prepare_output_dir`), no decodable
-            image, or another ``embed`` writing into the same OUT (it holds ``OUT/.rela-embed.lock``;
-            the refused run touches nothing in OUT). On this, on ``KeyboardInterrupt`` and on any other error, no manifest is
-            written and the run's files are removed.
+            :func:`rela_pipeline.priors.load_prior`, :func:`make_output_dir`,
+            :func:`prepare_output_dir`), no decodable image, or another ``embed`` writing into the
+            same OUT (it holds ``OUT/.rela-embed.lock``; the refused run touches nothing in OUT).
+            On this, on ``KeyboardInterrupt`` and on any other error, no manifest is written and
+            the run's files are removed.
     """
     say = on_phase or logger.info
     config.validate()
@@ -349,9 +360,7 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     timings["load_prior"] = time.perf_counter() - t
     say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RelaError(f"output path exists and is not a directory: {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     with exclusive_lock(out_dir / LOCK_NAME, f"embed into {out_dir}"):
         prepare_output_dir(out_dir, config.overwrite)
         work = out_dir / WORK_DIR_NAME
