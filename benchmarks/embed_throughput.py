@@ -9,8 +9,8 @@ relative paths, as the stage orders them) of an ImageFolder:
                   channels_last as the stage) on one pre-decoded uint8 batch already on the
                   device, ``ceil(N / batch)`` passes (the last one partial), warm-up excluded,
                   CUDA synchronised before the clock stops: the ceiling for the stage.
-``embed_loop``    :func:`embed_images`: DataLoader decoding + forward + moment accumulation +
-                  memory-map writes.
+``embed_loop``    :func:`embed_images`: DataLoader decoding + forward + memory-map writes +
+                  progress checkpoints (the stage's default interval).
 ``full_stage``    :func:`run_embed` end to end (scan, embed, transport, faiss scores, shards,
                   manifest) into a temporary OUT; img/s excludes prior loading (the row
                   ``full_stage+load`` includes it).
@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from rela_pipeline.fileio import write_json_atomic
+from rela_pipeline.fileio import create_npy_memmap, write_json_atomic
 from rela_pipeline.imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
 from rela_pipeline.priors import Prior, load_prior
 from rela_pipeline.runtime import autocast_for, resolve_device
-from rela_pipeline.stages.embed import EmbedConfig, default_batch_size, embed_images, run_embed
+from rela_pipeline.stages.embed import EmbedConfig, default_batch_size, embed_images, embedding_dim, run_embed
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fashion_mnist_mini" / "train"
 
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
             return timings["total"] - timings["load_prior"]
 
         def loop() -> float:
-            return embed_images(index, prior, Path(tmp) / "embeddings.npy", batch_size=args.batch_size,
-                                num_workers=args.num_workers, device=device, progress=False).seconds
+            embeddings = create_npy_memmap(Path(tmp) / "embeddings.npy", "float32", (n, embedding_dim(prior, device)))
+            return embed_images(index, prior, embeddings, batch_size=args.batch_size, num_workers=args.num_workers,
+                                device=device, progress=False, on_checkpoint=lambda *_: embeddings.flush()).seconds
 
         measures = {
             "forward_only": (n, lambda: bench_forward(index, prior, device, n, args.batch_size)),

@@ -20,7 +20,7 @@ logger = logging.getLogger("rela_pipeline")
 
 
 _INTERRUPTED = {
-    "embed": "no manifest written; partial output removed",
+    "embed": "no manifest written; the finished work is kept in OUT: continue with --resume",
     "train": "the run directory keeps its last complete checkpoint; continue with --resume",
 }
 
@@ -86,7 +86,9 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--score-k", default=10, show_default=True, type=int, help="Neighbours for the k-NN density score.")
 @click.option("--score-dims", default=64, show_default=True, type=int, help="Leading transported components used for scores (0: all).")
 @click.option("--keep-embeddings", is_flag=True, help="Also write the raw prior embeddings (embeddings.npy, float32).")
-@click.option("--overwrite", is_flag=True, help="Replace a previous shard set in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous shard set (or interrupted run) in OUT.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
+@click.option("--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses).")
 @click.pass_context
 def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
@@ -97,10 +99,13 @@ def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_wor
     if num_workers is not None:
         config.num_workers = num_workers
     manifest = run_embed(config)
-    timings = manifest["timings_s"]
+    run, rate = manifest.get("run", {}), manifest["throughput"].get("embed_images_per_s")
     click.echo(
         f"wrote {manifest['samples']['written']} samples in {len(manifest['shards'])} shards to {out_dir} "
-        f"({manifest['samples']['skipped']} skipped, {manifest['throughput']['embed_images_per_s']:.0f} img/s, {timings['total']:.1f}s)"
+        f"({manifest['samples']['skipped']} skipped, {manifest['timings_s']['total']:.1f}s"
+        + (f", {run.get('images_embedded')} images embedded at {rate:.0f} img/s" if rate else "")
+        + (f"; resumed, {run.get('shards_reused', 0)} finished shards reused" if run.get("resumed") else "")
+        + ")"
     )
 
 

@@ -133,6 +133,43 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
                 archive.writestr(info, npy_bytes(np.asarray(arrays[name])))
 
 
+def create_npy_memmap(path: str | os.PathLike, dtype: np.dtype | str, shape: tuple[int, ...]) -> np.memmap:
+    """Create a ``.npy`` file of ``shape`` and ``dtype`` at ``path`` and return it memory-mapped
+    (``mode="w+"``, zero-filled).
+
+    The file's blocks are reserved up front with ``posix_fallocate``: a memory-map written on a full
+    disk kills the process with SIGBUS, so a full disk must be found here, as an ``OSError``.
+
+    Raises:
+        OSError: the file cannot be created or the space reserved (``ENOSPC`` on a full disk).
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it: sparse is all we get
+            raise
+    finally:
+        os.close(fd)
+    return array
+
+
+def open_npy_memmap(path: str | os.PathLike, dtype: np.dtype | str, shape: tuple[int, ...], mode: str = "r+") -> np.memmap | None:
+    """Memory-map an existing ``.npy`` file (no pickle) if it has exactly ``dtype`` and ``shape``.
+
+    Returns:
+        The memory-map, or None when the file is missing, unreadable or of another dtype or shape.
+    """
+    try:
+        array = np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+        return None
+    return array
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load every array of an ``.npz`` file into memory without allowing pickled objects.
 

@@ -10,8 +10,10 @@ eigenvalue and ``scale = sqrt(eigenvalue)``, i.e. every kept component has zero 
 variance over the dataset (population statistics, ddof = 0). A student of feature dim ``k``
 aligns to the first ``k`` components (the paper's k = min(student dim, prior dim)).
 
-Moments are accumulated batch by batch in float64 (memory ``O(D^2)``, independent of N), shifted
-by the first batch's mean to avoid cancellation in ``E[xx^T] - mean mean^T``.
+Moments are accumulated chunk by chunk in float64 (memory ``O(D^2)``, independent of N), shifted
+by the first chunk's mean to avoid cancellation in ``E[xx^T] - mean mean^T``. The stage fits from
+the embeddings' memory-map in fixed chunks of rows (:func:`fit_linear_transport`), so the result
+depends on the embeddings only: not on the batch size, nor on where an interrupted run resumed.
 """
 
 from __future__ import annotations
@@ -206,3 +208,39 @@ class LinearTransport:
         if transport.mean.shape != (d,) or transport.scale.shape != (k,) or transport.explained_variance.shape != (k,):
             raise RelaError(f"transport file {path} has inconsistent shapes")
         return transport
+
+
+#: Rows per chunk when moments are read from a memory-map; fixed, so the float64 sums (and the
+#: transport's bytes) do not depend on anything but the embeddings.
+MOMENT_CHUNK_ROWS = 16384
+
+
+def fit_linear_transport(
+    embeddings: np.ndarray,
+    ok: np.ndarray,
+    device: torch.device | str = "cpu",
+    chunk_rows: int = MOMENT_CHUNK_ROWS,
+) -> LinearTransport:
+    """Fit the linear transport on the rows of ``embeddings`` where ``ok`` is True.
+
+    Args:
+        embeddings: float32 ``(N, D)``, typically a memory-map (read ``chunk_rows`` rows at a time,
+            so host memory is ``O(chunk_rows * D + D^2)`` beyond the map's page cache).
+        ok: bool ``(N,)``; rows with False (undecodable images) are left out (they must be finite).
+        device: where the float64 ``(D, D)`` accumulator lives.
+        chunk_rows: rows per moment update; keep the default for reproducible bytes.
+
+    Returns:
+        The fitted :class:`LinearTransport` (``LinearTransport.fit``).
+
+    Raises:
+        ValueError: ``ok`` is not ``(N,)``.
+        RelaError: fewer than two ``ok`` rows, or a zero or non-finite covariance.
+    """
+    if ok.shape != (embeddings.shape[0],):
+        raise ValueError(f"expected a ({embeddings.shape[0]},) mask, got {ok.shape}")
+    moments = MomentAccumulator(embeddings.shape[1], device)
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        block = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + chunk_rows], dtype=np.float32))
+        moments.update(block.to(moments.device), torch.from_numpy(ok[start : start + chunk_rows]).to(moments.device))
+    return LinearTransport.fit(moments)

@@ -12,7 +12,12 @@ last and atomically by ``embed``; its presence marks a complete run. Fields (sch
 * ``samples``: scanned, written, skipped, per_class
 * ``skipped`` / ``ignored``: ``[{"path", "reason"}]``
 * ``shards``: ``[{"name", "samples", "bytes", "sha256"}]``
-* ``settings``, ``software`` (package versions), ``host``, ``timings_s``, ``throughput``
+* ``settings`` (those that decide the bytes), ``software`` (package versions)
+* ``run`` (out_dir, num_workers, checkpoint_seconds, resumed, images_embedded, shards_reused: what
+  this invocation did), ``host``, ``timings_s``, ``throughput``
+
+Two runs with the same data, prior, seed, settings and software write byte-identical files and
+manifests that differ only in :data:`VARYING_FIELDS`.
 """
 
 from __future__ import annotations
@@ -77,6 +82,27 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
     if missing:
         raise RelaError(f"{where} lacks required fields: {', '.join(missing)}")
     return manifest
+
+
+#: Top-level manifest fields that differ between runs that wrote the same bytes: when and where the
+#: run happened and how long it took (:func:`reproducible_part` drops them).
+VARYING_FIELDS = ("created_at", "run", "host", "timings_s", "throughput")
+#: Nested fields that name where the inputs were read from; equal on one machine, not across them.
+INPUT_PATH_FIELDS = (("dataset", "root"), ("settings", "data_dir"), ("prior", "weights", "path"))
+
+
+def reproducible_part(manifest: dict[str, Any], *, ignore_input_paths: bool = False) -> dict[str, Any]:
+    """The manifest without :data:`VARYING_FIELDS` (and, with ``ignore_input_paths``, without
+    :data:`INPUT_PATH_FIELDS`): equal for runs that wrote the same bytes."""
+    part = json.loads(json.dumps({key: value for key, value in manifest.items() if key not in VARYING_FIELDS}))
+    if ignore_input_paths:
+        for *parents, name in INPUT_PATH_FIELDS:
+            record = part
+            for parent in parents:
+                record = record.get(parent) if isinstance(record, dict) else None
+            if isinstance(record, dict):
+                record.pop(name, None)
+    return part
 
 
 @dataclass

@@ -11,7 +11,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import webdataset as wds
 
@@ -39,16 +39,33 @@ class ShardSetWriter:
     Use as a context manager; :attr:`shards` lists the finished shards. Samples must be dicts
     of already-encoded bytes (see :func:`rela_pipeline.shards.format.encode_sample`).
 
+    Args:
+        out_dir: the shard set's directory.
+        shard_size: samples per shard at most.
+        max_shard_bytes: bytes per shard at most.
+        finished: shards already written by an interrupted run; writing continues with the next
+            shard number. The samples written next must be the ones that followed them.
+        on_shard: called with the list of finished shards each time one is closed and renamed
+            (after ``fsync``), e.g. to journal the progress.
+
     Raises:
         ValueError: shard_size < 1.
         OSError: on write errors (disk full, ...); the partial shard is removed first.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_size: int, max_shard_bytes: float = 3e9) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        shard_size: int,
+        max_shard_bytes: float = 3e9,
+        finished: Sequence[ShardInfo] = (),
+        on_shard: Callable[[list[ShardInfo]], None] | None = None,
+    ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardInfo] = list(finished)
+        self._on_shard = on_shard
         self._handle = None
         self._count = 0
         self._writer = wds.ShardWriter(
@@ -57,6 +74,7 @@ class ShardSetWriter:
             maxsize=max_shard_bytes,
             opener=self._open,
             post=self._finish,
+            start_shard=len(self.shards),
             mtime=TAR_MTIME,
             encoder=False,
             verbose=0,
@@ -79,6 +97,8 @@ class ShardSetWriter:
         final = self.out_dir / name
         os.replace(partial, final)
         self.shards.append(ShardInfo(name, self._count, final.stat().st_size, handle.hexdigest()))
+        if self._on_shard is not None:
+            self._on_shard(list(self.shards))
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one encoded sample (starts a new shard when the current one is full)."""

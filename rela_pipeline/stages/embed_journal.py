@@ -1,0 +1,156 @@
+"""The progress journal of an ``embed`` run, which ``embed --resume`` continues from.
+
+A run keeps its progress in ``OUT/.work/journal.json``, rewritten atomically (write, fsync,
+rename) after each unit of finished work. Every unit is recorded with a SHA-256 of its bytes, so
+a resumed run keeps only what still hashes to the journal and redoes the rest:
+
+==============  =====================================================================  ===========================
+phase           recorded when finished                                                 file
+==============  =====================================================================  ===========================
+``embed``       rows ``[start, stop)`` of the embeddings, every ``checkpoint_seconds``  ``.work/embeddings.npy``
+                (hash of those rows' bytes), and the rows that failed to decode
+``transport``   the fitted transport                                                   ``OUT/transport.npz``
+``targets``     every transported target                                               ``.work/targets.npy``
+``scores``      the k-NN scores                                                        ``OUT/scores.npz``
+``shards``      each shard, with its sample count                                      ``OUT/shard-NNNNNN.tar``
+==============  =====================================================================  ===========================
+
+Phases run in this order and each depends only on the ones before it, so a phase that is redone
+drops the record of every later phase (:meth:`EmbedJournal.invalidate_after`). The journal also
+holds the run's *identity* (settings that decide the output's bytes, the dataset fingerprint, the
+prior and the software versions); a resume with another identity is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import RelaError
+from ..fileio import write_json_atomic
+
+JOURNAL_NAME = "journal.json"
+JOURNAL_VERSION = 1
+#: Phases in run order (see the module docstring).
+PHASES = ("embed", "transport", "targets", "scores", "shards")
+
+
+def first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
+    """The first place where two JSON-like values differ, as ``"a.b: <expected> -> <actual>"``,
+    or None when they are equal. Keys are visited in ``actual``'s order, then those only in
+    ``expected``."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in list(actual) + [k for k in expected if k not in actual]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in expected or key not in actual:
+                return f"{where}: {expected.get(key, '(absent)')!r} -> {actual.get(key, '(absent)')!r}"
+            found = first_difference(expected[key], actual[key], where)
+            if found:
+                return found
+        return None
+    return None if expected == actual else f"{path or 'value'}: {expected!r} -> {actual!r}"
+
+
+class EmbedJournal:
+    """Progress of one ``embed`` run (see the module docstring).
+
+    Attributes:
+        path: ``OUT/.work/journal.json``.
+        identity: JSON-ready dict fixing the output's bytes.
+        state: ``{"embed": {"chunks": [[start, stop, sha256], ...], "failures": {row: reason}},
+            "transport" | "targets" | "scores": {"sha256": hex} or absent, "shards": [shard dicts]}``.
+    """
+
+    def __init__(self, path: Path, identity: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.identity = identity
+        self.state = state or {"embed": {"chunks": [], "failures": {}}, "shards": []}
+
+    @classmethod
+    def load(cls, path: Path) -> "EmbedJournal | None":
+        """Read a journal; None when there is none.
+
+        Raises:
+            RelaError: the file exists but is not a journal this version wrote.
+        """
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record["version"] != JOURNAL_VERSION:
+                raise ValueError(f"version {record['version']!r}")
+            return cls(path, record["identity"], record["state"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RelaError(f"cannot read the progress journal {path} ({error}); start over with --overwrite") from None
+
+    def save(self) -> None:
+        """Write the journal atomically (``OSError`` on a write error; the previous one then stays)."""
+        write_json_atomic(self.path, {"version": JOURNAL_VERSION, "identity": self.identity, "state": self.state})
+
+    # -- the embedding phase ----------------------------------------------------------------
+    @property
+    def embedded_chunks(self) -> list[tuple[int, int, str]]:
+        """Finished row ranges ``(start, stop, sha256 of the rows' float32 bytes)``, in order."""
+        return [(int(a), int(b), str(h)) for a, b, h in self.state["embed"]["chunks"]]
+
+    @property
+    def embed_failures(self) -> dict[int, str]:
+        """``{row: reason}`` for the rows of finished chunks that could not be embedded."""
+        return {int(row): reason for row, reason in self.state["embed"]["failures"].items()}
+
+    def record_embedded(self, start: int, stop: int, sha256: str, failures: dict[int, str]) -> None:
+        """Record rows ``[start, stop)`` as embedded (``failures``: those rows that were not) and save."""
+        self.state["embed"]["chunks"].append([int(start), int(stop), sha256])
+        self.state["embed"]["failures"].update({str(row): reason for row, reason in failures.items()})
+        self.save()
+
+    def truncate_embedded(self, keep_chunks: int) -> int:
+        """Keep the first ``keep_chunks`` chunks (and their failures); drop later phases.
+
+        Returns:
+            The first row not covered any more.
+        """
+        chunks = self.state["embed"]["chunks"][:keep_chunks]
+        stop = int(chunks[-1][1]) if chunks else 0
+        self.state["embed"] = {
+            "chunks": chunks,
+            "failures": {row: reason for row, reason in self.state["embed"]["failures"].items() if int(row) < stop},
+        }
+        self.invalidate_after("embed")
+        return stop
+
+    # -- later phases -------------------------------------------------------------------------
+    def phase_sha256(self, phase: str) -> str | None:
+        """The recorded SHA-256 of a finished ``transport``, ``targets`` or ``scores`` phase."""
+        record = self.state.get(phase)
+        return record["sha256"] if record else None
+
+    def record_phase(self, phase: str, sha256: str) -> None:
+        """Record ``phase`` as finished with its file's SHA-256 and save."""
+        self.state[phase] = {"sha256": sha256}
+        self.save()
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """Finished shards ``{"name", "samples", "bytes", "sha256"}`` in write order."""
+        return list(self.state["shards"])
+
+    def record_shards(self, shards: list[dict[str, Any]]) -> None:
+        """Replace the list of finished shards and save."""
+        self.state["shards"] = list(shards)
+        self.save()
+
+    def invalidate_after(self, phase: str) -> None:
+        """Forget every phase after ``phase`` (it is being redone). Does not save."""
+        for later in PHASES[PHASES.index(phase) + 1 :]:
+            if later == "shards":
+                self.state["shards"] = []
+            else:
+                self.state.pop(later, None)
+
+
+def journal_path(work_dir: str | os.PathLike) -> Path:
+    """``WORK/journal.json``."""
+    return Path(work_dir) / JOURNAL_NAME

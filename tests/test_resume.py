@@ -1,0 +1,243 @@
+"""Stage one survives interruption: kill -9, Ctrl-C and a full disk are resumed with --resume into
+the very bytes an uninterrupted run writes; and two runs write the same bytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rela_pipeline.fileio import HashingFile
+from rela_pipeline.shards.format import MANIFEST_NAME
+from rela_pipeline.shards.manifest import VARYING_FIELDS, read_manifest, reproducible_part, verify_shard_set
+from rela_pipeline.stages import embed as embed_stage
+from tests.conftest import TRAIN_DIR, assert_one_line_error, run_cli
+
+REPO = Path(__file__).parent.parent
+FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
+# 224 px and batches of 4: about 10 s of embedding on CPU, long enough to be killed in the middle.
+SLOW = ["--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--shard-size", "64", "--device", "cpu"]
+
+
+def embed(out: Path, *args: str) -> tuple[int, str, str]:
+    return run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), *args)
+
+
+def assert_same_shard_set(out: Path, reference: Path) -> None:
+    """Same file names, byte-identical files, manifests equal apart from the varying fields."""
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in reference.iterdir())
+    for name in names:
+        if name != MANIFEST_NAME:
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert reproducible_part(read_manifest(out)) == reproducible_part(read_manifest(reference))
+    assert verify_shard_set(out).ok
+
+
+@pytest.fixture(scope="module")
+def fast_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "fast"
+    code, _, stderr = embed(out, *FAST)
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "slow"
+    code, _, stderr = embed(out, *SLOW)
+    assert code == 0, stderr
+    return out
+
+
+def test_two_runs_write_byte_identical_shard_sets(fast_reference, tmp_path):
+    out = tmp_path / "again"
+    code, _, stderr = embed(out, *FAST)
+    assert code == 0, stderr
+    assert_same_shard_set(out, fast_reference)
+    first, second = read_manifest(fast_reference), read_manifest(out)
+    assert first["run"]["out_dir"] != second["run"]["out_dir"]  # a varying field does vary
+    assert set(first) - set(reproducible_part(first)) == set(VARYING_FIELDS)
+
+
+def journal_rows(out: Path) -> int:
+    """Rows the journal records as embedded (0 when it has no record yet)."""
+    try:
+        chunks = json.loads((out / ".work" / "journal.json").read_text())["state"]["embed"]["chunks"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return chunks[-1][1] if chunks else 0
+
+
+def test_kill_9_while_embedding_then_resume_gives_the_uninterrupted_shard_set(slow_reference, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
+               *SLOW, "--checkpoint-seconds", "0.2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while journal_rows(out) < 40 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.kill()  # SIGKILL: nothing of the run's own clean-up happens
+    process.wait(timeout=60)
+    embedded = journal_rows(out)
+    assert 40 <= embedded < 300
+    assert not (out / MANIFEST_NAME).exists() and (out / ".work" / "embeddings.npy").exists()
+
+    code, _, stderr = embed(out, *SLOW, "--resume")
+    assert code == 0, stderr
+    run = read_manifest(out)["run"]
+    assert run["resumed"] is True and run["images_embedded"] == 300 - embedded  # finished rows were not redone
+    assert_same_shard_set(out, slow_reference)
+
+
+def interrupt_at_sample(monkeypatch, count: int, error: BaseException) -> None:
+    """Make the shard writer raise ``error`` instead of writing the ``count``-th sample (0-based)."""
+    written = []
+    original = embed_stage.ShardSetWriter.write
+
+    def write(self, sample):
+        if len(written) == count:
+            raise error
+        written.append(sample["__key__"])
+        original(self, sample)
+
+    monkeypatch.setattr(embed_stage.ShardSetWriter, "write", write)
+
+
+def test_ctrl_c_while_writing_shards_keeps_finished_shards_and_resume_completes(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 100, KeyboardInterrupt())  # shard 0 (64 samples) is finished, shard 1 is not
+        code, _, stderr = embed(out, *FAST)
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip() == "interrupted: no manifest written; the finished work is kept in OUT: continue with --resume"
+    assert not (out / MANIFEST_NAME).exists() and not list(out.glob("*.partial"))
+    assert (out / "shard-000000.tar").read_bytes() == (fast_reference / "shard-000000.tar").read_bytes()
+    code, _, stderr = embed(out, *FAST)  # without --resume the interrupted run is not touched
+    assert_one_line_error(code, stderr, "holds an interrupted embed run; pass --resume")
+
+    code, _, stderr = embed(out, *FAST, "--resume")
+    assert code == 0, stderr
+    run = read_manifest(out)["run"]
+    assert (run["images_embedded"], run["shards_reused"]) == (0, 1)
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_disk_full_while_writing_shards_stops_cleanly_and_resume_finishes(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    original = HashingFile.write
+
+    def write(self, data):  # the device fills up while the third shard is written
+        if str(self.name).endswith("shard-000002.tar.partial"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        return original(self, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HashingFile, "write", write)
+        code, _, stderr = embed(out, *FAST)
+    assert_one_line_error(code, stderr, "No space left on device")
+    assert "shard-000002.tar.partial" in stderr and "--resume" in stderr
+    assert not (out / MANIFEST_NAME).exists() and not list(out.glob("*.partial"))
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+
+    code, _, stderr = embed(out, *FAST, "--resume")  # space is back
+    assert code == 0, stderr
+    assert read_manifest(out)["run"]["shards_reused"] == 2
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_disk_full_when_reserving_the_embeddings_file(fast_reference, tmp_path, monkeypatch):
+    """The memory-map's blocks are reserved first: a full disk is an error, not a SIGBUS later."""
+    out = tmp_path / "out"
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fallocate", no_space)
+        code, _, stderr = embed(out, *FAST)
+    assert_one_line_error(code, stderr, "No space left on device")
+    assert not (out / MANIFEST_NAME).exists()
+    code, _, stderr = embed(out, *FAST, "--resume")
+    assert code == 0, stderr
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_resume_redoes_exactly_what_no_longer_matches_its_checksum(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 200, KeyboardInterrupt())
+        code, _, _ = embed(out, *FAST, "--checkpoint-seconds", "1e-9")  # a journal record per batch of 64
+    assert code == 130
+    embeddings = np.load(out / ".work" / "embeddings.npy", mmap_mode="r+")
+    embeddings[130, 0] += 1.0  # inside rows [128, 192)
+    embeddings.flush()
+    del embeddings
+    with open(out / "shard-000001.tar", "r+b") as shard:  # shard 0 stays intact
+        shard.seek(700)
+        byte = shard.read(1)
+        shard.seek(700)
+        shard.write(bytes([byte[0] ^ 0xFF]))
+
+    code, _, stderr = embed(out, *FAST, "--resume", "--checkpoint-seconds", "1e-9")
+    assert code == 0, stderr
+    run = read_manifest(out)["run"]
+    assert run["images_embedded"] == 300 - 128
+    assert run["shards_reused"] == 0  # the embeddings changed, so every later phase was redone
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_resume_keeps_a_shard_prefix_and_redoes_an_altered_shard(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 200, KeyboardInterrupt())  # shards 0-2 finished
+        embed(out, *FAST)
+    with open(out / "shard-000001.tar", "r+b") as shard:
+        shard.seek(700)
+        byte = shard.read(1)
+        shard.seek(700)
+        shard.write(bytes([byte[0] ^ 0xFF]))
+    code, _, stderr = embed(out, *FAST, "--resume")
+    assert code == 0, stderr
+    run = read_manifest(out)["run"]
+    assert (run["images_embedded"], run["shards_reused"]) == (0, 1)
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_resume_refuses_other_settings_and_touches_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 100, KeyboardInterrupt())
+        embed(out, *FAST)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, stderr = embed(out, *FAST, "--resume", "--seed", "1")
+    assert_one_line_error(code, stderr, "was started differently (settings.seed: 0 -> 1)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, _, stderr = embed(out, *FAST, "--resume", "--overwrite")
+    assert_one_line_error(code, stderr, "--resume and --overwrite exclude each other")
+
+
+def test_resume_on_a_complete_set_does_nothing_and_on_an_empty_out_starts_fresh(fast_reference, tmp_path):
+    done = tmp_path / "done"
+    shutil.copytree(fast_reference, done)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in done.iterdir()}
+    code, _, stderr = embed(done, *FAST, "--resume")
+    assert code == 0, stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in done.iterdir()} == before
+    code, _, stderr = embed(done, *FAST, "--resume", "--shard-size", "100")
+    assert_one_line_error(code, stderr, "made differently (settings.shard_size: 64 -> 100)")
+
+    fresh = tmp_path / "fresh"
+    code, _, stderr = embed(fresh, *FAST, "--resume")
+    assert code == 0, stderr
+    assert read_manifest(fresh)["run"]["resumed"] is False
+    assert_same_shard_set(fresh, fast_reference)
