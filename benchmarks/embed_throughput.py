@@ -29,7 +29,6 @@ prepared Fashion-MNIST train split (60,000 images), e.g. ``--data data/fashion-m
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import shutil

@@ -156,18 +156,19 @@ def verify(out_dir: Path) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subsets, shuffles and views.")
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
 @click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
-@click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples instead of failing.")
+@click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples (and shards that fail verification) instead of failing.")
+@click.option("--no-verify", is_flag=True, help="Do not verify the shard set before training (needed for a remote set; run `verify` where its files are).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.pass_context
-def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, no_amp: bool, no_online_probe: bool, **options) -> None:
+def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
     on a fresh dynamic subset every epoch."""
     from .stages.train import TrainConfig, run_train
 
     config = TrainConfig(
         shards=shards, out_dir=out_dir, rela_schedule="none" if no_rela else rela_schedule, amp=not no_amp,
-        online_probe=not no_online_probe, progress=not ctx.obj["quiet"], **options,
+        online_probe=not no_online_probe, verify=not no_verify, progress=not ctx.obj["quiet"], **options,
     )
     summary = run_train(config)
     budget, final = summary["budget"], summary["final"]

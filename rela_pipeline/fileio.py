@@ -119,6 +119,24 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_from_bytes(data: bytes, max_items: int) -> np.ndarray:
+    """Parse one ``.npy`` array from untrusted bytes: the header is read first, and an array of
+    objects (pickle) or of more than ``max_items`` elements is refused before anything is allocated.
+
+    Raises:
+        ValueError: not ``.npy`` bytes, an object dtype, too many elements, or truncated data.
+    """
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buffer)
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickle) are not accepted")
+    if int(np.prod(shape, dtype=np.float64)) > max_items:
+        raise ValueError(f"array of shape {shape} is larger than {max_items} elements")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """Write arrays to an uncompressed ``.npz`` readable by ``np.load(path, allow_pickle=False)``.
 

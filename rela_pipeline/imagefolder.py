@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -109,15 +110,21 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(root_path, files, label_array, class_names if class_names else [], sizes, ignored)
 
 
-def decode_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB.
+#: Everything :func:`decode_rgb` raises for a file that is not a complete, decodable image of
+#: acceptable size (PIL's decompression-bomb error derives from ``Exception`` only).
+UNDECODABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def decode_rgb(path: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """Open and fully decode an image (a file path, or a binary file object) as RGB.
 
     PIL's decompression-bomb warning (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is raised as an
     error, and truncated files are refused (PIL's default ``LOAD_TRUNCATED_IMAGES = False``).
 
     Raises:
-        OSError, ValueError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning:
-            when the file is not a complete, decodable image of acceptable size.
+        Any of :data:`UNDECODABLE_IMAGE_ERRORS` (OSError, ValueError, SyntaxError,
+            PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning): when the file is
+            not a complete, decodable image of acceptable size.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

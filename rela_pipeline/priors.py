@@ -34,7 +34,7 @@ from torchvision.transforms import v2 as T
 
 from .errors import RelaError
 from .fileio import sha256_file
-from .imagefolder import decode_rgb
+from .imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
 from .models import load_backbone_checkpoint, load_state_dict_strict, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,7 +135,7 @@ class PreprocessedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
         try:
             return i, self.transform(decode_rgb(self.root / self.files[i])), True, ""
-        except (OSError, ValueError, SyntaxError, Warning) as error:  # PIL raises all of these
+        except UNDECODABLE_IMAGE_ERRORS as error:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'undecodable'}"
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
 

@@ -171,19 +171,46 @@ class LinearTransport:
         scale = torch.as_tensor(self.scale[:k], dtype=torch.float32, device=device)
         return ((x.float() - mean) @ components.T) / scale
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the parameters to an ``.npz`` (no pickle, byte-reproducible), atomically."""
-        write_npz_atomic(
-            path,
-            {
-                "mean": self.mean,
-                "components": self.components,
-                "scale": self.scale,
-                "explained_variance": self.explained_variance,
-                "explained_variance_ratio": self.explained_variance_ratio,
-                "num_samples": np.asarray(self.num_samples, dtype=np.int64),
-            },
-        )
+    def save(self, path: str | os.PathLike, reference: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Write the parameters to an ``.npz`` (no pickle, byte-reproducible), atomically.
+
+        Args:
+            reference: optional ``(indices int64 (M,), embeddings float32 (M, D))``: a few samples'
+                raw embeddings, stored as ``reference_indices`` / ``reference_embeddings`` so a
+                receiving team can recompute those samples' targets (see ``verify``).
+        """
+        arrays = {
+            "mean": self.mean,
+            "components": self.components,
+            "scale": self.scale,
+            "explained_variance": self.explained_variance,
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "num_samples": np.asarray(self.num_samples, dtype=np.int64),
+        }
+        if reference is not None:
+            arrays["reference_indices"] = np.asarray(reference[0], dtype=np.int64)
+            arrays["reference_embeddings"] = np.asarray(reference[1], dtype=np.float32)
+        write_npz_atomic(path, arrays)
+
+    def consistency_problems(self, tolerance: float = 1e-6) -> list[str]:
+        """Checks that hold for every transport :meth:`fit` writes: finite parameters, orthonormal
+        component rows, ``scale == sqrt(explained_variance)``, variances positive and sorted in
+        descending order, ratios proportional to the variances. Returns one line per failed check."""
+        problems = []
+        arrays = [self.mean, self.components, self.scale, self.explained_variance, self.explained_variance_ratio]
+        if not all(np.isfinite(a).all() for a in arrays):
+            return ["transport parameters are not all finite"]
+        gram = self.components @ self.components.T
+        if np.abs(gram - np.eye(len(gram))).max() > tolerance:
+            problems.append(f"transport components are not orthonormal (max |C C^T - I| = {np.abs(gram - np.eye(len(gram))).max():.2e})")
+        if not np.allclose(self.scale, np.sqrt(np.clip(self.explained_variance, 0, None)), rtol=tolerance, atol=0):
+            problems.append("transport scale is not the square root of the explained variance")
+        if (self.explained_variance <= 0).any() or (np.diff(self.explained_variance) > 0).any():
+            problems.append("transport variances are not positive and in descending order")
+        ratio = self.explained_variance_ratio * (self.explained_variance[0] / self.explained_variance_ratio[0])
+        if not np.allclose(ratio, self.explained_variance, rtol=1e-9, atol=0):
+            problems.append("transport explained_variance_ratio is not proportional to explained_variance")
+        return problems
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LinearTransport":
@@ -241,6 +268,6 @@ def fit_linear_transport(
         raise ValueError(f"expected a ({embeddings.shape[0]},) mask, got {ok.shape}")
     moments = MomentAccumulator(embeddings.shape[1], device)
     for start in range(0, embeddings.shape[0], chunk_rows):
-        block = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + chunk_rows], dtype=np.float32))
+        block = torch.from_numpy(np.array(embeddings[start : start + chunk_rows], dtype=np.float32))  # a writable copy
         moments.update(block.to(moments.device), torch.from_numpy(ok[start : start + chunk_rows]).to(moments.device))
     return LinearTransport.fit(moments)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,15 @@ def assert_one_line_error(code: int, stderr: str, fragment: str) -> None:
     assert "Traceback" not in stderr
 
 
+def journal_rows(out: Path) -> int:
+    """Rows an ``embed`` run into ``out`` has journalled as embedded (0 before its first record)."""
+    try:
+        chunks = json.loads((out / ".work" / "journal.json").read_text())["state"]["embed"]["chunks"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return chunks[-1][1] if chunks else 0
+
+
 def small_embed_config(data_dir: Path, out_dir: Path, **overrides) -> EmbedConfig:
     """A fast CPU configuration: random ResNet-18 prior at 32 px, no worker processes."""
     settings = dict(
@@ -49,3 +60,12 @@ def shard_set(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shards") / "out"
     manifest = run_embed(small_embed_config(TRAIN_DIR, out, keep_embeddings=True))
     return out, manifest
+
+
+@pytest.fixture()
+def shard_copy(shard_set, tmp_path) -> Path:
+    """A private copy of the session's shard set that a test may damage."""
+    out, _ = shard_set
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    return copy

@@ -4,7 +4,6 @@ the very bytes an uninterrupted run writes; and two runs write the same bytes.""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from rela_pipeline.fileio import HashingFile
 from rela_pipeline.shards.format import MANIFEST_NAME
 from rela_pipeline.shards.manifest import VARYING_FIELDS, read_manifest, reproducible_part, verify_shard_set
 from rela_pipeline.stages import embed as embed_stage
-from tests.conftest import TRAIN_DIR, assert_one_line_error, run_cli
+from tests.conftest import TRAIN_DIR, assert_one_line_error, journal_rows, run_cli
 
 REPO = Path(__file__).parent.parent
 FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
@@ -66,15 +65,6 @@ def test_two_runs_write_byte_identical_shard_sets(fast_reference, tmp_path):
     first, second = read_manifest(fast_reference), read_manifest(out)
     assert first["run"]["out_dir"] != second["run"]["out_dir"]  # a varying field does vary
     assert set(first) - set(reproducible_part(first)) == set(VARYING_FIELDS)
-
-
-def journal_rows(out: Path) -> int:
-    """Rows the journal records as embedded (0 when it has no record yet)."""
-    try:
-        chunks = json.loads((out / ".work" / "journal.json").read_text())["state"]["embed"]["chunks"]
-    except (OSError, ValueError, KeyError):
-        return 0
-    return chunks[-1][1] if chunks else 0
 
 
 def test_kill_9_while_embedding_then_resume_gives_the_uninterrupted_shard_set(slow_reference, tmp_path):

@@ -122,3 +122,72 @@ def test_incompatible_schema_and_missing_manifest_are_refused(shard_set, tmp_pat
     (copy / "manifest.json").unlink()
     with pytest.raises(RelaError, match="incomplete"):
         read_manifest(copy)
+
+
+def test_verify_recomputes_the_reference_targets_and_checks_their_statistics(shard_set):
+    out, manifest = shard_set
+    report = verify_shard_set(out)
+    assert report.ok and report.reference_checked == 256 == manifest["transport"]["reference_samples"]
+    arrays = load_npz(out / "transport.npz")
+    embeddings = np.load(out / "embeddings.npy")  # the run kept every raw embedding
+    np.testing.assert_array_equal(arrays["reference_embeddings"], embeddings[arrays["reference_indices"]])
+
+
+def resign(out, name):
+    """Update the manifest's checksum of ``name`` as a producer that rewrote the file would."""
+    from rela_pipeline.fileio import sha256_file
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for record in [manifest["transport"], manifest["scores"], *manifest["shards"]]:
+        if record.get("file", record.get("name")) == name:
+            record["sha256"] = sha256_file(out / name)
+            if "bytes" in record:
+                record["bytes"] = (out / name).stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_catches_a_transport_from_another_run_even_when_re_signed(shard_copy, tmp_path):
+    from rela_pipeline.stages.embed import run_embed
+    from tests.conftest import small_embed_config
+
+    other = tmp_path / "other"
+    run_embed(small_embed_config(TRAIN_DIR, other, seed=1))  # another random prior: same shapes
+    shutil.copy(other / "transport.npz", shard_copy / "transport.npz")
+    resign(shard_copy, "transport.npz")
+    problems = verify_shard_set(shard_copy).problems
+    assert len(problems) == 1 and problems[0].startswith("targets do not match the transport: 256 of 256 reference samples differ"), problems
+
+
+def test_verify_catches_targets_that_are_not_standardised_even_when_re_signed(shard_copy):
+    """Every target scaled by 2: shapes, dtypes and checksums agree, the statistics and the
+    reference samples do not."""
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        path = shard_copy / shard["name"]
+        with tarfile.open(path) as archive:
+            members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for info, data in members:
+                if info.name.endswith("target.npy"):
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.load(io.BytesIO(data)) * 2)
+                    data = buffer.getvalue()
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        resign(shard_copy, shard["name"])
+    problems = verify_shard_set(shard_copy).problems
+    assert any(p.startswith("targets are not standardised principal components (max |mean|") for p in problems), problems
+    assert any(p.startswith("targets do not match the transport") for p in problems), problems
+
+
+def test_verify_catches_a_transport_that_is_not_sound(shard_copy):
+    from rela_pipeline.fileio import write_npz_atomic
+
+    arrays = load_npz(shard_copy / "transport.npz")
+    arrays["components"][[0, 1]] = arrays["components"][[1, 0]]  # order no longer by variance ...
+    arrays["scale"][0] *= 1.5  # ... and a scale that is not sqrt(variance)
+    write_npz_atomic(shard_copy / "transport.npz", arrays)
+    resign(shard_copy, "transport.npz")
+    problems = verify_shard_set(shard_copy).problems
+    assert "transport scale is not the square root of the explained variance" in problems
+    assert any(p.startswith("targets do not match the transport") for p in problems)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,6 @@ def records(run: Path) -> list[dict]:
 
 def intervals(run: Path) -> list[dict]:
     return [r for r in records(run) if "event" not in r]
-
-
-@pytest.fixture()
-def shard_copy(shard_set, tmp_path) -> Path:
-    """A private copy of the fixture's shard set that a test may damage."""
-    out, _ = shard_set
-    copy = tmp_path / "shards"
-    shutil.copytree(out, copy)
-    return copy
 
 
 def test_train_then_eval_end_to_end_and_the_rela_loss_falls(shard_set, tmp_path):
@@ -252,15 +242,34 @@ def test_truncated_shard_is_named_before_training(shard_copy, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_corrupt_shard_fails_while_streaming_and_leaves_nothing(shard_copy, tmp_path):
-    shard = shard_copy / "shard-000000.tar"
+def corrupt_in_place(shard: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[2048:6144] = b"\x00garbage!" * (4096 // 9) + b"\x00" * (4096 % 9)  # same size, broken tar headers and members
     shard.write_bytes(bytes(data))
+
+
+def test_corrupt_shard_is_refused_by_verification_before_training(shard_copy, tmp_path, caplog):
+    corrupt_in_place(shard_copy / "shard-000000.tar")
     code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--batch-size", "32", "--no-rela")
+    assert_one_line_error(code, stderr, "does not verify (")
+    assert "shard-000000.tar" in stderr and "--no-verify" in stderr
+    assert not (tmp_path / "run").exists()
+    logging.getLogger("rela_pipeline").addHandler(caplog.handler)
+    try:
+        summary = run_train(config(shard_copy, tmp_path / "run", epochs=1, rela_schedule="none", skip_bad_shards=True))
+    finally:
+        logging.getLogger("rela_pipeline").removeHandler(caplog.handler)
+    assert summary["skipped_shards"] == ["shard-000000.tar"] and "fails verification" in caplog.text
+    assert summary["budget"]["steps"] == (300 - 64) // 32
+
+
+def test_corrupt_shard_fails_while_streaming_without_verification_and_leaves_nothing(shard_copy, tmp_path):
+    corrupt_in_place(shard_copy / "shard-000000.tar")
+    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--batch-size", "32", "--no-rela", "--no-verify")
     assert_one_line_error(code, stderr, "shard-000000.tar")
+    assert "does not verify" not in stderr
     assert not (tmp_path / "run").exists()  # stopped before its first checkpoint: nothing half-written kept
-    summary = run_train(config(shard_copy, tmp_path / "run", epochs=1, rela_schedule="none", skip_bad_shards=True))
+    summary = run_train(config(shard_copy, tmp_path / "run", epochs=1, rela_schedule="none", skip_bad_shards=True, verify=False))
     assert 0 < summary["budget"]["steps"] < 9
 
 

@@ -22,7 +22,6 @@ manifests that differ only in :data:`VARYING_FIELDS`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -33,14 +32,82 @@ from typing import Any
 import numpy as np
 
 from ..errors import RelaError
-from ..fileio import HashingFile, load_npz, sha256_file
-from .format import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, TARGET_FIELD
+from ..fileio import HashingFile, load_npz, npy_from_bytes, sha256_file
+from .format import IMAGE_FIELDS, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, TARGET_DTYPES, TARGET_FIELD
 
 #: Top-level fields every manifest of this schema version must have.
 REQUIRED_FIELDS = (
     "schema", "schema_version", "created_at", "prior", "transport", "targets", "scores",
     "dataset", "samples", "skipped", "shards", "software", "timings_s",
 )
+#: Top-level fields a manifest may have besides the required ones; any other field is refused.
+OPTIONAL_FIELDS = ("ignored", "settings", "shard_order", "run", "host", "throughput", "embeddings")
+#: Keys each section must have (readers rely on them); extra keys in these sections are refused
+#: too, except the ones listed in :data:`OPTIONAL_SECTION_KEYS`.
+SECTION_KEYS = {
+    "prior": ("spec", "weights", "embedding_dim", "preprocessing"),
+    "transport": ("file", "sha256", "method", "input_dim", "output_dim", "num_samples", "explained_variance_ratio"),
+    "targets": ("field", "dtype", "dim"),
+    "scores": ("file", "sha256", "fields", "k", "dims", "metric"),
+    "dataset": ("root", "fingerprint", "class_names", "labelled"),
+    "samples": ("scanned", "written", "skipped", "per_class"),
+    "embeddings": ("file", "sha256", "dtype", "shape"),
+}
+OPTIONAL_SECTION_KEYS = {"transport": ("reference_samples",), "scores": ("device",)}
+SHARD_KEYS = ("name", "samples", "bytes", "sha256")
+
+
+def _is_plain_file_name(name: object) -> bool:
+    """A file name inside OUT: no directory part, not hidden, not empty (no path traversal)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and "\x00" not in name
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _schema_problem(manifest: dict[str, Any]) -> str | None:
+    """The first way ``manifest`` departs from the schema, or None."""
+    missing = [name for name in REQUIRED_FIELDS if name not in manifest]
+    if missing:
+        return f"lacks required fields: {', '.join(missing)}"
+    extra = sorted(set(manifest) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+    if extra:
+        return f"has unknown fields: {', '.join(extra)}"
+    for section, keys in SECTION_KEYS.items():
+        if section not in manifest:
+            continue
+        record = manifest[section]
+        if not isinstance(record, dict):
+            return f"field {section} is not an object"
+        missing = [k for k in keys if k not in record]
+        extra = sorted(set(record) - set(keys) - set(OPTIONAL_SECTION_KEYS.get(section, ())))
+        if missing or extra:
+            return f"section {section} " + (f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(extra)}")
+    for section in ("transport", "scores", "embeddings"):
+        if section in manifest and not _is_plain_file_name(manifest[section]["file"]):
+            return f"{section}.file {manifest[section]['file']!r} is not a plain file name inside the shard set"
+        if section in manifest and not _is_sha256(manifest[section]["sha256"]):
+            return f"{section}.sha256 is not a SHA-256 hex digest"
+    targets = manifest["targets"]
+    if targets["dtype"] not in TARGET_DTYPES or not _is_count(targets["dim"]) or targets["dim"] < 1:
+        return f"targets are {targets['dtype']!r}[{targets['dim']!r}], expected float16 or float32 with dim >= 1"
+    if not _is_count(manifest["samples"]["written"]):
+        return "samples.written is not a count"
+    if not isinstance(manifest["shards"], list):
+        return "shards is not a list"
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or set(shard) != set(SHARD_KEYS):
+            return f"shard record {shard!r} does not have exactly the keys {', '.join(SHARD_KEYS)}"
+        if not _is_plain_file_name(shard["name"]):
+            return f"shard name {shard['name']!r} is not a plain file name inside the shard set"
+        if not (_is_count(shard["samples"]) and _is_count(shard["bytes"]) and _is_sha256(shard["sha256"])):
+            return f"shard record {shard['name']} has a malformed count, size or sha256"
+    return None
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -67,8 +134,9 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
     """Parse and validate a manifest's JSON text; ``where`` names it in error messages.
 
     Raises:
-        RelaError: malformed JSON, another schema, an incompatible schema version, or missing
-            required fields.
+        RelaError: malformed JSON, another schema, an incompatible schema version, missing or
+            unknown fields (top level, the sections readers use, shard records), or a file or
+            shard name that is not a plain name inside the shard set (path traversal).
     """
     try:
         manifest = json.loads(text)
@@ -78,9 +146,9 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
         raise RelaError(f"{where} is not a rela-pipeline shard-set manifest")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise RelaError(f"{where} has schema_version {manifest.get('schema_version')!r}; this version of rela-pipeline reads {SCHEMA_VERSION}")
-    missing = [name for name in REQUIRED_FIELDS if name not in manifest]
-    if missing:
-        raise RelaError(f"{where} lacks required fields: {', '.join(missing)}")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise RelaError(f"{where} {problem}")
     return manifest
 
 
@@ -107,41 +175,129 @@ def reproducible_part(manifest: dict[str, Any], *, ignore_input_paths: bool = Fa
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify_shard_set`: ``problems`` is empty when everything checks out."""
+    """Outcome of :func:`verify_shard_set`: ``problems`` is empty when everything checks out.
+
+    Attributes:
+        checked_files: files whose SHA-256 was compared with the manifest.
+        checked_samples: samples read from shards that matched their checksum.
+        problems: one line per problem found.
+        bad_shards: names of the shards with a problem (missing, altered, malformed samples).
+        shard_problems: ``{shard name: its problems}`` (also in ``problems``).
+        reference_checked: targets recomputed from the reference embeddings and compared.
+    """
 
     checked_files: int = 0
     checked_samples: int = 0
     problems: list[str] = field(default_factory=list)
+    bad_shards: list[str] = field(default_factory=list)
+    shard_problems: dict[str, list[str]] = field(default_factory=dict)
+    reference_checked: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _scan_shard(path: Path, target_dim: int, target_dtype: str, problems: list[str]) -> tuple[int, str]:
-    """Read a shard once: count its samples with ``tarfile``, check each target's shape and dtype,
-    and hash the file in the same pass. Returns ``(samples, hex sha256)``.
+#: Sample fields a shard may hold (besides the image field, one of ``IMAGE_FIELDS``).
+SAMPLE_FIELDS = ("cls", TARGET_FIELD, "json")
+#: Tolerance of the target statistics check: |mean| and |covariance - identity| per entry.
+TARGET_STATISTICS_TOLERANCE = 0.02
+
+
+class _TargetChecks:
+    """Accumulates, over every stored target, the float64 mean and covariance (which must be 0 and
+    the identity for PCA + standardisation fitted on these very samples), and keeps the targets of
+    the reference samples. Memory O(K^2 + batch * K)."""
+
+    def __init__(self, dim: int, written: int, reference: set[int]) -> None:
+        self.dim, self.written, self.reference = dim, written, reference
+        self.count = 0
+        self.sum = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+        self.batch: list[np.ndarray] = []
+        self.seen = np.zeros(written, dtype=bool)
+        self.reference_targets: dict[int, np.ndarray] = {}
+
+    def add(self, index: int, target: np.ndarray) -> None:
+        self.batch.append(target)
+        if index in self.reference:
+            self.reference_targets[index] = target
+        if len(self.batch) == 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            x = np.stack(self.batch).astype(np.float64)
+            self.count += len(x)
+            self.sum += x.sum(0)
+            self.outer += x.T @ x
+            self.batch = []
+
+    def problems(self) -> list[str]:
+        self.flush()
+        if self.count < 2:
+            return []
+        mean = self.sum / self.count
+        covariance = self.outer / self.count - np.outer(mean, mean)
+        worst_mean = float(np.abs(mean).max())
+        worst_cov = float(np.abs(covariance - np.eye(self.dim)).max())
+        if max(worst_mean, worst_cov) > TARGET_STATISTICS_TOLERANCE:
+            return [f"targets are not standardised principal components (max |mean| {worst_mean:.3g}, max |covariance - I| {worst_cov:.3g}): they do not come from one linear transport of these samples"]
+        return []
+
+
+def _scan_shard(path: Path, written: int, target_dim: int, target_dtype: str, checks: _TargetChecks, problems: list[str]) -> tuple[int, str]:
+    """Read a shard once: hash the file, check every member name (a 9-digit sample index below
+    ``written``, seen once in the whole set, and a known field), and each target's shape, dtype
+    and finiteness; feed the targets to ``checks``. Nothing is extracted to disk.
+
+    Returns:
+        ``(samples, hex sha256)``.
 
     Raises:
         tarfile.TarError, OSError, ValueError: when the file is not a readable tar.
     """
     keys: set[str] = set()
+    before = len(problems)
+
+    def bad(message: str) -> None:
+        if len(problems) - before < 5:  # a hostile shard can hold millions of bad members
+            problems.append(f"{path.name}: {message}")
+
     with open(path, "rb") as raw:
         stream = HashingFile(raw)
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
-                if not member.isfile():
-                    problems.append(f"{path.name}: unexpected non-file member {member.name!r}")
-                    continue
                 key, _, suffix = member.name.partition(".")
-                if "/" in key or key.startswith(".") or not key:
-                    problems.append(f"{path.name}: unsafe member name {member.name!r}")
+                if not member.isfile():
+                    bad(f"unexpected non-file member {member.name!r}")
                     continue
-                keys.add(key)
+                if not (len(key) == 9 and key.isdigit() and int(key) < written):
+                    bad(f"member {member.name!r} is not named <sample index>.<field> (unsafe or foreign key)")
+                    continue
+                if suffix not in SAMPLE_FIELDS and suffix not in IMAGE_FIELDS:
+                    bad(f"member {member.name!r} has an unknown field")
+                    continue
+                if key not in keys:
+                    keys.add(key)
+                    if checks.seen[int(key)]:
+                        bad(f"sample {key} also appears in another shard")
+                    checks.seen[int(key)] = True
                 if suffix == TARGET_FIELD:
-                    target = np.load(io.BytesIO(archive.extractfile(member).read()), allow_pickle=False)
+                    if member.size > 1024 + 8 * target_dim:
+                        bad(f"sample {key} target is {member.size} bytes, too large for {target_dtype}[{target_dim}]")
+                        continue
+                    try:
+                        target = npy_from_bytes(archive.extractfile(member).read(), max_items=target_dim)
+                    except ValueError as error:
+                        bad(f"sample {key} target is not a .npy array ({error})")
+                        continue
                     if target.shape != (target_dim,) or str(target.dtype) != target_dtype:
-                        problems.append(f"{path.name}: sample {key} target is {target.dtype}{list(target.shape)}, manifest says {target_dtype}[{target_dim}]")
+                        bad(f"sample {key} target is {target.dtype}{list(target.shape)}, manifest says {target_dtype}[{target_dim}]")
+                    elif not np.isfinite(target).all():
+                        bad(f"sample {key} target has NaN or Inf")
+                    else:
+                        checks.add(int(key), target)
         stream.drain()
     return len(keys), stream.hexdigest()
 
@@ -149,18 +305,33 @@ def _scan_shard(path: Path, target_dim: int, target_dtype: str, problems: list[s
 def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
     """Check a shard set against its manifest.
 
-    Checks: the manifest validates; every listed file exists with the recorded SHA-256; every
-    shard holds the recorded number of samples, each target of the recorded shape and dtype;
-    shard counts add up to ``samples.written``; the transport and score files have matching shapes;
-    no unlisted shard files are present.
+    Checks:
+
+    * the manifest validates (schema, required and unknown fields, plain file names);
+    * every listed file exists with the recorded SHA-256; no unlisted shard is present;
+    * every shard holds the recorded number of samples; every member is ``<index>.<field>`` with a
+      9-digit index below ``samples.written``, each index in one shard only (no path traversal);
+      every target has the recorded shape and dtype and is finite;
+    * the transport file is consistent in itself (:meth:`LinearTransport.consistency_problems`),
+      has the manifest's shapes and was fitted on ``samples.written`` samples;
+    * the transport matches the targets: the targets of the reference samples are recomputed from
+      their raw embeddings stored in the transport file and compared with the stored ones (atol
+      and rtol 1e-2: float16 storage, CPU against GPU arithmetic); and over all samples the targets
+      have mean 0 and covariance I within :data:`TARGET_STATISTICS_TOLERANCE`, as PCA +
+      standardisation fitted on exactly these samples gives;
+    * score arrays have one row per sample.
 
     Raises:
         RelaError: when the manifest itself cannot be read (problems with data are reported).
     """
+    from ..transport import LinearTransport  # torch is only needed once a manifest was read
+
     out = Path(out_dir)
     manifest = read_manifest(out)
     report = VerifyReport()
     targets = manifest["targets"]
+    written = int(manifest["samples"]["written"])
+    transport_name = manifest["transport"]["file"]
 
     def compare_sha256(name: str, actual: str, expected: str) -> bool:
         report.checked_files += 1
@@ -175,38 +346,69 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
             return False
         return compare_sha256(name, sha256_file(out / name), expected_sha256)
 
+    transport = None
+    reference_indices = reference_embeddings = None
+    if check_file(transport_name, manifest["transport"]["sha256"]):
+        transport = LinearTransport.load(out / transport_name)
+        arrays = load_npz(out / transport_name)
+        reference_indices, reference_embeddings = arrays.get("reference_indices"), arrays.get("reference_embeddings")
+        report.problems += transport.consistency_problems()
+        if transport.components.shape != (targets["dim"], manifest["prior"]["embedding_dim"]):
+            report.problems.append(f"transport components are {transport.components.shape}, manifest says ({targets['dim']}, {manifest['prior']['embedding_dim']})")
+            transport = None
+        elif transport.num_samples != written:
+            report.problems.append(f"transport was fitted on {transport.num_samples} samples, manifest says {written} written")
+    reference = set(int(i) for i in reference_indices) if reference_indices is not None else set()
+    checks = _TargetChecks(int(targets["dim"]), written, reference)
+
     for shard in manifest["shards"]:
         path = out / shard["name"]
+        problems_before = len(report.problems)
         if not path.is_file():
             report.problems.append(f"{shard['name']}: missing")
-            continue
-        try:
-            count, actual = _scan_shard(path, int(targets["dim"]), str(targets["dtype"]), report.problems)
-        except (tarfile.TarError, OSError, ValueError) as error:
-            compare_sha256(shard["name"], sha256_file(path), shard["sha256"])
-            report.problems.append(f"{shard['name']}: unreadable tar ({error})")
-            continue
-        if not compare_sha256(shard["name"], actual, shard["sha256"]):
-            continue
-        report.checked_samples += count
-        if count != shard["samples"]:
-            report.problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
+        else:
+            try:
+                count, actual = _scan_shard(path, written, int(targets["dim"]), str(targets["dtype"]), checks, report.problems)
+            except (tarfile.TarError, OSError, ValueError) as error:
+                compare_sha256(shard["name"], sha256_file(path), shard["sha256"])
+                report.problems.append(f"{shard['name']}: unreadable tar ({error})")
+            else:
+                if compare_sha256(shard["name"], actual, shard["sha256"]):
+                    report.checked_samples += count
+                    if count != shard["samples"]:
+                        report.problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
+        if len(report.problems) > problems_before:
+            report.bad_shards.append(shard["name"])
+            report.shard_problems[shard["name"]] = report.problems[problems_before:]
     total = sum(int(s["samples"]) for s in manifest["shards"])
-    if total != manifest["samples"]["written"]:
-        report.problems.append(f"shards hold {total} samples, manifest says {manifest['samples']['written']} written")
+    if total != written:
+        report.problems.append(f"shards hold {total} samples, manifest says {written} written")
     listed = {s["name"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in out.glob("shard-*.tar") if p.name not in listed):
         report.problems.append(f"{extra}: shard file not listed in the manifest")
-    if check_file(manifest["transport"]["file"], manifest["transport"]["sha256"]):
-        arrays = load_npz(out / manifest["transport"]["file"])
-        shape = arrays["components"].shape
-        if shape != (targets["dim"], manifest["prior"]["embedding_dim"]):
-            report.problems.append(f"transport components are {shape}, manifest says ({targets['dim']}, {manifest['prior']['embedding_dim']})")
+
+    checks.flush()
+    if not report.bad_shards and checks.count == written:  # the statistics need every target
+        report.problems += checks.problems()
+    if transport is not None and reference_embeddings is not None:
+        indices = sorted(i for i in reference if i in checks.reference_targets)
+        if indices:
+            position = {int(i): row for row, i in enumerate(reference_indices)}
+            recomputed = transport.apply(reference_embeddings[[position[i] for i in indices]]).numpy().astype(targets["dtype"]).astype(np.float32)
+            stored = np.stack([checks.reference_targets[i] for i in indices]).astype(np.float32)
+            report.reference_checked = len(indices)
+            mismatch = ~np.isclose(recomputed, stored, rtol=1e-2, atol=1e-2)
+            if mismatch.any():
+                row = int(np.flatnonzero(mismatch.any(axis=1))[0])
+                report.problems.append(
+                    f"targets do not match the transport: {int(mismatch.any(axis=1).sum())} of {len(indices)} reference samples differ "
+                    f"(sample {indices[row]}: max |difference| {float(np.abs(recomputed[row] - stored[row]).max()):.3g})"
+                )
     if check_file(manifest["scores"]["file"], manifest["scores"]["sha256"]):
         arrays = load_npz(out / manifest["scores"]["file"])
         for name, values in arrays.items():
-            if values.shape[0] != manifest["samples"]["written"]:
-                report.problems.append(f"scores '{name}' has {values.shape[0]} rows, manifest says {manifest['samples']['written']} samples")
+            if values.shape[0] != written:
+                report.problems.append(f"scores '{name}' has {values.shape[0]} rows, manifest says {written} samples")
     return report
 
 

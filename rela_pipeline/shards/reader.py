@@ -37,6 +37,8 @@ import webdataset as wds
 from PIL import Image
 
 from ..errors import RelaError
+from ..fileio import npy_from_bytes
+from ..imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
 from .format import IMAGE_FIELDS, MANIFEST_NAME, SCORES_NAME, TARGET_FIELD
 from .manifest import parse_manifest, read_manifest
 
@@ -85,6 +87,18 @@ class ShardSetSource:
     def class_names(self) -> list[str]:
         """Class names ([] for unlabelled data)."""
         return list(self.manifest["dataset"].get("class_names") or [])
+
+    def without(self, names: list[str]) -> "ShardSetSource":
+        """A copy that leaves out the shards ``names`` (recorded in ``skipped_shards``).
+
+        Raises:
+            RelaError: no shard would be left.
+        """
+        keep = [(url, count) for url, count in zip(self.shard_urls, self.shard_samples) if os.path.basename(url) not in names]
+        if not keep:
+            raise RelaError(f"no readable shard left in {self.location}")
+        skipped = self.skipped_shards + [n for n in names if n not in self.skipped_shards]
+        return ShardSetSource(self.location, self.manifest, [u for u, _ in keep], [c for _, c in keep], skipped, self.local_dir)
 
     def sibling_url(self, name: str) -> str:
         """Path or URL of the file ``name`` next to the manifest."""
@@ -220,17 +234,30 @@ class _ErrorLatch:
         return False
 
 
+def _is_sample_key(key: object) -> bool:
+    return isinstance(key, str) and len(key) == 9 and key.isdigit()
+
+
 def _decode_sample(sample: dict[str, Any], target_dim: int) -> tuple[Image.Image, np.ndarray, int, int]:
+    """Decode one streamed sample: ``(RGB image, float32 (target_dim,) target, label or -1, index)``.
+
+    Raises:
+        ValueError: a key that is not a sample index (e.g. a path-traversal name), no image, a
+            target that is missing, too large, of the wrong shape or dtype, or not finite.
+        OSError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning: an image
+            PIL cannot decode or with more than ``Image.MAX_IMAGE_PIXELS`` pixels.
+    """
     key = sample["__key__"]
+    if not _is_sample_key(key):
+        raise ValueError(f"key {str(key)[:80]!r} is not a sample index (a foreign or hostile member name)")
     index = int(key)
     field = next((f for f in IMAGE_FIELDS if f in sample), None)
     if field is None:
         raise ValueError(f"sample {key} has no image field")
-    with Image.open(io.BytesIO(sample[field])) as image:
-        image = image.convert("RGB")
+    image = decode_rgb(io.BytesIO(sample[field]))
     if TARGET_FIELD not in sample:
         raise ValueError(f"sample {key} has no {TARGET_FIELD}")
-    target = np.load(io.BytesIO(sample[TARGET_FIELD]), allow_pickle=False)
+    target = npy_from_bytes(sample[TARGET_FIELD], max_items=1 << 20)
     if target.ndim != 1 or target.shape[0] < target_dim or target.dtype.kind != "f":
         raise ValueError(f"sample {key} target is {target.dtype}{list(target.shape)}, expected float[>={target_dim}]")
     target = target[:target_dim].astype(np.float32)
@@ -294,14 +321,15 @@ class TrainingStream(torch.utils.data.IterableDataset):
         mine = order[worker::workers]
         latch = _ErrorLatch(self.skip)
         samples = wds.tarfile_to_samples(handler=latch.handle_shard)({"url": url} for url in mine)
-        selected = (s for s in samples if self._in_subset(s.get("__key__", "")))
+        # Samples with a key that is no sample index go on to be refused by name in _decode_sample.
+        selected = (s for s in samples if not _is_sample_key(s.get("__key__")) or self._in_subset(s["__key__"]))
         rng = random.Random(f"{self.seed}:{self.epoch}:{worker}:buffer")
         shuffled = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 500), rng=rng)(selected)
         batch: list[tuple] = []
         for sample in shuffled:
             try:
                 batch.append(_decode_sample(sample, self.target_dim))
-            except (ValueError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+            except UNDECODABLE_IMAGE_ERRORS as error:  # ValueError covers the key and target checks
                 shard = os.path.basename(str(sample.get("__url__", "?")))
                 message = f"bad sample in shard {shard}: {error}"
                 if self.skip:
@@ -316,7 +344,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
             yield {"error": latch.message}
 
     def _in_subset(self, key: str) -> bool:
-        return key.isdigit() and int(key) < len(self.mask) and bool(self.mask[int(key)])
+        return int(key) < len(self.mask) and bool(self.mask[int(key)])
 
     def _make_batch(self, batch: list[tuple]) -> dict[str, Any]:
         rela = self.phase.value == PHASE_RELA

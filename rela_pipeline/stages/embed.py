@@ -50,7 +50,7 @@ from ..fileio import (
     write_npz_atomic,
 )
 from ..imagefolder import ImageFolderIndex, scan_image_folder
-from ..priors import PreprocessedImages, Prior, Preprocessing, load_prior
+from ..priors import PreprocessedImages, Prior, load_prior
 from ..runtime import autocast_for, resolve_device
 from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, knn_scores
 from ..shards.format import (
@@ -183,6 +183,16 @@ def embedding_dim(prior: Prior, device: torch.device) -> int:
     return int(out.shape[1])
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def embed_images(
     index: ImageFolderIndex,
     prior: Prior,
@@ -259,7 +269,8 @@ def embed_images(
         checkpoint_start, last_checkpoint = flushed, time.monotonic()
 
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=n, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+    # Deterministic cuDNN kernels, so a rerun or a resumed run computes the same embeddings.
+    with _deterministic_cudnn(), torch.inference_mode(), tqdm(total=n, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
         for rows, images, decoded, reasons in loader:
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -568,7 +579,13 @@ def _run_stages(
 
     t = time.perf_counter()
     transport_path, targets_path = out_dir / TRANSPORT_NAME, work / "targets.npy"
-    _reuse_or_redo(journal, "transport", transport_path, lambda: fit_linear_transport(embeddings, ok, device).save(transport_path))
+    reference = reference_sample_indices(len(kept))
+
+    def fit_transport() -> None:
+        fitted = fit_linear_transport(embeddings, ok, device)
+        fitted.save(transport_path, reference=(reference, np.asarray(embeddings[kept[reference]])))
+
+    _reuse_or_redo(journal, "transport", transport_path, fit_transport)
     transport = LinearTransport.load(transport_path)
     targets_shape = (len(kept), transport.output_dim)
     _reuse_or_redo(journal, "targets", targets_path, lambda: transport_targets(embeddings, kept, transport, targets_path, config.target_dtype, device))
@@ -654,6 +671,16 @@ def _write_shards(config, index, kept, targets, scores: dict[str, np.ndarray], l
     return writer.shards
 
 
+#: Samples whose raw embeddings are stored in ``transport.npz`` for ``verify`` to recompute.
+REFERENCE_SAMPLES = 256
+
+
+def reference_sample_indices(num_samples: int, count: int = REFERENCE_SAMPLES) -> np.ndarray:
+    """Sample indices (int64, sorted, unique) whose embeddings go into ``transport.npz`` as the
+    reference sample: ``count`` evenly spaced indices, or all of them when there are fewer."""
+    return np.unique(np.linspace(0, num_samples - 1, min(count, num_samples)).round().astype(np.int64))
+
+
 def shard_write_order(num_samples: int, seed: int) -> np.ndarray:
     """The order in which sample indices are written into shards: a permutation of
     ``range(num_samples)`` (int64, ``(num_samples,)``) from ``numpy.random.default_rng(seed)``."""
@@ -691,6 +718,7 @@ def _build_manifest(config, index, prior, device, result, failures, kept, transp
             "output_dim": transport.output_dim,
             "num_samples": transport.num_samples,
             "explained_variance_ratio": [round(float(r), 6) for r in transport.explained_variance_ratio[:16]],
+            "reference_samples": int(len(reference_sample_indices(len(kept)))),
         },
         "targets": {"field": TARGET_FIELD, "dtype": config.target_dtype, "dim": transport.output_dim},
         "scores": {

@@ -43,6 +43,7 @@ from ..models import BACKBONES, build_backbone, safe_torch_load, save_backbone_c
 from ..priors import Preprocessing
 from ..rela import ReLA, StepOutput, parse_schedule
 from ..runtime import autocast_and_scaler, resolve_device
+from ..shards.manifest import verify_shard_set
 from ..shards.reader import PHASE_SSL, ShardSetSource, TrainingStream, new_phase_flag, open_shard_set
 from ..subsets import SUBSET_RULES, SubsetSampler
 from ..views import method_views, rela_views
@@ -55,7 +56,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 BACKBONE_NAME = "backbone.pt"
 SUMMARY_NAME = "summary.json"
 #: Settings that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards", "verify"})
 
 
 @dataclass
@@ -85,7 +86,11 @@ class TrainConfig:
         shuffle_buffer: samples per worker held in webdataset's shuffle buffer.
         log_every: steps per ``metrics.jsonl`` interval record.
         online_probe: train a linear classifier on detached features when labels exist.
-        skip_bad_shards: warn and skip unreadable shards and samples instead of failing.
+        skip_bad_shards: warn and skip unreadable shards and samples instead of failing (with
+            ``verify``: also the shards that fail verification).
+        verify: check the shard set with :func:`rela_pipeline.shards.manifest.verify_shard_set`
+            before training and refuse it on any problem (local shard sets only; a remote set needs
+            ``verify=False`` after ``rela-pipeline verify`` was run where its files are).
         resume: continue from ``RUN/checkpoints/last.pt``.
         overwrite: replace an existing run directory.
         progress: show a progress bar.
@@ -114,6 +119,7 @@ class TrainConfig:
     log_every: int = 20
     online_probe: bool = True
     skip_bad_shards: bool = False
+    verify: bool = True
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -254,6 +260,35 @@ class _MetricsLog:
         self.handle.close()
 
 
+def verified(source: ShardSetSource, skip_bad_shards: bool) -> ShardSetSource:
+    """Verify a local shard set before training (every checksum, sample key, target and the
+    transport: :func:`verify_shard_set`); with ``skip_bad_shards`` the shards that fail are left
+    out with a warning as long as nothing outside them fails.
+
+    Returns:
+        ``source``, or a copy without the shards that failed.
+
+    Raises:
+        RelaError: the set does not verify (the message gives the first problem and the count), or
+            it is remote.
+    """
+    if source.local_dir is None:
+        raise RelaError(f"cannot verify the remote shard set {source.location} before training: run `rela-pipeline verify` where its files are, then pass --no-verify")
+    report = verify_shard_set(source.local_dir)
+    if report.ok:
+        return source
+    in_shards = {problem for problems in report.shard_problems.values() for problem in problems}
+    outside = [p for p in report.problems if p not in in_shards]
+    if skip_bad_shards and not outside:
+        for name in report.bad_shards:
+            logger.warning("skipping %s: it fails verification (%s)", name, report.shard_problems[name][0])
+        return source.without(report.bad_shards)
+    raise RelaError(
+        f"shard set {source.location} does not verify ({len(report.problems)} problem(s); first: {report.problems[0]}); "
+        f"see `rela-pipeline verify {source.location}`, or pass --no-verify to train on it anyway"
+    )
+
+
 def run_train(
     config: TrainConfig,
     *,
@@ -287,6 +322,8 @@ def run_train(
     if custom and ssl_views is None:
         raise RelaError("a custom method needs its view transform (ssl_views=)")
     source = open_shard_set(config.shards, skip_bad_shards=config.skip_bad_shards)
+    if config.verify:
+        source = verified(source, config.skip_bad_shards)
     labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
     scores = source.load_scores() if config.subset != "random" else None
     sampler = SubsetSampler(
