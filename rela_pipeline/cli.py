@@ -120,17 +120,20 @@ def inspect(out_dir: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(path_type=Path))
-def verify(out_dir: Path) -> None:
-    """Check every checksum and count of the shard set in OUT_DIR; exit 1 on any mismatch."""
+@click.argument("location")
+def verify(location: str) -> None:
+    """Check the shard set in LOCATION (a directory, or the URL of its manifest.json): schema,
+    every checksum, count, sample key and target, and the transport against the targets; exit 1 on
+    any problem."""
     from .shards.manifest import verify_shard_set
 
-    report = verify_shard_set(out_dir)
+    out_dir = location
+    report = verify_shard_set(location)
     for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
     if not report.ok:
         raise RelaError(f"{len(report.problems)} problem(s) in {out_dir}", exit_code=1)
-    click.echo(f"OK {out_dir}: {report.checked_files} files, {report.checked_samples} samples verified")
+    click.echo(f"OK {out_dir}: {report.checked_samples} samples verified ({report.checked_files} files checksummed, {report.reference_checked} reference targets recomputed)")
 
 
 @main.command()
@@ -157,7 +160,7 @@ def verify(out_dir: Path) -> None:
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
 @click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
 @click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples (and shards that fail verification) instead of failing.")
-@click.option("--no-verify", is_flag=True, help="Do not verify the shard set before training (needed for a remote set; run `verify` where its files are).")
+@click.option("--no-verify", is_flag=True, help="Do not verify the shard set before training (a remote set is otherwise streamed once for it).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.pass_context

@@ -191,3 +191,15 @@ def test_verify_catches_a_transport_that_is_not_sound(shard_copy):
     problems = verify_shard_set(shard_copy).problems
     assert "transport scale is not the square root of the explained variance" in problems
     assert any(p.startswith("targets do not match the transport") for p in problems)
+
+
+def test_verify_streams_a_remote_set_named_by_its_manifest_url(shard_copy):
+    url = f"pipe:cat {shard_copy}/manifest.json"
+    report = verify_shard_set(url)
+    assert report.ok and report.checked_samples == 300 and report.reference_checked == 256
+    shard = shard_copy / "shard-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[3000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify_shard_set(url)
+    assert report.bad_shards == ["shard-000003.tar"] and "sha256" in report.shard_problems["shard-000003.tar"][-1]

@@ -318,3 +318,13 @@ def test_training_checkpoint_is_a_weights_only_file_with_resume_state(shard_set,
     assert payload["format"] == "rela-pipeline/backbone" and payload["step"] == 9
     assert {"optimizer", "rela", "schedule", "torch_rng", "epoch"} <= set(payload["training_state"])
     assert payload["training_state"]["schedule"]["switch_step"] is None  # adaptive: still in the ReLA phase
+
+
+def test_a_remote_shard_set_is_verified_by_streaming_before_training(shard_copy, tmp_path):
+    url = f"pipe:cat {shard_copy}/manifest.json"
+    summary = run_train(config(url, tmp_path / "run", epochs=1, rela_schedule="none"))
+    assert summary["budget"]["steps"] == 300 // 32
+    (shard_copy / "scores.npz").write_bytes(b"replaced")
+    with pytest.raises(RelaError, match="scores.npz: sha256 .* does not match"):
+        run_train(config(url, tmp_path / "run2", epochs=1, rela_schedule="none"))
+    assert not (tmp_path / "run2").exists()

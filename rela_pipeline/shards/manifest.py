@@ -22,17 +22,20 @@ manifests that differ only in :data:`VARYING_FIELDS`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..errors import RelaError
-from ..fileio import HashingFile, load_npz, npy_from_bytes, sha256_file
+from ..fileio import HashingFile, load_npz, npy_from_bytes
 from .format import IMAGE_FIELDS, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, TARGET_DTYPES, TARGET_FIELD
 
 #: Top-level fields every manifest of this schema version must have.
@@ -246,10 +249,13 @@ class _TargetChecks:
         return []
 
 
-def _scan_shard(path: Path, written: int, target_dim: int, target_dtype: str, checks: _TargetChecks, problems: list[str]) -> tuple[int, str]:
+def _scan_shard(name: str, raw: IO[bytes], written: int, target_dim: int, target_dtype: str, checks: _TargetChecks, problems: list[str]) -> tuple[int, str]:
     """Read a shard once: hash the file, check every member name (a 9-digit sample index below
     ``written``, seen once in the whole set, and a known field), and each target's shape, dtype
     and finiteness; feed the targets to ``checks``. Nothing is extracted to disk.
+
+    Args:
+        name: the shard's name (for messages); raw: its bytes as a binary stream (closed here).
 
     Returns:
         ``(samples, hex sha256)``.
@@ -262,9 +268,9 @@ def _scan_shard(path: Path, written: int, target_dim: int, target_dtype: str, ch
 
     def bad(message: str) -> None:
         if len(problems) - before < 5:  # a hostile shard can hold millions of bad members
-            problems.append(f"{path.name}: {message}")
+            problems.append(f"{name}: {message}")
 
-    with open(path, "rb") as raw:
+    with raw:
         stream = HashingFile(raw)
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
@@ -302,8 +308,47 @@ def _scan_shard(path: Path, written: int, target_dim: int, target_dtype: str, ch
     return len(keys), stream.hexdigest()
 
 
+class _ShardSetFiles:
+    """The files of a shard set, in a local directory or next to a manifest URL (anything
+    webdataset's ``gopen`` opens: ``http(s)://``, ``pipe:curl ...``); read as streams."""
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = str(location)
+        self.remote = "://" in self.location or self.location.startswith("pipe:")
+        if self.remote and MANIFEST_NAME not in self.location:
+            raise RelaError(f"a remote shard set is named by the URL of its {MANIFEST_NAME}; got {self.location}")
+        path = Path(self.location)
+        self.local = None if self.remote else (path.parent if path.name == MANIFEST_NAME else path)
+
+    def manifest(self) -> dict[str, Any]:
+        if self.local is not None:
+            return read_manifest(self.local)
+        try:
+            text = self.open(MANIFEST_NAME).read().decode("utf-8", errors="replace")
+        except Exception as error:  # gopen raises many types for a failed pipe or URL
+            raise RelaError(f"cannot read {self.location}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        return parse_manifest(text, self.location)
+
+    def open(self, name: str) -> IO[bytes]:
+        """A binary stream of ``name`` (raises for a missing or unreadable file)."""
+        if self.local is not None:
+            return open(self.local / name, "rb")
+        import webdataset as wds
+
+        head, _, tail = self.location.rpartition(MANIFEST_NAME)
+        return wds.gopen(head + name + tail, "rb")
+
+    def exists(self, name: str) -> bool:
+        """False for a missing local file; remote files are found out by opening them."""
+        return self.local is None or (self.local / name).is_file()
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as stream:
+            return stream.read()
+
+
 def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
-    """Check a shard set against its manifest.
+    """Check a shard set (a directory, or the URL of its ``manifest.json``) against its manifest.
 
     Checks:
 
@@ -321,13 +366,16 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
       standardisation fitted on exactly these samples gives;
     * score arrays have one row per sample.
 
+    A remote set is streamed once, file by file (nothing is stored); the check for unlisted
+    shards needs a directory listing and is done for local sets only.
+
     Raises:
         RelaError: when the manifest itself cannot be read (problems with data are reported).
     """
     from ..transport import LinearTransport  # torch is only needed once a manifest was read
 
-    out = Path(out_dir)
-    manifest = read_manifest(out)
+    files = _ShardSetFiles(out_dir)
+    manifest = files.manifest()
     report = VerifyReport()
     targets = manifest["targets"]
     written = int(manifest["samples"]["written"])
@@ -340,17 +388,30 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
             return False
         return True
 
-    def check_file(name: str, expected_sha256: str) -> bool:
-        if not (out / name).is_file():
+    def read_checked(name: str, expected_sha256: str) -> bytes | None:
+        """The file's bytes if it matches its checksum, else None (the problem is reported)."""
+        if not files.exists(name):
             report.problems.append(f"{name}: missing")
-            return False
-        return compare_sha256(name, sha256_file(out / name), expected_sha256)
+            return None
+        try:
+            data = files.read(name)
+        except Exception as error:  # OSError locally; gopen raises other types for URLs and pipes
+            report.problems.append(f"{name}: cannot read ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            return None
+        return data if compare_sha256(name, hashlib.sha256(data).hexdigest(), expected_sha256) else None
+
+    def sha256_of(name: str) -> str:
+        with files.open(name) as raw:
+            stream = HashingFile(raw)
+            stream.drain()
+        return stream.hexdigest()
 
     transport = None
     reference_indices = reference_embeddings = None
-    if check_file(transport_name, manifest["transport"]["sha256"]):
-        transport = LinearTransport.load(out / transport_name)
-        arrays = load_npz(out / transport_name)
+    transport_bytes = read_checked(transport_name, manifest["transport"]["sha256"])
+    if transport_bytes is not None:
+        transport = LinearTransport.load(io.BytesIO(transport_bytes))
+        arrays = load_npz(io.BytesIO(transport_bytes))
         reference_indices, reference_embeddings = arrays.get("reference_indices"), arrays.get("reference_embeddings")
         report.problems += transport.consistency_problems()
         if transport.components.shape != (targets["dim"], manifest["prior"]["embedding_dim"]):
@@ -362,16 +423,16 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
     checks = _TargetChecks(int(targets["dim"]), written, reference)
 
     for shard in manifest["shards"]:
-        path = out / shard["name"]
         problems_before = len(report.problems)
-        if not path.is_file():
+        if not files.exists(shard["name"]):
             report.problems.append(f"{shard['name']}: missing")
         else:
             try:
-                count, actual = _scan_shard(path, written, int(targets["dim"]), str(targets["dtype"]), checks, report.problems)
-            except (tarfile.TarError, OSError, ValueError) as error:
-                compare_sha256(shard["name"], sha256_file(path), shard["sha256"])
-                report.problems.append(f"{shard['name']}: unreadable tar ({error})")
+                count, actual = _scan_shard(shard["name"], files.open(shard["name"]), written, int(targets["dim"]), str(targets["dtype"]), checks, report.problems)
+            except Exception as error:  # tarfile.TarError, OSError, ValueError; gopen's own types for URLs
+                with contextlib.suppress(Exception):
+                    compare_sha256(shard["name"], sha256_of(shard["name"]), shard["sha256"])
+                report.problems.append(f"{shard['name']}: unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
             else:
                 if compare_sha256(shard["name"], actual, shard["sha256"]):
                     report.checked_samples += count
@@ -384,8 +445,9 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
     if total != written:
         report.problems.append(f"shards hold {total} samples, manifest says {written} written")
     listed = {s["name"] for s in manifest["shards"]}
-    for extra in sorted(p.name for p in out.glob("shard-*.tar") if p.name not in listed):
-        report.problems.append(f"{extra}: shard file not listed in the manifest")
+    if files.local is not None:
+        for extra in sorted(p.name for p in files.local.glob("shard-*.tar") if p.name not in listed):
+            report.problems.append(f"{extra}: shard file not listed in the manifest")
 
     checks.flush()
     if not report.bad_shards and checks.count == written:  # the statistics need every target
@@ -404,8 +466,9 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
                     f"targets do not match the transport: {int(mismatch.any(axis=1).sum())} of {len(indices)} reference samples differ "
                     f"(sample {indices[row]}: max |difference| {float(np.abs(recomputed[row] - stored[row]).max()):.3g})"
                 )
-    if check_file(manifest["scores"]["file"], manifest["scores"]["sha256"]):
-        arrays = load_npz(out / manifest["scores"]["file"])
+    scores_bytes = read_checked(manifest["scores"]["file"], manifest["scores"]["sha256"])
+    if scores_bytes is not None:
+        arrays = load_npz(io.BytesIO(scores_bytes))
         for name, values in arrays.items():
             if values.shape[0] != written:
                 report.problems.append(f"scores '{name}' has {values.shape[0]} rows, manifest says {written} samples")

@@ -89,8 +89,8 @@ class TrainConfig:
         skip_bad_shards: warn and skip unreadable shards and samples instead of failing (with
             ``verify``: also the shards that fail verification).
         verify: check the shard set with :func:`rela_pipeline.shards.manifest.verify_shard_set`
-            before training and refuse it on any problem (local shard sets only; a remote set needs
-            ``verify=False`` after ``rela-pipeline verify`` was run where its files are).
+            before training and refuse it on any problem (a remote set is downloaded once for it,
+            streaming; ``verify=False`` skips that when it was verified where its files are).
         resume: continue from ``RUN/checkpoints/last.pt``.
         overwrite: replace an existing run directory.
         progress: show a progress bar.
@@ -261,20 +261,17 @@ class _MetricsLog:
 
 
 def verified(source: ShardSetSource, skip_bad_shards: bool) -> ShardSetSource:
-    """Verify a local shard set before training (every checksum, sample key, target and the
-    transport: :func:`verify_shard_set`); with ``skip_bad_shards`` the shards that fail are left
-    out with a warning as long as nothing outside them fails.
+    """Verify a shard set before training (every checksum, sample key, target and the transport:
+    :func:`verify_shard_set`; a remote set is streamed once for it); with ``skip_bad_shards`` the
+    shards that fail are left out with a warning as long as nothing outside them fails.
 
     Returns:
         ``source``, or a copy without the shards that failed.
 
     Raises:
-        RelaError: the set does not verify (the message gives the first problem and the count), or
-            it is remote.
+        RelaError: the set does not verify (the message gives the first problem and the count).
     """
-    if source.local_dir is None:
-        raise RelaError(f"cannot verify the remote shard set {source.location} before training: run `rela-pipeline verify` where its files are, then pass --no-verify")
-    report = verify_shard_set(source.local_dir)
+    report = verify_shard_set(source.local_dir if source.local_dir is not None else source.location)
     if report.ok:
         return source
     in_shards = {problem for problems in report.shard_problems.values() for problem in problems}
