@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import RelaError
 from ..fileio import HashingFile, load_npz, npy_from_bytes
 from .format import IMAGE_FIELDS, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, TARGET_DTYPES, TARGET_FIELD
+from .location import error_line, open_url, read_url, resolve_location, sibling_url
 
 #: Top-level fields every manifest of this schema version must have.
 REQUIRED_FIELDS = (
@@ -309,34 +310,21 @@ def _scan_shard(name: str, raw: IO[bytes], written: int, target_dim: int, target
 
 
 class _ShardSetFiles:
-    """The files of a shard set, in a local directory or next to a manifest URL (anything
-    webdataset's ``gopen`` opens: ``http(s)://``, ``pipe:curl ...``); read as streams."""
+    """The files of a shard set, in a local directory or next to a manifest URL (see
+    :mod:`rela_pipeline.shards.location`), read as streams."""
 
     def __init__(self, location: str | os.PathLike) -> None:
         self.location = str(location)
-        self.remote = "://" in self.location or self.location.startswith("pipe:")
-        if self.remote and MANIFEST_NAME not in self.location:
-            raise RelaError(f"a remote shard set is named by the URL of its {MANIFEST_NAME}; got {self.location}")
-        path = Path(self.location)
-        self.local = None if self.remote else (path.parent if path.name == MANIFEST_NAME else path)
+        self.local = resolve_location(self.location)
 
     def manifest(self) -> dict[str, Any]:
         if self.local is not None:
             return read_manifest(self.local)
-        try:
-            text = self.open(MANIFEST_NAME).read().decode("utf-8", errors="replace")
-        except Exception as error:  # gopen raises many types for a failed pipe or URL
-            raise RelaError(f"cannot read {self.location}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-        return parse_manifest(text, self.location)
+        return parse_manifest(read_url(self.location).decode("utf-8", errors="replace"), self.location)
 
     def open(self, name: str) -> IO[bytes]:
         """A binary stream of ``name`` (raises for a missing or unreadable file)."""
-        if self.local is not None:
-            return open(self.local / name, "rb")
-        import webdataset as wds
-
-        head, _, tail = self.location.rpartition(MANIFEST_NAME)
-        return wds.gopen(head + name + tail, "rb")
+        return open_url(str(self.local / name) if self.local is not None else sibling_url(self.location, name))
 
     def exists(self, name: str) -> bool:
         """False for a missing local file; remote files are found out by opening them."""
@@ -396,7 +384,7 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
         try:
             data = files.read(name)
         except Exception as error:  # OSError locally; gopen raises other types for URLs and pipes
-            report.problems.append(f"{name}: cannot read ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            report.problems.append(f"{name}: cannot read ({error_line(error)})")
             return None
         return data if compare_sha256(name, hashlib.sha256(data).hexdigest(), expected_sha256) else None
 
@@ -432,7 +420,7 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
             except Exception as error:  # tarfile.TarError, OSError, ValueError; gopen's own types for URLs
                 with contextlib.suppress(Exception):
                     compare_sha256(shard["name"], sha256_of(shard["name"]), shard["sha256"])
-                report.problems.append(f"{shard['name']}: unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+                report.problems.append(f"{shard['name']}: unreadable ({error_line(error)})")
             else:
                 if compare_sha256(shard["name"], actual, shard["sha256"]):
                     report.checked_samples += count

@@ -39,7 +39,8 @@ from PIL import Image
 from ..errors import RelaError
 from ..fileio import npy_from_bytes
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
-from .format import IMAGE_FIELDS, MANIFEST_NAME, SCORES_NAME, TARGET_FIELD
+from .format import IMAGE_FIELDS, SCORES_NAME, TARGET_FIELD
+from .location import read_url, resolve_location, sibling_url
 from .manifest import parse_manifest, read_manifest
 
 logger = logging.getLogger("rela_pipeline")
@@ -104,8 +105,7 @@ class ShardSetSource:
         """Path or URL of the file ``name`` next to the manifest."""
         if self.local_dir is not None:
             return str(self.local_dir / name)
-        head, sep, tail = self.location.rpartition(MANIFEST_NAME)
-        return head + name + tail
+        return sibling_url(self.location, name)
 
     def read_file(self, name: str) -> bytes:
         """Read a sibling file (``scores.npz``, ...) completely.
@@ -113,7 +113,7 @@ class ShardSetSource:
         Raises:
             RelaError: it cannot be opened or read.
         """
-        return _read_url(self.sibling_url(name))
+        return read_url(self.sibling_url(name))
 
     def load_scores(self) -> dict[str, np.ndarray]:
         """The stage-one scores (``knn_density``, ``nn_similarity``, ``nn_index``, ``label``), checked
@@ -135,16 +135,6 @@ class ShardSetSource:
             raise RelaError(f"cannot read {SCORES_NAME} of {self.location}: {error}") from None
 
 
-def _read_url(url: str) -> bytes:
-    try:
-        if "://" not in url and not url.startswith("pipe:"):
-            return Path(url).read_bytes()
-        with wds.gopen(url, "rb") as stream:
-            return stream.read()
-    except Exception as error:  # gopen raises many types (OSError, IOError from pipes, ...)
-        raise RelaError(f"cannot read {url}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-
-
 def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False) -> ShardSetSource:
     """Locate a shard set and check it before training starts.
 
@@ -161,18 +151,11 @@ def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False
         RelaError: any failed check (naming the shard), or no readable shard left.
     """
     location = str(location)
-    if "://" in location or location.startswith("pipe:"):
-        if MANIFEST_NAME not in location:
-            raise RelaError(f"a remote shard set is named by the URL of its {MANIFEST_NAME}; got {location}")
-        text = _read_url(location).decode("utf-8", errors="replace")
-        manifest = parse_manifest(text, location)
-        local_dir = None
+    local_dir = resolve_location(location)
+    if local_dir is None:
+        manifest = parse_manifest(read_url(location).decode("utf-8", errors="replace"), location)
     else:
-        path = Path(location)
-        if path.name == MANIFEST_NAME:
-            path = path.parent
-        manifest = read_manifest(path)
-        local_dir = path
+        manifest = read_manifest(local_dir)
     shards = manifest["shards"]
     if not isinstance(shards, list) or not shards:
         raise RelaError(f"manifest of {location} lists no shards")
@@ -206,8 +189,7 @@ def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False
                 continue
             urls.append(str(file))
         else:
-            head, _, tail = location.rpartition(MANIFEST_NAME)
-            urls.append(head + name + tail)
+            urls.append(sibling_url(location, name))
         samples.append(int(shard["samples"]))
     if not urls:
         raise RelaError(f"no readable shard left in {location}")
