@@ -127,13 +127,12 @@ def verify(location: str) -> None:
     any problem."""
     from .shards.manifest import verify_shard_set
 
-    out_dir = location
     report = verify_shard_set(location)
     for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
     if not report.ok:
-        raise RelaError(f"{len(report.problems)} problem(s) in {out_dir}", exit_code=1)
-    click.echo(f"OK {out_dir}: {report.checked_samples} samples verified ({report.checked_files} files checksummed, {report.reference_checked} reference targets recomputed)")
+        raise RelaError(f"{len(report.problems)} problem(s) in {location}", exit_code=1)
+    click.echo(f"OK {location}: {report.checked_samples} samples verified ({report.checked_files} files checksummed, {report.reference_checked} reference targets recomputed)")
 
 
 @main.command()

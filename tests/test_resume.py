@@ -41,20 +41,21 @@ def assert_same_shard_set(out: Path, reference: Path) -> None:
     assert verify_shard_set(out).ok
 
 
-@pytest.fixture(scope="module")
-def fast_reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "fast"
-    code, _, stderr = embed(out, *FAST)
+def uninterrupted_run(tmp_path_factory, *args: str) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    code, _, stderr = embed(out, *args)
     assert code == 0, stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def fast_reference(tmp_path_factory) -> Path:
+    return uninterrupted_run(tmp_path_factory, *FAST)
 
 
 @pytest.fixture(scope="module")
 def slow_reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "slow"
-    code, _, stderr = embed(out, *SLOW)
-    assert code == 0, stderr
-    return out
+    return uninterrupted_run(tmp_path_factory, *SLOW)
 
 
 def test_two_runs_write_byte_identical_shard_sets(fast_reference, tmp_path):

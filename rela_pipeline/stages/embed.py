@@ -228,16 +228,17 @@ def embed_images(
         :class:`EmbeddingResult` for rows ``[start_row, N)``.
 
     Raises:
-        RelaError: the prior's output is malformed.
+        RelaError: the prior does not return ``(B, D)`` embeddings (D from ``embeddings``; size the
+            array with :func:`embedding_dim`).
         ValueError: ``embeddings`` is not ``(N, D)``.
     """
+    n = len(index.files)
+    if embeddings.ndim != 2 or embeddings.shape[0] != n:
+        raise ValueError(f"expected an ({n}, D) embeddings array, got {embeddings.shape}")
+    dim = embeddings.shape[1]
     model = prior.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    dim = embedding_dim(prior, device)
-    n = len(index.files)
-    if embeddings.shape != (n, dim):
-        raise ValueError(f"expected a ({n}, {dim}) embeddings array, got {embeddings.shape}")
     failures: dict[int, str] = {}
     loader = DataLoader(
         PreprocessedImages(index.root, index.files[start_row:], prior.preprocessing),
@@ -277,6 +278,8 @@ def embed_images(
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast_for(device, amp):
                 out = model(prior.preprocessing.normalise(images))
+            if out.ndim != 2 or out.shape[1] != dim:  # shapes only: no host-device synchronisation
+                raise RelaError(f"prior {prior.spec} returns {tuple(out.shape)} for a batch, expected (batch, {dim}) embeddings")
             out = out.float()
             valid = decoded.to(device, non_blocking=True) & torch.isfinite(out).all(dim=1)
             out = torch.where(valid[:, None], out, torch.zeros_like(out))
@@ -422,11 +425,12 @@ def _open_run(config: EmbedConfig, out_dir: Path, identity: dict[str, Any], say:
     work = out_dir / WORK_DIR_NAME
     if config.resume:
         if (out_dir / MANIFEST_NAME).is_file():
-            difference = first_difference(manifest_identity(read_manifest(out_dir)), identity)
+            manifest = read_manifest(out_dir)
+            difference = first_difference(manifest_identity(manifest), identity)
             if difference:
                 raise RelaError(f"--resume refused: {out_dir} holds a complete shard set made differently ({difference}); use --overwrite to replace it")
             _remove(work)  # left by a run killed between writing its manifest and cleaning up
-            return read_manifest(out_dir)
+            return manifest
         journal = EmbedJournal.load(journal_path(work))
         if journal is not None:
             difference = first_difference(journal.identity, identity)
@@ -623,7 +627,8 @@ def _run_stages(
     timings["write_shards"] = time.perf_counter() - t
     say(f"wrote {len(shards)} shards ({sum(s.bytes for s in shards) / 1e6:.1f} MB) to {out_dir}")
     run = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused}
-    return _build_manifest(config, index, prior, device, result, failures, kept, transport, score_k, score_dims, labels, shards, out_dir, run)
+    file_sha256 = {TRANSPORT_NAME: journal.phase_sha256("transport"), SCORES_NAME: journal.phase_sha256("scores")}
+    return _build_manifest(config, index, prior, device, result, failures, kept, transport, len(reference), score_k, score_dims, labels, shards, out_dir, file_sha256, run)
 
 
 def _shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
@@ -697,9 +702,8 @@ def _write_rows_npy(source: np.ndarray, rows: np.ndarray, path: Path, chunk_rows
     os.replace(partial, path)
 
 
-def _build_manifest(config, index, prior, device, result, failures, kept, transport, score_k, score_dims, labels, shards, out_dir, run) -> dict[str, Any]:
+def _build_manifest(config, index, prior, device, result, failures, kept, transport, reference_samples, score_k, score_dims, labels, shards, out_dir, files, run) -> dict[str, Any]:
     class_counts = np.bincount(labels, minlength=len(index.class_names)) if labels is not None else []
-    files = {name: sha256_file(out_dir / name) for name in (TRANSPORT_NAME, SCORES_NAME)}
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -718,7 +722,7 @@ def _build_manifest(config, index, prior, device, result, failures, kept, transp
             "output_dim": transport.output_dim,
             "num_samples": transport.num_samples,
             "explained_variance_ratio": [round(float(r), 6) for r in transport.explained_variance_ratio[:16]],
-            "reference_samples": int(len(reference_sample_indices(len(kept)))),
+            "reference_samples": int(reference_samples),
         },
         "targets": {"field": TARGET_FIELD, "dtype": config.target_dtype, "dim": transport.output_dim},
         "scores": {
