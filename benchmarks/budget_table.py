@@ -23,7 +23,7 @@ Profiles:
   images; the test split is complete, 10,000), 10 epochs at 100% budget, batch 128; about an hour on
   2 CPU cores.
 * ``gpu``: ResNet-18 with the CIFAR stem at 32 px on the full train split (60,000), the paper's
-  optimiser (AdamW 1e-3, wd 0.01, batch 128, mixed precision), 100 epochs at 100% budget.
+  optimiser (AdamW 1e-3, wd 0.01, batch 128, bf16 autocast), 100 epochs at 100% budget.
 
 ``--tiny`` shrinks either profile to seconds per run (for tests): 2 epochs, probe 10 epochs, batch
 16, 20 images per class when the data is prepared here. ``--epochs`` and ``--cells`` (a selection of
@@ -88,7 +88,8 @@ class Profile:
         epochs: epochs of every run (budget scales the data per epoch, not the epochs).
         batch_size: images per step.
         lr, weight_decay: AdamW.
-        amp: mixed precision on CUDA.
+        precision: ``train``'s ``--precision`` (auto: bf16 on CUDA and on CPUs with native bf16).
+        augment: ``train``'s ``--augment`` (device: batched views on the training device; pil).
         prior_arch, prior_image_size: the ``random:`` prior (torchvision architecture, pixels).
         probe_epochs: linear-probe epochs (paper: 100).
         seeds: seeds per cell.
@@ -103,7 +104,8 @@ class Profile:
     batch_size: int
     lr: float = 1e-3
     weight_decay: float = 0.01
-    amp: bool = True
+    precision: str = "auto"
+    augment: str = "device"
     prior_arch: str = "resnet18"
     prior_image_size: int = 32
     probe_epochs: int = 100
@@ -293,7 +295,7 @@ class BudgetTable:
                 shards=shards, out_dir=train_out, method="byol", backbone=p.backbone, cifar_stem=p.cifar_stem,
                 image_size=p.image_size, epochs=p.epochs, batch_size=p.batch_size, data_ratio=cell.budget,
                 subset=cell.subset, rela_schedule="adaptive" if cell.prior else "none", lr=p.lr,
-                weight_decay=p.weight_decay, device=self.device, amp=p.amp, num_workers=self.num_workers,
+                weight_decay=p.weight_decay, device=self.device, precision=p.precision, augment=p.augment, num_workers=self.num_workers,
                 seed=seed, resume=resume, overwrite=not resume, progress=False,
             ))
         summary = json.loads(summary_path.read_text())

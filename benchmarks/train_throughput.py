@@ -1,17 +1,23 @@
-"""Training throughput of stage two: images per second, the full pipeline beside the model alone.
+"""Training throughput of stage two: images per second of each data path beside the model alone.
 
-For BYOL + ReLA, in one process on one machine, it measures:
+For BYOL + ReLA, in one process on one machine, for the ReLA phase and the BYOL phase, it measures:
 
-* ``model_only``: optimisation steps on batches already on the device (no data loading), for the
-  ReLA phase (backbone + transfer layer) and for the BYOL phase (online + teacher networks);
-* ``pipeline``: ``run_train`` streaming the shard set (decode, views in worker processes, transfer
-  to the device), one run per phase, img/s from ``metrics.jsonl`` after the first interval.
+* ``model alone``: optimisation steps on batches already on the device (no data, no views), at
+  the precision and memory format ``train`` resolves to (``--precision auto``);
+* ``PIL stream (before)``: ``run_train --augment pil --precision fp32``, the data path and
+  numerics before the device views existed: PNG decode and per-sample PIL views in DataLoader
+  workers, fp32 NCHW;
+* ``stream + device views``: ``run_train --augment device --data-path stream`` (tar reading and
+  decoding in workers, views batched on the device);
+* ``memory + device views``: ``run_train --augment device --data-path memory`` (decoded once;
+  the one-off decoding pass is reported apart, as ``data_load_s``).
 
-The ratio pipeline / model_only says how much the data path costs. Example (the issue's GPU
-setting: ResNet-18 with the CIFAR stem at 32 px)::
+The ``run_train`` rates are the median of ``metrics.jsonl`` interval rates after the first
+interval (which includes start-up). Every number is measured in this run, side by side; report
+ratios, not absolute rates, across machines. Example (the README's CPU numbers)::
 
-    python benchmarks/train_throughput.py --shards runs/demo/shards --backbone resnet18 --image-size 32 \\
-        --batch-size 256 --steps 60 --out runs/train_throughput.json
+    python benchmarks/train_throughput.py --shards runs/demo/shards --backbone convnet --image-size 32 \\
+        --batch-size 128 --steps 60 --out benchmarks/results/train-throughput-cpu.json
 """
 
 from __future__ import annotations
@@ -30,13 +36,23 @@ import torch
 from rela_pipeline.methods import build_method
 from rela_pipeline.models import build_backbone
 from rela_pipeline.rela import ConstantSchedule, NoRelaSchedule, ReLA
-from rela_pipeline.runtime import autocast_and_scaler, resolve_device
+from rela_pipeline.runtime import resolve_device, resolve_precision, uses_channels_last
 from rela_pipeline.shards.reader import open_shard_set
 from rela_pipeline.stages.train import TrainConfig, default_num_workers, run_train
+from rela_pipeline.stages.train.step import TrainStep
+
+#: The data paths measured through ``run_train``: label -> TrainConfig overrides.
+PIPELINES = {
+    "PIL stream (before)": {"augment": "pil", "data_path": "stream", "precision": "fp32"},
+    "stream + device views": {"augment": "device", "data_path": "stream"},
+    "memory + device views": {"augment": "device", "data_path": "memory"},
+}
 
 
-def model_only(backbone_name: str, image_size: int, batch_size: int, steps: int, warmup: int, device: torch.device, target_dim: int, rela: bool) -> float:
-    """Images per second of optimisation steps on device-resident random batches.
+def model_alone(backbone_name: str, image_size: int, batch_size: int, steps: int, warmup: int, device: torch.device,
+                target_dim: int, rela: bool, precision: str) -> float:
+    """Images per second of :class:`TrainStep` (the training step ``run_train`` uses: same
+    precision, memory format, optimiser and probe) on device-resident random batches.
 
     Returns:
         images/s over ``steps`` timed steps after ``warmup`` untimed ones.
@@ -46,77 +62,90 @@ def model_only(backbone_name: str, image_size: int, batch_size: int, steps: int,
     schedule = ConstantSchedule(1.0) if rela else NoRelaSchedule()
     model = ReLA(build_method("byol", backbone), min(backbone.feature_dim, target_dim), schedule).to(device)
     schedule.start(0, steps + warmup)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    autocast, scaler = autocast_and_scaler(device, True)
-    views = [torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(2)]
-    targets = torch.randn(batch_size, target_dim, device=device)
+    probe = torch.nn.Linear(backbone.feature_dim, 10).to(device)
+    step = TrainStep(model, probe, 1e-3, 0.01, "constant", steps + warmup, resolve_precision(precision, device))
+    memory_format = torch.channels_last if uses_channels_last(backbone) else torch.contiguous_format
+    views = [torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format) for _ in range(2)]
+    targets = torch.randn(batch_size, model.target_dim, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
 
-    def step(i: int) -> None:
-        with autocast():
-            out = model(views, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        model.step_end(out, i, steps + warmup)
+    def one(i: int) -> None:
+        result = step(views, targets, labels, True)
+        model.step_end(result.output, i, steps + warmup)
 
     for i in range(warmup):
-        step(i)
+        one(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
-        step(warmup + i)
+        one(warmup + i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    step.close()
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def pipeline(shards: str, backbone_name: str, image_size: int, batch_size: int, steps: int, device: str, num_workers: int, rela: bool) -> float:
-    """Images per second of ``run_train`` over the shard set (one epoch of about ``steps`` steps),
-    the median of the interval rates after the first interval (which includes start-up)."""
+def pipeline(shards: str, backbone_name: str, image_size: int, batch_size: int, steps: int, device: str, num_workers: int,
+             rela: bool, overrides: dict) -> tuple[float, float]:
+    """``(images/s, data_load_s)`` of ``run_train`` over about ``steps`` steps of one epoch: the
+    median interval rate after the first interval, and the one-off data loading time."""
     source = open_shard_set(shards)
     ratio = min(1.0, steps * batch_size / source.num_samples)
     with tempfile.TemporaryDirectory() as run:
-        run_train(TrainConfig(
+        summary = run_train(TrainConfig(
             shards=shards, out_dir=Path(run) / "run", backbone=backbone_name, image_size=image_size, epochs=1,
             batch_size=batch_size, data_ratio=ratio, rela_schedule="constant:1.0" if rela else "none",
-            device=device, num_workers=num_workers, log_every=max(1, steps // 6), progress=False,
+            device=device, num_workers=num_workers, log_every=max(1, steps // 6), progress=False, verify=False, **overrides,
         ))
         records = [json.loads(line) for line in (Path(run) / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
-    return statistics.median(rates) if rates else float("nan")
+    return (statistics.median(rates) if rates else float("nan")), summary["data_load_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", required=True, help="an embed output directory")
-    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="precision of the new paths and of the model alone")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device).name
     workers = args.num_workers if args.num_workers is not None else default_num_workers()
     target_dim = open_shard_set(args.shards).target_dim
     rows = []
     for phase, rela in (("ReLA phase", True), ("BYOL phase", False)):
-        alone = model_only(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela)
-        streamed = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela)
-        rows.append({"phase": phase, "model_only_img_s": round(alone, 1), "pipeline_img_s": round(streamed, 1), "ratio": round(streamed / alone, 3)})
-    host = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "workers": workers}
-    print(f"BYOL + ReLA, {args.backbone} at {args.image_size} px, batch {args.batch_size}, {host['device']}, {workers} workers")
-    print("| phase | model alone, img/s | full pipeline, img/s | pipeline / model |")
-    print("| --- | ---: | ---: | ---: |")
+        row = {"phase": phase}
+        row["model alone"] = round(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision), 1)
+        row["model alone, fp32"] = round(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32"), 1)
+        for label, overrides in PIPELINES.items():
+            overrides = {"precision": precision, **overrides}
+            rate, load_s = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela, overrides)
+            row[label] = round(rate, 1)
+            if overrides["data_path"] == "memory":
+                row["memory: data_load_s"] = load_s
+        row["memory / model alone"] = round(row["memory + device views"] / row["model alone"], 3)
+        row["memory / PIL (before)"] = round(row["memory + device views"] / row["PIL stream (before)"], 3)
+        row["stream / PIL (before)"] = round(row["stream + device views"] / row["PIL stream (before)"], 3)
+        rows.append(row)
+    host = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "cpus": torch.get_num_threads(), "torch": torch.__version__, "workers": workers, "precision": precision,
+    }
+    print(f"BYOL + ReLA, {args.backbone} at {args.image_size} px, batch {args.batch_size}, {host['device']}, {workers} workers, precision {precision}")
+    columns = ["model alone", "model alone, fp32", *PIPELINES, "memory / model alone", "memory / PIL (before)"]
+    print("| phase | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
     for row in rows:
-        print(f"| {row['phase']} | {row['model_only_img_s']:.0f} | {row['pipeline_img_s']:.0f} | {row['ratio']:.2f} |")
+        print(f"| {row['phase']} | " + " | ".join(f"{row[c]:.2f}" if "/" in c else f"{row[c]:.0f}" for c in columns) + " |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "host": host, "rows": rows}, indent=2) + "\n")

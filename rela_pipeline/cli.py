@@ -25,6 +25,26 @@ _INTERRUPTED = {
 }
 
 
+def parse_bytes(value: str | None) -> int | None:
+    """A byte count from ``12345``, ``5e9`` or a binary suffix (``512M``, ``8G``, ``1T``; also
+    ``GiB``/``GB`` spellings, all powers of 1024).
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+    try:
+        number = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a byte count (e.g. 8G, 512M, 5e9)") from None
+    if number < 0:
+        raise click.BadParameter(f"{value!r} is negative")
+    return int(number)
+
+
 class _Group(click.Group):
     """Click group that turns RelaError and Ctrl-C into one-line messages and exit codes."""
 
@@ -153,8 +173,12 @@ def verify(location: str) -> None:
 @click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
 @click.option("--lr-schedule", default="constant", show_default=True, help="constant | cosine.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--no-amp", is_flag=True, help="Disable autocast (bf16/fp16) on CUDA.")
-@click.option("--num-workers", default=None, type=int, help="Decode/augment workers [default: min(8, CPUs - 1)].")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype of the forward pass; auto = bf16 on CUDA and on CPUs with native bf16, else fp32. Losses, EMA and probe stay fp32.")
+@click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
+@click.option("--augment", default="device", show_default=True, type=click.Choice(["device", "pil"]), help="device: batched views on the training device; pil: per-sample PIL views in the workers (the reference).")
+@click.option("--data-path", default="auto", show_default=True, type=click.Choice(["auto", "memory", "stream"]), help="memory: decode the shard set once into memory; stream: read the shards every epoch; auto: memory when it fits --cache-bytes.")
+@click.option("--cache-bytes", default=None, callback=lambda ctx, param, value: parse_bytes(value), help="Budget of the memory path, e.g. 8G or 5e9 [default: half the free RAM, or half the free GPU memory on CUDA].")
+@click.option("--num-workers", default=None, type=int, help="Decoding workers (PIL path: also augmenting) [default: min(8, CPUs - 1)].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subsets, shuffles and views.")
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
 @click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
@@ -163,13 +187,13 @@ def verify(location: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.pass_context
-def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
+def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, precision: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
     on a fresh dynamic subset every epoch."""
     from .stages.train import TrainConfig, run_train
 
     config = TrainConfig(
-        shards=shards, out_dir=out_dir, rela_schedule="none" if no_rela else rela_schedule, amp=not no_amp,
+        shards=shards, out_dir=out_dir, rela_schedule="none" if no_rela else rela_schedule, precision="fp32" if no_amp else precision,
         online_probe=not no_online_probe, verify=not no_verify, progress=not ctx.obj["quiet"], **options,
     )
     summary = run_train(config)

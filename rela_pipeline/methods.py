@@ -24,6 +24,12 @@ from .errors import RelaError
 METHODS = ("byol", "simclr", "dino")
 
 
+def full_precision(reference: torch.Tensor):
+    """A context that turns autocast off on ``reference``'s device: the methods compute their
+    losses there, on ``.float()`` inputs, so losses stay fp32 under bf16/fp16 training."""
+    return torch.autocast(reference.device.type, enabled=False)
+
+
 class BYOL(nn.Module):
     """BYOL (Grill et al. 2020) as in lightly's example and ReLA's setup.
 
@@ -62,7 +68,8 @@ class BYOL(nn.Module):
         x0, x1 = views[0], views[1]
         p0, p1 = self._online(x0), self._online(x1)
         z0, z1 = self._teacher(x0), self._teacher(x1)
-        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        with full_precision(p0):
+            return 0.5 * (self.criterion(p0.float(), z1.float()) + self.criterion(p1.float(), z0.float()))
 
     @torch.no_grad()
     def update_momentum(self, step: int, total_steps: int) -> None:
@@ -88,7 +95,8 @@ class SimCLR(nn.Module):
         """Loss for two views ``(B, 3, H, W)``; a scalar tensor."""
         z0 = self.projection_head(self.backbone(views[0]))
         z1 = self.projection_head(self.backbone(views[1]))
-        return self.criterion(z0, z1)
+        with full_precision(z0):
+            return self.criterion(z0.float(), z1.float())
 
 
 class DINO(nn.Module):
@@ -117,7 +125,8 @@ class DINO(nn.Module):
         student_out = [self.head(self.backbone(view)) for view in views]
         with torch.no_grad():
             teacher_out = [self.head_momentum(self.backbone_momentum(view)).detach() for view in views[:2]]
-        return self.criterion(teacher_out, student_out)
+        with full_precision(student_out[0]):
+            return self.criterion([t.float() for t in teacher_out], [s.float() for s in student_out])
 
     @torch.no_grad()
     def update_momentum(self, step: int, total_steps: int) -> None:

@@ -50,8 +50,9 @@ def alignment_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
-    cosine = F.cosine_similarity(predictions.float(), targets.float(), dim=1, eps=1e-8)
-    return (1.0 - cosine).mean()
+    with torch.autocast(predictions.device.type, enabled=False):  # fp32 under bf16/fp16 training
+        cosine = F.cosine_similarity(predictions.float(), targets.float(), dim=1, eps=1e-8)
+        return (1.0 - cosine).mean()
 
 
 class RelaSchedule(Protocol):

@@ -13,7 +13,7 @@ from torch import nn
 from rela_pipeline.errors import RelaError
 from rela_pipeline.models import load_backbone_checkpoint, safe_torch_load, save_backbone_checkpoint, build_backbone
 from rela_pipeline.priors import load_prior
-from rela_pipeline.stages import train as train_stage
+from rela_pipeline.stages.train import loop as train_loop
 from rela_pipeline.stages.embed import run_embed
 from rela_pipeline.stages.evaluate import EvalConfig, run_eval
 from rela_pipeline.stages.train import TrainConfig, run_train
@@ -104,17 +104,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     run_train(config(shards, straight, epochs=3, rela_schedule="constant:0.5"))
 
     crashed = tmp_path / "crashed"
-    real_save = train_stage._save_checkpoint
-
-    def save_then_crash(out, cfg, *args):
-        real_save(out, cfg, *args)
-        if args[-3] == 0:  # the epoch argument: crash right after the first epoch's checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_stage, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(config(shards, crashed, epochs=3, rela_schedule="constant:0.5"))
-    monkeypatch.setattr(train_stage, "_save_checkpoint", real_save)
+    crash_after_first_epoch(monkeypatch, lambda: run_train(config(shards, crashed, epochs=3, rela_schedule="constant:0.5")))
     assert torch.load(crashed / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
     assert not (crashed / "backbone.pt").exists()
 
@@ -126,6 +116,36 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     reference, _ = load_backbone_checkpoint(straight / "backbone.pt")
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
+
+
+def crash_after_first_epoch(monkeypatch, run) -> None:
+    """Call ``run`` with checkpointing patched to raise KeyboardInterrupt right after epoch 0's checkpoint."""
+    real_save = train_loop.save_checkpoint
+
+    def save_then_crash(out, cfg, *args):
+        real_save(out, cfg, *args)
+        if args[-3] == 0:  # the epoch argument
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train_loop, "save_checkpoint", real_save)
+
+
+@pytest.mark.parametrize("first, then", [("memory", "stream"), ("stream", "memory")])
+def test_resume_across_data_paths_matches_an_uninterrupted_run(shard_set, tmp_path, monkeypatch, first, then):
+    shards, _ = shard_set
+    straight = tmp_path / "straight"
+    reference_summary = run_train(config(shards, straight, epochs=2, data_path=then, rela_schedule="constant:0.5"))
+    crashed = tmp_path / "crashed"
+    crash_after_first_epoch(monkeypatch, lambda: run_train(config(shards, crashed, epochs=2, data_path=first, rela_schedule="constant:0.5")))
+    summary = run_train(config(shards, crashed, epochs=2, data_path=then, rela_schedule="constant:0.5", resume=True))
+    assert summary["resolved"]["data_path"] == then and summary["budget"] == reference_summary["budget"]
+    resumed, _ = load_backbone_checkpoint(crashed / "backbone.pt")
+    reference, _ = load_backbone_checkpoint(straight / "backbone.pt")
+    for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after resuming on the {then} path")
 
 
 def test_resume_refuses_other_settings_and_runs_need_a_flag_to_reuse_a_directory(shard_set, tmp_path):
@@ -171,11 +191,11 @@ def recording_factory(method_class):
 
 
 def test_any_method_gets_rela_through_the_python_api(shard_set, tmp_path):
-    from rela_pipeline.views import simclr_views
+    from rela_pipeline.batched_views import batched_simclr_views
 
     shards, _ = shard_set
     made, factory = recording_factory(ToyMethod)
-    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=simclr_views(32))
+    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=batched_simclr_views(32))
     toy = made[0]
     assert toy.calls == 9  # only the SSL half of the 18 steps called the method's loss
     assert toy.momentum_steps == list(range(18))  # its momentum hook ran on every step, ReLA phase included
@@ -189,7 +209,7 @@ def test_worker_processes_switch_to_the_methods_views_after_the_rela_phase(shard
 
     shards, _ = shard_set
     made, factory = recording_factory(ViewCounter)
-    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1), method_factory=factory, ssl_views=dino_views(32))
+    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1, augment="pil"), method_factory=factory, ssl_views=dino_views(32))
     assert summary["rela_switch_step"] == 9
     counts = made[0].view_counts
     # The worker process made 2 ReLA views per sample until the flag flipped, then DINO's 2 global
@@ -328,3 +348,56 @@ def test_a_remote_shard_set_is_verified_by_streaming_before_training(shard_copy,
     with pytest.raises(RelaError, match="scores.npz: sha256 .* does not match"):
         run_train(config(url, tmp_path / "run2", epochs=1, rela_schedule="none"))
     assert not (tmp_path / "run2").exists()
+
+
+# ------------------------------------------------------------------------- precision and views
+
+
+def test_precision_is_resolved_recorded_and_losses_stay_fp32(shard_set, tmp_path):
+    from rela_pipeline.runtime import cpu_has_native_bf16
+
+    shards, _ = shard_set
+    run_train(config(shards, tmp_path / "auto", epochs=1))
+    resolved = json.loads((tmp_path / "auto" / "config.json").read_text())["resolved"]
+    assert resolved["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolved["memory_format"] == "channels_last" and resolved["data_path"] == "memory" and resolved["augment"] == "device"
+    run_train(config(shards, tmp_path / "fp32", epochs=1, precision="fp32", data_path="stream"))
+    resolved = json.loads((tmp_path / "fp32" / "config.json").read_text())["resolved"]
+    assert resolved["precision"] == "fp32" and resolved["data_path"] == "stream"
+
+
+@pytest.mark.parametrize("rela_phase", [True, False])
+def test_a_bf16_step_keeps_losses_probe_and_weights_in_fp32(rela_phase):
+    from rela_pipeline.methods import build_method
+    from rela_pipeline.rela import ConstantSchedule, NoRelaSchedule, ReLA
+    from rela_pipeline.runtime import Precision
+    from rela_pipeline.stages.train.step import TrainStep
+
+    torch.manual_seed(0)
+    schedule = ConstantSchedule(1.0) if rela_phase else NoRelaSchedule()
+    model = ReLA(build_method("byol", build_backbone("convnet")), 64, schedule)
+    schedule.start(0, 10)
+    step = TrainStep(model, nn.Linear(256, 10), 1e-3, 0.01, "constant", 10, Precision("bf16", "cpu"))
+    views = [torch.rand(8, 3, 32, 32) for _ in range(2)]
+    result = step(views, torch.randn(8, 64), torch.randint(0, 10, (8,)), True)
+    assert result.output.loss.dtype == torch.float32 and result.probe_loss.dtype == torch.float32
+    assert model.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step's forward does run in bf16
+        assert model.backbone.features[0](views[0].contiguous(memory_format=torch.channels_last)).dtype == torch.bfloat16
+
+
+def test_a_custom_view_transform_of_the_wrong_shape_is_one_line_naming_the_method(shard_set, tmp_path):
+    from rela_pipeline.batched_views import batched_simclr_views
+
+    shards, _ = shard_set
+    simclr = batched_simclr_views(32)
+    half_batch = lambda images, generator: [v[:16] for v in simclr(images, generator)]  # noqa: E731
+    with pytest.raises(RelaError) as error:
+        run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="none"), method_factory=ToyMethod, ssl_views=half_batch)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("toy views") and "(16, 3, 32, 32)" in message and "(32, 3, h, w)" in message, message
+    assert not (tmp_path / "run").exists()
+    pil_style = lambda image: [image, image]  # noqa: E731  a per-image transform given to the device path
+    with pytest.raises(RelaError, match="toy views: the transform failed on a uint8 batch"):
+        run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="none"), method_factory=ToyMethod, ssl_views=pil_style)

@@ -27,7 +27,7 @@ import logging
 import multiprocessing
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,7 +41,7 @@ from ..fileio import npy_from_bytes
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
 from .format import IMAGE_FIELDS, SCORES_NAME, TARGET_FIELD
 from .location import read_url, resolve_location, sibling_url
-from .manifest import parse_manifest, read_manifest
+from .manifest import parse_manifest, read_manifest, verify_shard_set
 
 logger = logging.getLogger("rela_pipeline")
 
@@ -60,6 +60,8 @@ class ShardSetSource:
         shard_samples: samples in each of those shards (from the manifest).
         skipped_shards: names of shards left out under ``skip_bad_shards``.
         local_dir: the directory for a local shard set, else None.
+        shard_ids: for each read shard, its position in the manifest's shard list (a stable id
+            that seeds its shuffle; default ``0, 1, ...``).
     """
 
     location: str
@@ -68,6 +70,13 @@ class ShardSetSource:
     shard_samples: list[int]
     skipped_shards: list[str]
     local_dir: Path | None
+    shard_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.shard_ids:
+            self.shard_ids = list(range(len(self.shard_urls)))
+        if len(self.shard_ids) != len(self.shard_urls):
+            raise ValueError("one shard id per shard URL")
 
     @property
     def num_samples(self) -> int:
@@ -95,11 +104,11 @@ class ShardSetSource:
         Raises:
             RelaError: no shard would be left.
         """
-        keep = [(url, count) for url, count in zip(self.shard_urls, self.shard_samples) if os.path.basename(url) not in names]
+        keep = [(url, count, i) for url, count, i in zip(self.shard_urls, self.shard_samples, self.shard_ids) if os.path.basename(url) not in names]
         if not keep:
             raise RelaError(f"no readable shard left in {self.location}")
         skipped = self.skipped_shards + [n for n in names if n not in self.skipped_shards]
-        return ShardSetSource(self.location, self.manifest, [u for u, _ in keep], [c for _, c in keep], skipped, self.local_dir)
+        return ShardSetSource(self.location, self.manifest, [u for u, _, _ in keep], [c for _, c, _ in keep], skipped, self.local_dir, [i for _, _, i in keep])
 
     def sibling_url(self, name: str) -> str:
         """Path or URL of the file ``name`` next to the manifest."""
@@ -169,8 +178,8 @@ def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False
         raise RelaError(f"manifest of {location} is inconsistent: its shards hold {counted} samples but samples.written is {written}")
     if target_dim < 1:
         raise RelaError(f"manifest of {location} records target dim {target_dim}")
-    urls, samples, skipped = [], [], []
-    for shard in shards:
+    urls, samples, skipped, ids = [], [], [], []
+    for shard_id, shard in enumerate(shards):
         name = str(shard["name"])
         if "/" in name or name.startswith("."):
             raise RelaError(f"manifest of {location} names an unsafe shard path {name!r}")
@@ -191,9 +200,10 @@ def open_shard_set(location: str | os.PathLike, *, skip_bad_shards: bool = False
         else:
             urls.append(sibling_url(location, name))
         samples.append(int(shard["samples"]))
+        ids.append(shard_id)
     if not urls:
         raise RelaError(f"no readable shard left in {location}")
-    return ShardSetSource(location, manifest, urls, samples, skipped, local_dir)
+    return ShardSetSource(location, manifest, urls, samples, skipped, local_dir, ids)
 
 
 class _ErrorLatch:
@@ -346,3 +356,28 @@ def new_phase_flag(rela: bool) -> Any:
     """A flag shared with DataLoader workers (fork or spawn) telling which views to make."""
     return multiprocessing.get_context().Value("b", PHASE_RELA if rela else PHASE_SSL, lock=False)
 
+
+def verified(source: ShardSetSource, skip_bad_shards: bool) -> ShardSetSource:
+    """Verify a shard set before training (every checksum, sample key, target and the transport:
+    :func:`verify_shard_set`; a remote set is streamed once for it); with ``skip_bad_shards`` the
+    shards that fail are left out with a warning as long as nothing outside them fails.
+
+    Returns:
+        ``source``, or a copy without the shards that failed.
+
+    Raises:
+        RelaError: the set does not verify (the message gives the first problem and the count).
+    """
+    report = verify_shard_set(source.local_dir if source.local_dir is not None else source.location)
+    if report.ok:
+        return source
+    in_shards = {problem for problems in report.shard_problems.values() for problem in problems}
+    outside = [p for p in report.problems if p not in in_shards]
+    if skip_bad_shards and not outside:
+        for name in report.bad_shards:
+            logger.warning("skipping %s: it fails verification (%s)", name, report.shard_problems[name][0])
+        return source.without(report.bad_shards)
+    raise RelaError(
+        f"shard set {source.location} does not verify ({len(report.problems)} problem(s); first: {report.problems[0]}); "
+        f"see `rela-pipeline verify {source.location}`, or pass --no-verify to train on it anyway"
+    )

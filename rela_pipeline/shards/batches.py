@@ -1,0 +1,509 @@
+"""Training batches from a shard set, on the training device, for any training loop.
+
+:class:`ShardBatches` is stage two's data path as a public object: the loop of ``rela-pipeline
+train``, a user's own loop and a PyTorch Lightning module all read the same batches from it. Per
+epoch it draws the dynamic subset (:class:`rela_pipeline.subsets.SubsetSampler`), orders it
+(:mod:`rela_pipeline.shards.plan`) and yields :class:`ShardBatch` objects: uint8 images at the
+training resolution, the first K target components, labels and sample indices, already on the
+device, with a per-batch seed from which the views are made there
+(:mod:`rela_pipeline.batched_views`).
+
+Two data paths give the same batches (same subsets, order, images and view seeds):
+
+``memory``  the whole shard set is decoded once (in parallel DataLoader workers, with a progress
+            bar) into a uint8 tensor ``(N, 3, S, S)``, float32 targets ``(N, K)`` and int64
+            labels ``(N,)`` on the training device (host RAM on CPU, device memory on CUDA);
+            each batch is one index operation. No tar is read after the first pass.
+``stream``  every epoch reads the shards with webdataset: DataLoader worker ``w`` reads the
+            shards at positions ``w, w + W, ...`` of the epoch's shard order, keeps the subset
+            by ``__key__`` before decoding, shuffles with the plan's per-shard buffer, decodes
+            to uint8 ``(3, S, S)`` and sends chunks; the main process puts the chunks back in
+            plan order and cuts batches. For sets larger than memory. With W workers the
+            main process may hold up to about W - 1 decoded shards while it waits for the next
+            one in order (the DataLoader returns the workers' chunks round-robin).
+``auto``    ``memory`` when the decoded set fits the cache budget, else ``stream``.
+
+Images are decoded with PIL and resized to S x S (bilinear, the whole image: the same squash the
+evaluation uses) once, when decoded; all augmentation happens later on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import RelaError
+from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
+from ..runtime import resolve_device
+from ..subsets import SubsetSampler
+from .plan import buffer_shuffle, epoch_batches, epoch_order, shard_rng, shard_visit_order
+from .reader import ShardSetSource, _decode_sample, _ErrorLatch, _is_sample_key, open_shard_set, verified
+
+logger = logging.getLogger("rela_pipeline")
+
+#: Accepted ``data_path`` values.
+DATA_PATHS = ("auto", "memory", "stream")
+#: Fraction of free memory (host RAM on CPU, device memory on CUDA) that the default cache budget allows.
+DEFAULT_CACHE_FRACTION = 0.5
+#: Samples per chunk a stream worker sends to the main process.
+CHUNK_SAMPLES = 256
+
+
+def decoded_bytes_per_sample(image_size: int, target_dim: int) -> int:
+    """Bytes one sample takes in the in-memory store: uint8 image ``3 x S x S``, float32 target
+    ``K``, int64 label and index."""
+    return 3 * image_size * image_size + 4 * target_dim + 16
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """The default cache budget: :data:`DEFAULT_CACHE_FRACTION` of the free device memory on CUDA
+    (``torch.cuda.mem_get_info``), of ``MemAvailable`` in ``/proc/meminfo`` on CPU (of the
+    physical memory where that file does not exist)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(DEFAULT_CACHE_FRACTION * free)
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(DEFAULT_CACHE_FRACTION * available)
+
+
+def view_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the views of batch ``step`` (0-based, within ``epoch``): a function of the run
+    seed and the batch's place only, so every data path and a resumed run make the same views."""
+    return int(np.random.SeedSequence([seed, epoch, step, 0x7E5]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class ShardBatch:
+    """One training batch on the training device.
+
+    Attributes:
+        images: uint8 ``(B, 3, S, S)``, RGB, the whole images resized to the training resolution
+            (None on the PIL path, whose workers make the views).
+        target: float32 ``(B, K)``, the first K components of the representation targets.
+        label: int64 ``(B,)``, class indices, -1 for unlabelled data.
+        index: int64 ``(B,)``, sample indices in the shard set.
+        epoch: the 0-based epoch.
+        step: the batch's 0-based place in its epoch.
+        seed: the seed of this batch's views (:func:`view_seed`).
+        ready_views: views made elsewhere (the PIL path), returned by :meth:`views` as they are.
+    """
+
+    images: torch.Tensor | None
+    target: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    epoch: int
+    step: int
+    seed: int
+    ready_views: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def generator(self) -> torch.Generator:
+        """A new generator on the batch's device seeded with :attr:`seed`."""
+        return torch.Generator(device=self.target.device).manual_seed(self.seed)
+
+    def views(self, transform: Callable | None, name: str = "views", memory_format: torch.memory_format | None = None) -> list[torch.Tensor]:
+        """The batch's augmented views.
+
+        Args:
+            transform: a batched view transform, ``(uint8 (B, 3, S, S), generator) -> list of
+                float (B, 3, s, s)`` (e.g. :func:`rela_pipeline.batched_views.batched_rela_views`);
+                ignored when :attr:`ready_views` is set.
+            name: how to name the transform in errors (the method's name).
+            memory_format: e.g. ``torch.channels_last`` for convolutional students.
+
+        Returns:
+            At least two float tensors ``(B, 3, s, s)`` on the batch's device.
+
+        Raises:
+            RelaError: the transform returns anything else (one line naming ``name`` and the shapes).
+        """
+        if self.ready_views is not None:
+            views = self.ready_views
+        else:
+            from ..batched_views import check_views
+
+            if transform is None:
+                raise RelaError(f"{name}: no view transform given for a batch of images")
+            try:
+                made = transform(self.images, self.generator())
+            except TypeError as error:
+                raise RelaError(
+                    f"{name}: the transform failed on a uint8 batch {tuple(self.images.shape)} with a generator ({error}); "
+                    "give a batched transform (rela_pipeline.batched_views) or use --augment pil for per-image PIL transforms"
+                ) from None
+            views = check_views(made, self.target.shape[0], name)
+        if memory_format is not None:
+            views = [v.contiguous(memory_format=memory_format) for v in views]
+        return views
+
+
+def _to_uint8_chw(image: Image.Image, image_size: int) -> np.ndarray:
+    """A PIL RGB image as uint8 ``(3, S, S)``: bilinear resize of the whole image (antialiased
+    when shrinking, PIL's ``Image.resize``), channels first."""
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class _ShardDecoder(torch.utils.data.IterableDataset):
+    """DataLoader dataset: decode shards into uint8 chunks, one shard per worker at a time.
+
+    Worker ``w`` of ``W`` takes the shards at positions ``w, w + W, ...`` of ``shards``; for each it
+    yields chunks ``{"position", "last", "images": uint8 (n, 3, S, S), "target": float32 (n, K),
+    "label": int64 (n,), "index": int64 (n,)}`` (a last chunk may be empty), or ``{"error": line}``
+    and stops.
+
+    Args:
+        shards: ``[(shard id, url), ...]`` in reading order.
+        subset_mask: ``(N,)`` bool, or None for every sample.
+        target_dim, image_size: K and S.
+        seed, epoch: for the per-shard shuffle; ``shuffle_buffer`` None keeps the stored order.
+        skip_bad_shards: warn and go on past unreadable shards and samples.
+    """
+
+    def __init__(self, shards: list[tuple[int, str]], subset_mask: np.ndarray | None, target_dim: int, image_size: int,
+                 seed: int, epoch: int, shuffle_buffer: int | None, skip_bad_shards: bool) -> None:
+        super().__init__()
+        self.shards = shards
+        self.mask = subset_mask
+        self.target_dim = target_dim
+        self.image_size = image_size
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.skip = skip_bad_shards
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position in range(worker, len(self.shards), workers):
+            shard_id, url = self.shards[position]
+            error = yield from self._shard(position, shard_id, url)
+            if error is not None:
+                yield {"error": error}
+                return
+
+    def _keep(self, sample: dict[str, Any]) -> bool:
+        key = sample.get("__key__")
+        if not _is_sample_key(key) or self.mask is None:
+            return True  # a key that is no sample index is refused by name when decoded
+        index = int(key)
+        return index < len(self.mask) and bool(self.mask[index])
+
+    def _shard(self, position: int, shard_id: int, url: str):
+        latch = _ErrorLatch(self.skip)
+        samples = (s for s in wds.tarfile_to_samples(handler=latch.handle_shard)([{"url": url}]) if self._keep(s))
+        if self.shuffle_buffer is not None:
+            samples = buffer_shuffle(samples, self.shuffle_buffer, shard_rng(self.seed, self.epoch, shard_id))
+        rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+        for sample in samples:
+            try:
+                image, target, label, index = _decode_sample(sample, self.target_dim)
+                rows.append((_to_uint8_chw(image, self.image_size), target, label, index))
+            except UNDECODABLE_IMAGE_ERRORS as error:  # ValueError covers the key and target checks
+                message = f"bad sample in shard {os.path.basename(url)}: {error}"
+                if self.skip:
+                    logger.warning("skipping %s", message)
+                    continue
+                return message + " (pass --skip-bad-shards to skip bad samples with a warning)"
+            if len(rows) == CHUNK_SAMPLES:
+                yield self._chunk(position, rows, last=False)
+                rows = []
+        if latch.message:
+            return latch.message
+        yield self._chunk(position, rows, last=True)
+        return None
+
+    def _chunk(self, position: int, rows: list, last: bool) -> dict[str, Any]:
+        size = self.image_size
+        return {
+            "position": position,
+            "last": last,
+            "images": torch.from_numpy(np.stack([r[0] for r in rows])) if rows else torch.empty(0, 3, size, size, dtype=torch.uint8),
+            "target": torch.from_numpy(np.stack([r[1] for r in rows])) if rows else torch.empty(0, self.target_dim),
+            "label": torch.tensor([r[2] for r in rows], dtype=torch.int64),
+            "index": torch.tensor([r[3] for r in rows], dtype=torch.int64),
+        }
+
+
+def _decode_shards(dataset: _ShardDecoder, workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """Run a :class:`_ShardDecoder` in ``workers`` processes and yield its chunks in shard order.
+
+    Raises:
+        RelaError: a worker reported an error (its one line).
+    """
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+    )
+    pending: dict[int, list[dict[str, Any]]] = {}
+    expected = 0
+    for chunk in loader:
+        if "error" in chunk:
+            raise RelaError(chunk["error"])
+        pending.setdefault(chunk["position"], []).append(chunk)
+        while expected in pending and pending[expected]:
+            ready = pending[expected].pop(0)
+            yield ready
+            if ready["last"]:
+                del pending[expected]
+                expected += 1
+
+
+class ShardMemoryStore:
+    """A shard set decoded once into memory on the training device.
+
+    Attributes:
+        images: uint8 ``(N, 3, S, S)`` (rows of unread samples stay zero).
+        targets: float32 ``(N, K)``.
+        labels: int64 ``(N,)``, -1 for unlabelled or unread samples.
+        contents: shard id -> int64 sample indices in stored order (the shards that were read).
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, contents: dict[int, np.ndarray]) -> None:
+        self.images, self.targets, self.labels, self.contents = images, targets, labels, contents
+
+    @classmethod
+    def load(cls, source: ShardSetSource, target_dim: int, image_size: int, device: torch.device, num_workers: int,
+             skip_bad_shards: bool = False, progress: bool = True) -> "ShardMemoryStore":
+        """Decode every readable sample of ``source`` (one pass over the shards, ``num_workers``
+        processes) into tensors on ``device``.
+
+        Raises:
+            RelaError: an unreadable shard or sample (unless ``skip_bad_shards``).
+        """
+        n = source.num_samples
+        images = torch.zeros(n, 3, image_size, image_size, dtype=torch.uint8, device=device)
+        targets = torch.zeros(n, target_dim, dtype=torch.float32, device=device)
+        labels = torch.full((n,), -1, dtype=torch.int64, device=device)
+        contents: dict[int, list[np.ndarray]] = {}
+        shards = list(enumerate(source.shard_urls))
+        ids = source.shard_ids
+        decoder = _ShardDecoder([(ids[i], url) for i, url in shards], None, target_dim, image_size, 0, 0, None, skip_bad_shards)
+        bar = tqdm(total=source.readable_samples, unit="img", desc="decode", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for chunk in _decode_shards(decoder, num_workers, pin_memory=device.type == "cuda"):
+                index = chunk["index"]
+                if len(index) and int(index.max()) >= n:
+                    raise RelaError(f"a sample index {int(index.max())} is outside the manifest's {n} samples")
+                rows = index.to(device)
+                images[rows] = chunk["images"].to(device, non_blocking=True)
+                targets[rows] = chunk["target"].to(device, non_blocking=True)
+                labels[rows] = chunk["label"].to(device, non_blocking=True)
+                contents.setdefault(ids[chunk["position"]], []).append(index.numpy())
+                bar.update(len(index))
+        merged = {shard_id: np.concatenate(parts).astype(np.int64) for shard_id, parts in contents.items()}
+        return cls(images, targets, labels, merged)
+
+    @property
+    def samples(self) -> int:
+        """Samples held."""
+        return int(sum(len(v) for v in self.contents.values()))
+
+
+class ShardBatches:
+    """Training batches from a shard set for any loop: the subsets, order, epochs and seeds of
+    ``rela-pipeline train`` (module docstring).
+
+    Use::
+
+        batches = ShardBatches("runs/demo/shards", batch_size=128, image_size=32, data_ratio=0.2)
+        views = batched_rela_views(32)
+        for epoch in range(10):
+            for batch in batches.epoch(epoch):
+                v1, v2 = batch.views(views)           # float32 (B, 3, 32, 32) on batches.device
+                ...                                   # batch.target (B, K), batch.label, batch.index
+
+    Iterating the object itself (``for batch in batches``) runs :attr:`next_epoch` and advances
+    it, so frameworks that call ``iter()`` once per epoch (PyTorch Lightning) get a new subset each
+    time; :meth:`set_epoch` sets it (e.g. when resuming).
+
+    Args:
+        shards: a shard-set directory or manifest URL, or an opened :class:`ShardSetSource`.
+        batch_size: B, images per batch.
+        image_size: S, the training resolution in pixels (images are stored at S x S).
+        target_dim: K, the leading target components to return (default: all).
+        data_ratio, subset, dedup_threshold: the dynamic subset (:class:`SubsetSampler`).
+        seed: seeds the subsets, the order and the views.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        data_path: one of :data:`DATA_PATHS`.
+        cache_bytes: the memory budget of the ``memory`` path in bytes (default
+            :func:`default_cache_bytes`).
+        num_workers: decoding processes (stream path, and the memory path's first pass);
+            0 decodes in this process; None = ``min(8, CPUs - 1)``.
+        shuffle_buffer: the per-shard shuffle buffer in samples.
+        skip_bad_shards: warn and skip unreadable shards and samples.
+        verify: when ``shards`` is a location, verify the set first
+            (:func:`rela_pipeline.shards.manifest.verify_shard_set`).
+        progress: show the memory path's decoding progress bar.
+
+    Raises:
+        RelaError: a bad setting, a set that does not open or verify, an empty subset, or
+            ``data_path="memory"`` when the set does not fit (naming the bytes needed and the budget).
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | ShardSetSource,
+        *,
+        batch_size: int,
+        image_size: int = 32,
+        target_dim: int | None = None,
+        data_ratio: float = 1.0,
+        subset: str = "random",
+        dedup_threshold: float = 0.98,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        data_path: str = "auto",
+        cache_bytes: int | None = None,
+        num_workers: int | None = None,
+        shuffle_buffer: int = 2000,
+        skip_bad_shards: bool = False,
+        verify: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if data_path not in DATA_PATHS:
+            raise RelaError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
+        if batch_size < 1 or image_size < 8 or shuffle_buffer < 1:
+            raise RelaError(f"need batch size >= 1, image size >= 8 and shuffle buffer >= 1, got {batch_size}, {image_size}, {shuffle_buffer}")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise RelaError(f"--cache-bytes must be >= 0, got {cache_bytes}")
+        if isinstance(shards, ShardSetSource):
+            source = shards
+        else:
+            source = open_shard_set(shards, skip_bad_shards=skip_bad_shards)
+            if verify:
+                source = verified(source, skip_bad_shards)
+        self.source = source
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.target_dim = min(target_dim, source.target_dim) if target_dim is not None else source.target_dim
+        self.seed = seed
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.shuffle_buffer = shuffle_buffer
+        self.skip_bad_shards = skip_bad_shards
+        self.progress = progress
+        if num_workers is not None and num_workers < 0:
+            raise RelaError(f"--num-workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers if num_workers is not None else default_num_workers()
+        scores = source.load_scores() if subset != "random" else None
+        self.sampler = SubsetSampler(source.num_samples, data_ratio, subset, scores, seed=seed, dedup_threshold=dedup_threshold, min_size=batch_size)
+        self.cache_bytes = cache_bytes if cache_bytes is not None else default_cache_bytes(self.device)
+        self.bytes_needed = source.num_samples * decoded_bytes_per_sample(image_size, self.target_dim)
+        fits = self.bytes_needed <= self.cache_bytes
+        if data_path == "memory" and not fits:
+            raise RelaError(
+                f"--data-path memory: the decoded shard set needs {self.bytes_needed:,} bytes ({source.num_samples} samples at "
+                f"{image_size} px, {self.target_dim} target dims) but the cache budget is {self.cache_bytes:,} bytes "
+                f"(--cache-bytes); use --data-path stream or a larger budget"
+            )
+        self.data_path = "memory" if data_path == "memory" or (data_path == "auto" and fits) else "stream"
+        self.next_epoch = 0
+        self._store: ShardMemoryStore | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches per epoch: ``subset size // B`` (fewer if shards were skipped)."""
+        return self.sampler.size // self.batch_size
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        """N, the samples in the shard set."""
+        return self.source.num_samples
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names ([] when unlabelled)."""
+        return self.source.class_names
+
+    def store(self) -> ShardMemoryStore:
+        """The decoded set of the memory path, decoded on first use.
+
+        Raises:
+            RelaError: on the stream path, or an unreadable shard or sample.
+        """
+        if self.data_path != "memory":
+            raise RelaError("the shard set is read by streaming, not held in memory")
+        if self._store is None:
+            logger.info("decoding %d samples into memory (%.1f MB on %s)", self.num_samples, self.bytes_needed / 1e6, self.device)
+            self._store = ShardMemoryStore.load(self.source, self.target_dim, self.image_size, self.device, self.num_workers, self.skip_bad_shards, self.progress)
+        return self._store
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter(self)`` run ``epoch``."""
+        self.next_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        return self.epoch(epoch)
+
+    def epoch(self, epoch: int) -> Iterator[ShardBatch]:
+        """The batches of ``epoch`` (0-based), in order.
+
+        Raises:
+            RelaError: an unreadable shard or sample met while reading (unless skipped).
+        """
+        mask = self.sampler.mask(epoch)
+        if self.data_path == "memory":
+            return self._memory_epoch(epoch, mask)
+        return self._stream_epoch(epoch, mask)
+
+    def _batch(self, epoch: int, step: int, images, target, label, index) -> ShardBatch:
+        return ShardBatch(images, target, label, index, epoch, step, view_seed(self.seed, epoch, step))
+
+    def _memory_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
+        store = self.store()
+        order = epoch_order(store.contents, mask, self.seed, epoch, self.shuffle_buffer)
+        batches = torch.from_numpy(epoch_batches(order, self.batch_size)).to(self.device)
+        for step, rows in enumerate(batches):
+            yield self._batch(epoch, step, store.images[rows], store.targets[rows], store.labels[rows], rows)
+
+    def _stream_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
+        ids = self.source.shard_ids
+        url_of = dict(zip(ids, self.source.shard_urls))
+        visit = [(shard_id, url_of[shard_id]) for shard_id in shard_visit_order(ids, self.seed, epoch)]
+        decoder = _ShardDecoder(visit, mask, self.target_dim, self.image_size, self.seed, epoch, self.shuffle_buffer, self.skip_bad_shards)
+        cuda = self.device.type == "cuda"
+        held: list[dict[str, torch.Tensor]] = []
+        count, step = 0, 0
+        for chunk in _decode_shards(decoder, self.num_workers, pin_memory=cuda):
+            if not len(chunk["index"]):
+                continue
+            held.append(chunk)
+            count += len(chunk["index"])
+            while count >= self.batch_size:
+                parts = {k: torch.cat([c[k] for c in held]) for k in ("images", "target", "label", "index")}
+                first = {k: v[: self.batch_size] for k, v in parts.items()}
+                rest = {k: v[self.batch_size :] for k, v in parts.items()}
+                held, count = ([rest] if len(rest["index"]) else []), len(rest["index"])
+                moved = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=True) for k, v in first.items()}
+                yield self._batch(epoch, step, moved["images"], moved["target"], moved["label"], moved["index"])
+                step += 1
+
+
+def default_num_workers() -> int:
+    """Decoding workers when none are given: ``min(8, CPUs - 1)``, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+

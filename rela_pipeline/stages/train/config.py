@@ -1,0 +1,170 @@
+"""Settings and compute accounting of a stage-two run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import RelaError
+from ...methods import METHODS
+from ...models import BACKBONES
+from ...rela import parse_schedule
+from ...runtime import PRECISIONS
+from ...shards.batches import DATA_PATHS
+from ...subsets import SUBSET_RULES
+
+#: Accepted ``--augment`` values: views made batched on the training device, or per sample with
+#: PIL in the DataLoader workers (the reference path, and the one for per-image transforms).
+AUGMENT_PATHS = ("device", "pil")
+
+#: Settings that may differ when resuming: they do not change what is computed (the memory and
+#: stream data paths give the same batches and views).
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards", "verify",
+    "data_path", "cache_bytes",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a stage-two run (the CLI's ``train`` options).
+
+    Attributes:
+        shards: shard-set directory or manifest URL (see :func:`open_shard_set`).
+        out_dir: the run directory.
+        method: a name in :data:`METHODS`, or a label for a caller-provided method.
+        backbone: a name in :data:`BACKBONES`.
+        cifar_stem: ResNet 3x3 stride-1 stem without max-pool; None means on for ``image_size <= 64``.
+        image_size: S, pixels of the square training views.
+        epochs: passes over the (sub-sampled) data.
+        batch_size: B, images per optimisation step.
+        data_ratio: r in ``(0, 1]``: each epoch trains on a fresh subset of ``round(r * N)`` samples.
+        subset: subset rule, one of :data:`SUBSET_RULES`.
+        dedup_threshold: cosine for the ``dedup`` rule.
+        rela_schedule: ``adaptive``, ``constant:<fraction>`` or ``none`` (no ReLA: the baselines).
+        lr, weight_decay: AdamW (the paper's 1e-3 and 0.01).
+        lr_schedule: ``constant`` (the paper) or ``cosine`` (to 0 at the last step).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``
+            (:func:`rela_pipeline.runtime.resolve_precision`; auto = bf16 on CUDA and on CPUs
+            with native bf16, else fp32). Convolutional students use channels_last on every device.
+        augment: ``device`` (batched views on the training device,
+            :mod:`rela_pipeline.batched_views`) or ``pil`` (per-sample PIL views in the workers).
+        data_path: ``auto`` | ``memory`` | ``stream`` (:class:`rela_pipeline.shards.batches.ShardBatches`);
+            the PIL path always streams.
+        cache_bytes: the memory path's budget in bytes; None = half the free memory of the device.
+        num_workers: DataLoader workers decoding (and on the PIL path augmenting); None =
+            ``min(8, CPUs - 1)``; 0 = in the main process (no prefetch).
+        seed: seeds the backbone, heads, subsets, shuffles and augmentations.
+        shuffle_buffer: samples in each shard's shuffle buffer (the PIL path: per worker).
+        log_every: steps per ``metrics.jsonl`` interval record.
+        online_probe: train a linear classifier on detached features when labels exist.
+        skip_bad_shards: warn and skip unreadable shards and samples instead of failing (with
+            ``verify``: also the shards that fail verification).
+        verify: check the shard set with :func:`rela_pipeline.shards.manifest.verify_shard_set`
+            before training and refuse it on any problem (a remote set is downloaded once for it,
+            streaming; ``verify=False`` skips that when it was verified where its files are).
+        resume: continue from ``RUN/checkpoints/last.pt``.
+        overwrite: replace an existing run directory.
+        progress: show progress bars.
+    """
+
+    shards: str
+    out_dir: Path
+    method: str = "byol"
+    backbone: str = "convnet"
+    cifar_stem: bool | None = None
+    image_size: int = 32
+    epochs: int = 10
+    batch_size: int = 128
+    data_ratio: float = 1.0
+    subset: str = "random"
+    dedup_threshold: float = 0.98
+    rela_schedule: str = "adaptive"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    lr_schedule: str = "constant"
+    device: str = "auto"
+    precision: str = "auto"
+    augment: str = "device"
+    data_path: str = "auto"
+    cache_bytes: int | None = None
+    num_workers: int | None = None
+    seed: int = 0
+    shuffle_buffer: int = 2000
+    log_every: int = 20
+    online_probe: bool = True
+    skip_bad_shards: bool = False
+    verify: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self, custom_method: bool = False) -> None:
+        """Check values before anything is read or written.
+
+        Raises:
+            RelaError: naming the first bad setting.
+        """
+        if not custom_method and self.method not in METHODS:
+            raise RelaError(f"unknown SSL method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.backbone not in BACKBONES:
+            raise RelaError(f"unknown backbone '{self.backbone}'; choose one of: {', '.join(BACKBONES)}")
+        if not 0.0 < self.data_ratio <= 1.0:
+            raise RelaError(f"--data-ratio must be in (0, 1], got {self.data_ratio}")
+        if self.subset not in SUBSET_RULES:
+            raise RelaError(f"unknown subset rule '{self.subset}'; choose one of: {', '.join(SUBSET_RULES)}")
+        parse_schedule(self.rela_schedule)
+        for name in ("epochs", "batch_size", "image_size", "log_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.image_size < 8:
+            raise RelaError(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise RelaError(f"need lr > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise RelaError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule}")
+        if self.precision not in PRECISIONS:
+            raise RelaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.augment not in AUGMENT_PATHS:
+            raise RelaError(f"--augment must be one of {', '.join(AUGMENT_PATHS)}, got {self.augment!r}")
+        if self.data_path not in DATA_PATHS:
+            raise RelaError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}")
+        if self.augment == "pil" and self.data_path == "memory":
+            raise RelaError("--data-path memory needs --augment device (the PIL path streams and augments in its workers)")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise RelaError(f"--cache-bytes must be >= 0, got {self.cache_bytes}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.resume and self.overwrite:
+            raise RelaError("--resume and --overwrite exclude each other")
+
+    @property
+    def use_cifar_stem(self) -> bool:
+        """Whether the ResNet stem is the CIFAR one (explicit, or automatic at 64 px and below)."""
+        return self.cifar_stem if self.cifar_stem is not None else self.image_size <= 64
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Budget:
+    """Compute accounting of a run (MISSION.md item 5).
+
+    Attributes:
+        steps: optimisation steps done.
+        images_seen: images trained on (steps x B; each image gives two or more views).
+        full_run_steps: steps of the full run: ``epochs * (N // B)``.
+    """
+
+    steps: int = 0
+    images_seen: int = 0
+    full_run_steps: int = 1
+
+    @property
+    def fraction(self) -> float:
+        """Steps done as a fraction of the full run's steps."""
+        return self.steps / max(self.full_run_steps, 1)

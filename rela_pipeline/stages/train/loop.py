@@ -1,0 +1,218 @@
+"""The stage-two loop, top to bottom: build the student, the data and the step, then train.
+
+``run_train`` builds a student backbone, wraps an SSL method (built-in or the caller's) in
+:class:`rela_pipeline.rela.ReLA`, and trains it on a fresh dynamic subset every epoch. Its parts:
+
+* :mod:`.config`       settings (:class:`TrainConfig`) and the budget;
+* :mod:`.data`         verification, the batches (memory/stream, device or PIL views);
+* :mod:`.step`         one optimisation step: precision, memory format, optimiser, probe;
+* :mod:`.checkpoints`  the run directory, checkpoints and resuming;
+* :mod:`.metrics`      ``metrics.jsonl``.
+
+Budget (MISSION.md item 5): the fraction of the full run's optimisation steps, the full run being
+the same epochs over all N samples with the same batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import RelaError
+from ...fileio import write_json_atomic
+from ...methods import build_method
+from ...models import build_backbone, save_backbone_checkpoint
+from ...rela import ReLA, parse_schedule
+from ...runtime import resolve_device, resolve_precision
+from ...shards.batches import ShardBatches
+from ...shards.reader import open_shard_set
+from ...views import method_views, rela_views
+from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_NAME, SUMMARY_NAME, Progress,
+                          eval_preprocessing, prepare_run_dir, restore_checkpoint, save_checkpoint)
+from .config import Budget, TrainConfig
+from ...shards.reader import verified
+from .data import build_training_data
+from .metrics import Interval, MetricsLog, finite_or_none
+from .step import TrainStep
+
+logger = logging.getLogger("rela_pipeline")
+
+
+def run_train(
+    config: TrainConfig,
+    *,
+    method_factory: Callable[[nn.Module], nn.Module] | None = None,
+    ssl_views: Callable | None = None,
+) -> dict[str, Any]:
+    """Train a student on a shard set and return the run summary (also ``RUN/summary.json``).
+
+    Args:
+        config: the run's settings.
+        method_factory: for a custom SSL method, ``backbone -> method`` where the method is an
+            ``nn.Module`` with ``backbone`` and ``forward(views) -> loss`` (optionally
+            ``update_momentum(step, total_steps)``); see :mod:`rela_pipeline.rela`. Default: the
+            built-in ``config.method``.
+        ssl_views: the custom method's views: with ``augment="device"`` a batched transform
+            ``(uint8 (B, 3, S, S), torch.Generator) -> list of float (B, 3, s, s)`` (e.g.
+            :func:`rela_pipeline.batched_views.batched_method_views`); with ``augment="pil"`` a PIL
+            transform (RGB image -> list of ``(3, S, S)`` tensors). Default: the built-in method's.
+
+    Returns:
+        The summary dict: budget (steps, images_seen, full_run_steps, fraction), wall-clock
+        seconds, data loading seconds, ReLA switch step, the ReLA loss of the first and last
+        logged intervals of this invocation, the last interval's metrics, what "auto" resolved to,
+        and output paths.
+
+    Raises:
+        RelaError: bad settings, a shard set that fails its checks, bad shards or samples met
+            while reading (unless ``skip_bad_shards``), an empty subset, a set that does not fit
+            ``data_path="memory"``, views of the wrong shape, or a resume whose settings differ.
+            Before the first checkpoint the run directory is removed; after it the checkpoint
+            stays so ``--resume`` can continue.
+    """
+    custom = method_factory is not None
+    config.validate(custom_method=custom)
+    if custom and ssl_views is None:
+        raise RelaError("a custom method needs its view transform (ssl_views=)")
+    source = open_shard_set(config.shards, skip_bad_shards=config.skip_bad_shards)
+    if config.verify:
+        source = verified(source, config.skip_bad_shards)
+    device = resolve_device(config.device)
+    out = Path(config.out_dir)
+    created = not out.exists()
+    resuming = prepare_run_dir(config)
+    try:
+        return _train(config, source, device, resuming, method_factory, ssl_views)
+    except BaseException:
+        if created and not (out / LAST_CHECKPOINT).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[str, Callable]:
+    """The views of each phase: ``{"rela": ..., "ssl": ...}`` for the configured augment path."""
+    size = config.image_size
+    if config.augment == "pil":
+        return {"rela": rela_views(size), "ssl": ssl_views if ssl_views is not None else method_views(config.method, size)}
+    from ...batched_views import batched_method_views, batched_rela_views
+
+    return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size)}
+
+
+def _train(config: TrainConfig, source, device: torch.device, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
+    out = Path(config.out_dir)
+
+    # The student: backbone, method, ReLA wrapper, online probe.
+    torch.manual_seed(config.seed)
+    backbone_config = {"name": config.backbone, "cifar_stem": config.use_cifar_stem}
+    backbone = build_backbone(config.backbone, cifar_stem=config.use_cifar_stem)
+    method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone)
+    if getattr(method, "backbone", None) is not backbone:
+        raise RelaError("the custom method must keep the backbone it was given as its .backbone")
+    target_dim = min(backbone.feature_dim, source.target_dim)
+    rela = ReLA(method, target_dim, parse_schedule(config.rela_schedule)).to(device)
+    labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
+    probe = nn.Linear(backbone.feature_dim, len(source.class_names)).to(device) if labelled and config.online_probe else None
+
+    # The data and the views of each phase.
+    views = _view_transforms(config, ssl_views)
+    data = build_training_data(config, source, target_dim, device, pil_views=(views["rela"], views["ssl"]), rela_active=lambda: rela.schedule.active)
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    budget = Budget(full_run_steps=config.epochs * (source.num_samples // config.batch_size))
+
+    # The step, then where the run stands.
+    precision = resolve_precision(config.precision, device)
+    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision)
+    progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress(0, budget, 0.0)
+    if resuming:
+        logger.info("resuming %s after epoch %d (step %d)", out, progress.next_epoch, budget.steps)
+    resolved = {
+        "device": str(device), "precision": precision.name, "data_path": data.data_path, "augment": config.augment,
+        "memory_format": "channels_last" if step.memory_format is not None else "contiguous", "target_dim": target_dim,
+    }
+    write_json_atomic(out / CONFIG_NAME, {**config.to_json(), "resolved": resolved})
+    rela.schedule.start(budget.steps, total_steps)
+    logger.info(
+        "training %s + %s on %s (%s, %s views, %s data path): %s; %d steps per epoch x %d epochs = %d steps (%.1f%% of the full run's %d)",
+        config.method, config.backbone, device, precision.name, config.augment, data.data_path, data.sampler.describe(),
+        steps_per_epoch, config.epochs, total_steps, 100.0 * total_steps / max(budget.full_run_steps, 1), budget.full_run_steps,
+    )
+    if source.skipped_shards:
+        logger.warning("training without %d skipped shards (%d of %d samples readable)", len(source.skipped_shards), source.readable_samples, source.num_samples)
+    load_start = time.perf_counter()
+    if isinstance(data, ShardBatches) and data.data_path == "memory":
+        data.store()  # the one decoding pass, before the clock of the training loop starts
+    data_load_s = time.perf_counter() - load_start
+
+    metrics = MetricsLog(out / METRICS_NAME, budget.steps if resuming else None)
+    method_name = config.method
+    rela.train()
+    t_start = time.perf_counter()
+    interval = Interval()
+    bar = tqdm(total=total_steps, initial=budget.steps, unit="step", desc="train", disable=not config.progress, dynamic_ncols=True)
+    try:
+        for epoch in range(progress.next_epoch, config.epochs):
+            epoch_steps = 0
+            for batch in data.epoch(epoch):
+                phase = rela.phase
+                batch_views = batch.views(views[phase], f"{'ReLA' if phase == 'rela' else method_name} views", step.memory_format)
+                result = step(batch_views, batch.target, batch.label, labelled)
+                was_active = rela.schedule.active
+                rela.step_end(result.output, budget.steps, total_steps)
+                if was_active and not rela.schedule.active:
+                    if hasattr(data, "switch_to_ssl"):
+                        data.switch_to_ssl()
+                    metrics.write({"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))})
+                    logger.info("ReLA phase ends at step %d: training continues with the %s loss", rela.schedule.switch_step, method_name)
+                budget.steps += 1
+                budget.images_seen += config.batch_size
+                epoch_steps += 1
+                interval.add(result, config.batch_size)
+                bar.update(1)
+                if budget.steps % config.log_every == 0:
+                    record = interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"])
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", phase=record["phase"], img_s=f"{record['images_per_s']:.0f}")
+            if epoch_steps == 0:
+                raise RelaError(f"epoch {epoch} produced no batch of {config.batch_size}: the readable subset is too small")
+            if epoch == config.epochs - 1 and interval.images:
+                metrics.write(interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"]))
+            elapsed = progress.elapsed_s + time.perf_counter() - t_start
+            metrics.write({"event": "epoch_end", "epoch": epoch, "step": budget.steps, "epoch_steps": epoch_steps, "images_seen": budget.images_seen, "budget_fraction": budget.fraction, "elapsed_s": round(elapsed, 2)})
+            save_checkpoint(out, config, backbone_config, rela, probe, step, epoch, budget, elapsed)
+    finally:
+        bar.close()
+        step.close()
+        metrics.close()
+    wall = progress.elapsed_s + time.perf_counter() - t_start
+    save_backbone_checkpoint(
+        out / BACKBONE_NAME, backbone, backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
+        step=budget.steps, config=config.to_json(),
+    )
+    summary = {
+        "run_dir": str(out),
+        "method": config.method,
+        "backbone": backbone_config,
+        "rela_schedule": config.rela_schedule,
+        "rela_switch_step": rela.schedule.switch_step,
+        "subset": data.sampler.describe(),
+        "budget": {"steps": budget.steps, "images_seen": budget.images_seen, "full_run_steps": budget.full_run_steps, "fraction": round(budget.fraction, 6)},
+        "wall_clock_s": round(wall, 2),
+        "data_load_s": round(data_load_s, 2),
+        "resolved": resolved,
+        "final": interval.last_record,
+        "rela_loss": {"first_interval": interval.first_rela_loss, "last_interval": interval.last_rela_loss},
+        "checkpoint": str(out / BACKBONE_NAME),
+        "shards": source.location,
+        "skipped_shards": source.skipped_shards,
+    }
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    return summary

@@ -1,0 +1,110 @@
+"""``metrics.jsonl`` of a stage-two run: interval records accumulated on the device."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...fileio import atomic_write
+from .config import Budget
+from .step import StepResult
+
+
+class MetricsLog:
+    """Appends JSON records to ``metrics.jsonl``; on resume keeps only records up to the checkpoint.
+
+    Args:
+        path: the file.
+        keep_until_step: on resume, the checkpoint's step (later records are dropped); None
+            starts a new file.
+    """
+
+    def __init__(self, path: Path, keep_until_step: int | None) -> None:
+        self.path = path
+        if keep_until_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            with atomic_write(path, "w") as handle:
+                handle.write("".join(line + "\n" for line in kept))
+        elif keep_until_step is None and path.exists():
+            path.unlink()
+        self.handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (non-finite floats become null)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.handle.write(json.dumps(clean, sort_keys=True) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.handle.close()
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` when it is a finite number, else None."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+class Interval:
+    """Accumulates one logging interval on the device (no host sync until the record is made).
+
+    Attributes:
+        last_record: the last record made.
+        first_rela_loss, last_rela_loss: the ReLA loss of the first and last intervals that had one.
+    """
+
+    def __init__(self) -> None:
+        self.last_record: dict[str, Any] = {}
+        self.first_rela_loss: float | None = None
+        self.last_rela_loss: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.probe_images = 0
+        self.phase = "rela"
+        self.started = time.perf_counter()
+
+    def _add(self, name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add(self, result: StepResult, batch_size: int) -> None:
+        """Add one step of ``batch_size`` images."""
+        output = result.output
+        self.phase = output.phase
+        self._add("loss", output.loss)
+        self._add("rela_loss", output.rela_loss)
+        self._add("ssl_loss", output.ssl_loss)
+        self._add("probe_loss", result.probe_loss)
+        if result.probe_correct is not None:
+            self.sums["probe_correct"] = self.sums.get("probe_correct", 0.0) + result.probe_correct.float()
+            self.probe_images += batch_size
+        self.images += batch_size
+
+    def record(self, budget: Budget, epoch: int, rho: float | None, lr: float) -> dict[str, Any]:
+        """Close the interval: its record (means over its steps, images per second) and a new interval."""
+        seconds = time.perf_counter() - self.started
+        record: dict[str, Any] = {
+            "step": budget.steps, "epoch": epoch, "phase": self.phase, "rho": finite_or_none(rho), "lr": lr,
+            "images_per_s": self.images / max(seconds, 1e-9),
+            "images_seen": budget.images_seen, "budget_fraction": round(budget.fraction, 6),
+        }
+        for name in ("loss", "rela_loss", "ssl_loss", "probe_loss"):
+            record[name] = float(self.sums[name]) / self.counts[name] if name in self.counts else None
+        record["probe_acc"] = float(self.sums["probe_correct"]) / self.probe_images if self.probe_images else None
+        if record["rela_loss"] is not None:
+            self.last_rela_loss = record["rela_loss"]
+            if self.first_rela_loss is None:
+                self.first_rela_loss = record["rela_loss"]
+        self.last_record = record
+        self._reset()
+        return record
