@@ -13,8 +13,10 @@ For BYOL + ReLA, in one process on one machine, for the ReLA phase and the BYOL 
   the one-off decoding pass is reported apart, as ``data_load_s``).
 
 The ``run_train`` rates are the median of ``metrics.jsonl`` interval rates after the first
-interval (which includes start-up). Every number is measured in this run, side by side; report
-ratios, not absolute rates, across machines. Example (the README's CPU numbers)::
+interval (which includes start-up). Every measurement is repeated ``--rounds`` times, the rounds
+interleaved (model alone, then each path, then again), and the table gives the medians, so a
+slow spell of a shared machine does not fall on one column only; the JSON keeps every value.
+Report ratios, not absolute rates, across machines. Example (the README's CPU numbers)::
 
     python benchmarks/train_throughput.py --shards runs/demo/shards --backbone convnet --image-size 32 \\
         --batch-size 128 --steps 60 --out benchmarks/results/train-throughput-cpu.json
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every measurement (medians reported)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="precision of the new paths and of the model alone")
     parser.add_argument("--num-workers", type=int, default=None)
@@ -123,15 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     target_dim = open_shard_set(args.shards).target_dim
     rows = []
     for phase, rela in (("ReLA phase", True), ("BYOL phase", False)):
-        row = {"phase": phase}
-        row["model alone"] = round(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision), 1)
-        row["model alone, fp32"] = round(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32"), 1)
-        for label, overrides in PIPELINES.items():
-            overrides = {"precision": precision, **overrides}
-            rate, load_s = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela, overrides)
-            row[label] = round(rate, 1)
-            if overrides["data_path"] == "memory":
-                row["memory: data_load_s"] = load_s
+        measured: dict[str, list[float]] = {}
+        load_s: list[float] = []
+        for _ in range(args.rounds):
+            measured.setdefault("model alone", []).append(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision))
+            measured.setdefault("model alone, fp32", []).append(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32"))
+            for label, overrides in PIPELINES.items():
+                overrides = {"precision": precision, **overrides}
+                rate, seconds = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela, overrides)
+                measured.setdefault(label, []).append(rate)
+                if overrides["data_path"] == "memory":
+                    load_s.append(seconds)
+        row = {"phase": phase, **{label: round(statistics.median(values), 1) for label, values in measured.items()}}
+        row["rounds"] = {label: [round(v, 1) for v in values] for label, values in measured.items()}
+        row["memory: data_load_s"] = round(statistics.median(load_s), 2)
         row["memory / model alone"] = round(row["memory + device views"] / row["model alone"], 3)
         row["memory / PIL (before)"] = round(row["memory + device views"] / row["PIL stream (before)"], 3)
         row["stream / PIL (before)"] = round(row["stream + device views"] / row["PIL stream (before)"], 3)

@@ -16,7 +16,7 @@ def test_train_throughput_reports_both_phases_with_consistent_ratios(shard_set, 
     out = tmp_path / "bench.json"
     code = train_throughput.main([
         "--shards", str(shards), "--backbone", "convnet", "--batch-size", "16", "--steps", "12",
-        "--warmup", "2", "--device", "cpu", "--num-workers", "0", "--out", str(out),
+        "--warmup", "2", "--rounds", "2", "--device", "cpu", "--num-workers", "0", "--out", str(out),
     ])
     assert code == 0
     result = json.loads(out.read_text())
@@ -28,3 +28,4 @@ def test_train_throughput_reports_both_phases_with_consistent_ratios(shard_set, 
         assert abs(row["memory / model alone"] - row["memory + device views"] / row["model alone"]) < 0.01
         assert abs(row["memory / PIL (before)"] - row["memory + device views"] / row["PIL stream (before)"]) < 0.01
         assert row["memory: data_load_s"] > 0  # the one-off decoding pass is reported, not hidden in the rate
+        assert all(len(values) == 2 for values in row["rounds"].values())

@@ -347,8 +347,9 @@ class ShardBatches:
         data_path: one of :data:`DATA_PATHS`.
         cache_bytes: the memory budget of the ``memory`` path in bytes (default
             :func:`default_cache_bytes`).
-        num_workers: decoding processes (stream path, and the memory path's first pass);
-            0 decodes in this process; None = ``min(8, CPUs - 1)``.
+        num_workers: decoding processes of the stream path; 0 decodes in this process; None =
+            ``min(8, CPUs - 1)``. The memory path's one decoding pass uses at least one process
+            per CPU core (up to one per shard).
         shuffle_buffer: the per-shard shuffle buffer in samples.
         skip_bad_shards: warn and skip unreadable shards and samples.
         verify: when ``shards`` is a location, verify the set first
@@ -447,7 +448,9 @@ class ShardBatches:
             raise RelaError("the shard set is read by streaming, not held in memory")
         if self._store is None:
             logger.info("decoding %d samples into memory (%.1f MB on %s)", self.num_samples, self.bytes_needed / 1e6, self.device)
-            self._store = ShardMemoryStore.load(self.source, self.target_dim, self.image_size, self.device, self.num_workers, self.skip_bad_shards, self.progress)
+            # The loop has not started: the decoding pass may use every core.
+            workers = max(self.num_workers, min(len(self.source.shard_urls), os.cpu_count() or 1))
+            self._store = ShardMemoryStore.load(self.source, self.target_dim, self.image_size, self.device, workers, self.skip_bad_shards, self.progress)
         return self._store
 
     def set_epoch(self, epoch: int) -> None:
