@@ -24,11 +24,13 @@ demo: setup
 	$(CLI) eval --checkpoint $(RUN)/byol-rela/backbone.pt --train $(DATA)/train --test $(DATA)/test --json $(RUN)/eval.json
 
 bench: setup
+	$(PY) -m pip install --isolated -q --disable-pip-version-check -e ".[bench]"
 	@bash scripts/fashion_mnist_source.sh
 	@[ -d $(DATA)/test ] || $(CLI) prepare fashion-mnist --out $(DATA)
 	$(PY) benchmarks/embed_throughput.py --data $(DATA)/train --image-size 64 --out $(RUN)/embed_throughput.json
 	@[ -f $(RUN)/shards/manifest.json ] || $(CLI) embed --data $(DATA)/train --prior random:resnet18 --image-size 64 --out $(RUN)/shards --overwrite
-	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone resnet18 --image-size 32 --out $(RUN)/train_throughput.json
+	$(PY) benchmarks/views_cost.py --out $(RUN)/views_cost.json
+	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone convnet --image-size 32 --batch-size 128 --out $(RUN)/train_throughput.json
 
 # The accuracy-against-budget table (README "Budget table"); about an hour on 2 CPU cores.
 # Rerunning resumes: finished runs are kept.
