@@ -45,7 +45,7 @@ from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ..runtime import resolve_device
 from ..subsets import SubsetSampler
 from .plan import buffer_shuffle, epoch_batches, epoch_order, shard_rng, shard_visit_order
-from .reader import ShardSetSource, _decode_sample, _ErrorLatch, _is_sample_key, open_shard_set, verified
+from .reader import ShardSetSource, _decode_sample, _ErrorLatch, bad_sample, in_subset, open_shard_set, verified
 
 logger = logging.getLogger("rela_pipeline")
 
@@ -201,16 +201,9 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
                 yield {"error": error}
                 return
 
-    def _keep(self, sample: dict[str, Any]) -> bool:
-        key = sample.get("__key__")
-        if not _is_sample_key(key) or self.mask is None:
-            return True  # a key that is no sample index is refused by name when decoded
-        index = int(key)
-        return index < len(self.mask) and bool(self.mask[index])
-
     def _shard(self, position: int, shard_id: int, url: str):
         latch = _ErrorLatch(self.skip)
-        samples = (s for s in wds.tarfile_to_samples(handler=latch.handle_shard)([{"url": url}]) if self._keep(s))
+        samples = (s for s in wds.tarfile_to_samples(handler=latch.handle_shard)([{"url": url}]) if in_subset(s, self.mask))
         if self.shuffle_buffer is not None:
             samples = buffer_shuffle(samples, self.shuffle_buffer, shard_rng(self.seed, self.epoch, shard_id))
         rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
@@ -219,11 +212,10 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
                 image, target, label, index = _decode_sample(sample, self.target_dim)
                 rows.append((_to_uint8_chw(image, self.image_size), target, label, index))
             except UNDECODABLE_IMAGE_ERRORS as error:  # ValueError covers the key and target checks
-                message = f"bad sample in shard {os.path.basename(url)}: {error}"
-                if self.skip:
-                    logger.warning("skipping %s", message)
+                message = bad_sample(url, error, self.skip)
+                if message is None:
                     continue
-                return message + " (pass --skip-bad-shards to skip bad samples with a warning)"
+                return message
             if len(rows) == CHUNK_SAMPLES:
                 yield self._chunk(position, rows, last=False)
                 rows = []

@@ -230,6 +230,27 @@ def _is_sample_key(key: object) -> bool:
     return isinstance(key, str) and len(key) == 9 and key.isdigit()
 
 
+def in_subset(sample: dict[str, Any], mask: np.ndarray | None) -> bool:
+    """Whether a streamed sample is kept before decoding: its ``__key__`` index is in ``mask``
+    (``(N,)`` bool; None keeps all). A key that is no sample index is kept, so that decoding
+    refuses it by name (:func:`_decode_sample`)."""
+    key = sample.get("__key__")
+    if mask is None or not _is_sample_key(key):
+        return True
+    index = int(key)
+    return index < len(mask) and bool(mask[index])
+
+
+def bad_sample(url: str, error: BaseException, skip: bool) -> str | None:
+    """Handle a sample that does not decode: with ``skip``, warn and return None; otherwise
+    return the one-line error to raise."""
+    message = f"bad sample in shard {os.path.basename(str(url))}: {error}"
+    if skip:
+        logger.warning("skipping %s", message)
+        return None
+    return message + " (pass --skip-bad-shards to skip bad samples with a warning)"
+
+
 def _decode_sample(sample: dict[str, Any], target_dim: int) -> tuple[Image.Image, np.ndarray, int, int]:
     """Decode one streamed sample: ``(RGB image, float32 (target_dim,) target, label or -1, index)``.
 
@@ -314,7 +335,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
         latch = _ErrorLatch(self.skip)
         samples = wds.tarfile_to_samples(handler=latch.handle_shard)({"url": url} for url in mine)
         # Samples with a key that is no sample index go on to be refused by name in _decode_sample.
-        selected = (s for s in samples if not _is_sample_key(s.get("__key__")) or self._in_subset(s["__key__"]))
+        selected = (s for s in samples if in_subset(s, self.mask))
         rng = random.Random(f"{self.seed}:{self.epoch}:{worker}:buffer")
         shuffled = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 500), rng=rng)(selected)
         batch: list[tuple] = []
@@ -322,21 +343,16 @@ class TrainingStream(torch.utils.data.IterableDataset):
             try:
                 batch.append(_decode_sample(sample, self.target_dim))
             except UNDECODABLE_IMAGE_ERRORS as error:  # ValueError covers the key and target checks
-                shard = os.path.basename(str(sample.get("__url__", "?")))
-                message = f"bad sample in shard {shard}: {error}"
-                if self.skip:
-                    logger.warning("skipping %s", message)
+                message = bad_sample(sample.get("__url__", "?"), error, self.skip)
+                if message is None:
                     continue
-                yield {"error": message + " (pass --skip-bad-shards to skip bad samples with a warning)"}
+                yield {"error": message}
                 return
             if len(batch) == self.batch_size:
                 yield self._make_batch(batch)
                 batch = []
         if latch.message:
             yield {"error": latch.message}
-
-    def _in_subset(self, key: str) -> bool:
-        return int(key) < len(self.mask) and bool(self.mask[int(key)])
 
     def _make_batch(self, batch: list[tuple]) -> dict[str, Any]:
         rela = self.phase.value == PHASE_RELA
