@@ -38,7 +38,7 @@ from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_N
                           eval_preprocessing, prepare_run_dir, restore_checkpoint, save_checkpoint)
 from .config import Budget, TrainConfig
 from ...shards.reader import verified
-from .data import build_training_data
+from .data import PilShardBatches, build_training_data
 from .metrics import Interval, MetricsLog, finite_or_none
 from .step import TrainStep
 
@@ -66,7 +66,7 @@ def run_train(
 
     Returns:
         The summary dict: budget (steps, images_seen, full_run_steps, fraction), wall-clock
-        seconds, data loading seconds, ReLA switch step, the ReLA loss of the first and last
+        seconds (the memory path's decoding pass included), data loading seconds (that pass), ReLA switch step, the ReLA loss of the first and last
         logged intervals of this invocation, the last interval's metrics, what "auto" resolved to,
         and output paths.
 
@@ -147,15 +147,14 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
     )
     if source.skipped_shards:
         logger.warning("training without %d skipped shards (%d of %d samples readable)", len(source.skipped_shards), source.readable_samples, source.num_samples)
-    load_start = time.perf_counter()
+    t_start = time.perf_counter()  # the run's wall-clock includes the memory path's decoding pass
     if isinstance(data, ShardBatches) and data.data_path == "memory":
-        data.store()  # the one decoding pass, before the clock of the training loop starts
-    data_load_s = time.perf_counter() - load_start
+        data.store()
+    data_load_s = time.perf_counter() - t_start
 
     metrics = MetricsLog(out / METRICS_NAME, budget.steps if resuming else None)
     method_name = config.method
     rela.train()
-    t_start = time.perf_counter()
     interval = Interval()
     bar = tqdm(total=total_steps, initial=budget.steps, unit="step", desc="train", disable=not config.progress, dynamic_ncols=True)
     try:
@@ -168,8 +167,8 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
                 was_active = rela.schedule.active
                 rela.step_end(result.output, budget.steps, total_steps)
                 if was_active and not rela.schedule.active:
-                    if hasattr(data, "switch_to_ssl"):
-                        data.switch_to_ssl()
+                    if isinstance(data, PilShardBatches):
+                        data.switch_to_ssl()  # the workers' next batches carry the method's views
                     metrics.write({"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))})
                     logger.info("ReLA phase ends at step %d: training continues with the %s loss", rela.schedule.switch_step, method_name)
                 budget.steps += 1
