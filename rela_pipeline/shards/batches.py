@@ -40,6 +40,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..batched_views import check_views
 from ..errors import RelaError
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ..runtime import resolve_device
@@ -138,8 +139,6 @@ class ShardBatch:
         if self.ready_views is not None:
             views = self.ready_views
         else:
-            from ..batched_views import check_views
-
             if transform is None:
                 raise RelaError(f"{name}: no view transform given for a batch of images")
             try:
@@ -287,9 +286,8 @@ class ShardMemoryStore:
         targets = torch.zeros(n, target_dim, dtype=torch.float32, device=device)
         labels = torch.full((n,), -1, dtype=torch.int64, device=device)
         contents: dict[int, list[np.ndarray]] = {}
-        shards = list(enumerate(source.shard_urls))
         ids = source.shard_ids
-        decoder = _ShardDecoder([(ids[i], url) for i, url in shards], None, target_dim, image_size, 0, 0, None, skip_bad_shards)
+        decoder = _ShardDecoder(list(zip(ids, source.shard_urls)), None, target_dim, image_size, 0, 0, None, skip_bad_shards)
         bar = tqdm(total=source.readable_samples, unit="img", desc="decode", disable=not progress, dynamic_ncols=True)
         with bar:
             for chunk in _decode_shards(decoder, num_workers, pin_memory=device.type == "cuda"):

@@ -76,10 +76,10 @@ def eval_preprocessing(image_size: int) -> Preprocessing:
 
 @dataclass
 class Progress:
-    """Where a run stands: the next epoch, the budget used and the wall-clock before this invocation."""
+    """Where a run stands: the next epoch and the wall-clock before this invocation (the budget
+    used is restored into the run's :class:`Budget`)."""
 
     next_epoch: int = 0
-    budget: Budget | None = None
     elapsed_s: float = 0.0
 
 
@@ -126,7 +126,7 @@ def restore_checkpoint(out: Path, config: TrainConfig, rela: ReLA, probe: nn.Mod
     rela.schedule.load_state_dict(training["schedule"])
     torch.set_rng_state(training["torch_rng"])
     budget.steps, budget.images_seen = int(training["step"]), int(training["images_seen"])
-    return Progress(int(training["epoch"]) + 1, budget, float(training["elapsed_s"]))
+    return Progress(int(training["epoch"]) + 1, float(training["elapsed_s"]))
 
 
 def check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:

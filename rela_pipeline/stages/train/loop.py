@@ -131,7 +131,7 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
     # The step, then where the run stands.
     precision = resolve_precision(config.precision, device)
     step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision)
-    progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress(0, budget, 0.0)
+    progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress()
     if resuming:
         logger.info("resuming %s after epoch %d (step %d)", out, progress.next_epoch, budget.steps)
     resolved = {
