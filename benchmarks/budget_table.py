@@ -47,8 +47,10 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,14 +60,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import atomic_write, write_json_atomic
+from rela_pipeline.models import build_backbone
+from rela_pipeline.priors import load_prior
 from rela_pipeline.stages.embed import EmbedConfig, run_embed
-from rela_pipeline.stages.evaluate import EvalConfig, run_eval
+from rela_pipeline.stages.evaluate import EvalConfig, evaluate_features, extract_features, run_eval, scan_labelled_splits
 from rela_pipeline.stages.prepare import prepare_fashion_mnist
 from rela_pipeline.stages.train import TrainConfig, run_train
+from rela_pipeline.stages.train.checkpoints import eval_preprocessing
 
 BUDGETS = (0.1, 0.2, 0.5)
 SCORE_SUBSET_RULES = ("density", "dedup")
@@ -74,6 +80,11 @@ RANDOM_PRIOR = "random"
 BYOL_STAR_PRIOR = "byol*"
 PRIOR_LABELS = {RANDOM_PRIOR: "Rand.", BYOL_STAR_PRIOR: "BYOL*"}
 REFERENCE_KEY = "byol-100"
+#: The convergence study stops when doubling the epochs adds less than this to the validation
+#: linear probe (a fraction: 1 point).
+PLATEAU_GAIN = 0.01
+#: The alternative ReLA schedule's cell (``constant:<fraction>``), beside the adaptive switch.
+CONSTANT_SCHEDULE = "constant:0.5"
 
 
 @dataclass(frozen=True)
@@ -83,15 +94,28 @@ class Profile:
     Attributes:
         name: ``cpu`` or ``gpu`` (``-tiny`` appended for ``--tiny``).
         backbone, cifar_stem, image_size: the student (image_size in pixels).
-        limit_per_class: images per class of the train split (the test split is always complete);
-            ``None``: the whole split.
-        epochs: epochs of every run (budget scales the data per epoch, not the epochs).
+        limit_per_class: images per class of the train split the student and the probe see (the
+            test split is always complete); ``None``: the whole split less the validation images.
+        epochs: with ``convergence``, the first epoch count E of the convergence study (E, 2E,
+            4E ... up to ``max_epochs``); without, the epochs of every run. Budget scales the data
+            per epoch, never the epochs.
         batch_size: images per step.
+        val_per_class: images per class carved out of the train split, after the first
+            ``limit_per_class``, as the validation split that settings and epochs are chosen on.
+        convergence: find BYOL*'s epochs with the convergence study (else use ``epochs``).
+        max_epochs: the convergence study's cap.
         lr, weight_decay: AdamW.
+        lr_schedule, warmup_epochs: ``train``'s ``--lr-schedule`` and ``--warmup-epochs``.
+        teacher_momentum: ``train``'s ``--teacher-momentum`` (cosine | constant).
+        crop_min_scale: ``train``'s ``--crop-min-scale`` (None: BYOL's 0.08).
+        transfer: ``train``'s ``--transfer`` of the ReLA cells (trained | frozen); one cell uses
+            the other mode.
         precision: ``train``'s ``--precision`` (auto: bf16 on CUDA and on CPUs with native bf16).
         augment: ``train``'s ``--augment`` (device: batched views on the training device; pil).
         prior_arch, prior_image_size: the ``random:`` prior (torchvision architecture, pixels).
         probe_epochs: linear-probe epochs (paper: 100).
+        few_label: labelled train images per class of the few-label columns.
+        few_label_draws: draws per few-label entry.
         seeds: seeds per cell.
     """
 
@@ -102,25 +126,37 @@ class Profile:
     limit_per_class: int | None
     epochs: int
     batch_size: int
+    val_per_class: int = 500
+    convergence: bool = True
+    max_epochs: int = 160
     lr: float = 1e-3
     weight_decay: float = 0.01
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    teacher_momentum: str = "cosine"
+    crop_min_scale: float | None = None
+    transfer: str = "trained"
     precision: str = "auto"
     augment: str = "device"
     prior_arch: str = "resnet18"
     prior_image_size: int = 32
     probe_epochs: int = 100
+    few_label: tuple[int, ...] = (10, 100)
+    few_label_draws: int = 3
     seeds: int = 3
 
 
 PROFILES = {
     "cpu": Profile(name="cpu", backbone="convnet", cifar_stem=False, image_size=32, limit_per_class=1000, epochs=10, batch_size=128),
-    "gpu": Profile(name="gpu", backbone="resnet18", cifar_stem=True, image_size=32, limit_per_class=None, epochs=100, batch_size=128),
+    "gpu": Profile(name="gpu", backbone="resnet18", cifar_stem=True, image_size=32, limit_per_class=None, epochs=100, batch_size=128,
+                   max_epochs=800),
 }
 
 
 def tiny(profile: Profile) -> Profile:
     """``profile`` shrunk to seconds per run on a CPU; the student architecture is kept."""
-    return dataclasses.replace(profile, name=profile.name + "-tiny", limit_per_class=20, epochs=2, batch_size=16, probe_epochs=10)
+    return dataclasses.replace(profile, name=profile.name + "-tiny", limit_per_class=20, val_per_class=10, epochs=1, max_epochs=2,
+                               batch_size=16, probe_epochs=10, few_label=(1, 5), few_label_draws=2)
 
 
 @dataclass(frozen=True)
@@ -133,6 +169,8 @@ class Cell:
         budget: fraction of BYOL*'s optimisation steps, in (0, 1].
         prior: ``None`` (no ReLA), ``"random"`` or ``"byol*"``.
         subset: subset rule of stage two (``random``, ``density``, ``dedup``).
+        schedule: the ReLA schedule (``adaptive`` or ``constant:<fraction>``).
+        transfer: ``trained``/``frozen``, or None for the profile's.
     """
 
     key: str
@@ -140,18 +178,34 @@ class Cell:
     budget: float
     prior: str | None
     subset: str = "random"
+    schedule: str = "adaptive"
+    transfer: str | None = None
+
+    @property
+    def variant(self) -> bool:
+        """True for the single-marker cells that differ from their line in one setting."""
+        return self.subset != "random" or self.schedule != "adaptive" or self.transfer is not None
 
     @property
     def label(self) -> str:
         """Human-readable row name for the table."""
         if self.prior is None and self.budget == 1.0:
             return "BYOL*"
-        name = self.configuration
-        return name if self.subset == "random" else f"{name}, {self.subset} subsets"
+        parts = [self.configuration]
+        if self.subset != "random":
+            parts.append(f"{self.subset} subsets")
+        if self.schedule != "adaptive":
+            parts.append(f"{self.schedule} schedule")
+        if self.transfer is not None:
+            parts.append(f"{self.transfer} transfer")
+        return ", ".join(parts)
 
 
-def table_cells() -> list[Cell]:
-    """The cells, in run order: BYOL* first (its seed-0 backbone is a prior), then by budget."""
+def table_cells(profile: Profile | None = None) -> list[Cell]:
+    """The cells, in run order: BYOL* first (its seed-0 backbone is a prior), then by budget, then
+    the single-setting variants at 20%: each score-driven subset rule, the constant ReLA schedule,
+    and the other transfer mode than ``profile``'s (default: trained, so frozen)."""
+    other = "trained" if profile is not None and profile.transfer == "frozen" else "frozen"
     cells = [Cell(REFERENCE_KEY, "BYOL", 1.0, None)]
     for budget in BUDGETS:
         pct = round(budget * 100)
@@ -159,18 +213,21 @@ def table_cells() -> list[Cell]:
         for prior in (RANDOM_PRIOR, BYOL_STAR_PRIOR):
             cells.append(Cell(f"byol-rela-{_slug(prior)}-{pct}", f"BYOL + ReLA, {PRIOR_LABELS[prior]} prior", budget, prior))
     pct = round(SCORE_RULE_BUDGET * 100)
+    configuration = f"BYOL + ReLA, {PRIOR_LABELS[RANDOM_PRIOR]} prior"
     for rule in SCORE_SUBSET_RULES:
-        cells.append(Cell(f"byol-rela-random-{pct}-{rule}", f"BYOL + ReLA, {PRIOR_LABELS[RANDOM_PRIOR]} prior", SCORE_RULE_BUDGET, RANDOM_PRIOR, rule))
+        cells.append(Cell(f"byol-rela-random-{pct}-{rule}", configuration, SCORE_RULE_BUDGET, RANDOM_PRIOR, rule))
+    cells.append(Cell(f"byol-rela-random-{pct}-constant", configuration, SCORE_RULE_BUDGET, RANDOM_PRIOR, schedule=CONSTANT_SCHEDULE))
+    cells.append(Cell(f"byol-rela-random-{pct}-{other}", configuration, SCORE_RULE_BUDGET, RANDOM_PRIOR, transfer=other))
     return cells
 
 
-def select_cells(keys: str) -> list[Cell]:
+def select_cells(keys: str, profile: Profile | None = None) -> list[Cell]:
     """The cells named in the comma-separated ``keys``, in table order, BYOL* always included.
 
     Raises:
         RelaError: an unknown key (the message lists the known ones).
     """
-    cells = table_cells()
+    cells = table_cells(profile)
     wanted = {k.strip() for k in keys.split(",") if k.strip()}
     unknown = wanted - {c.key for c in cells}
     if unknown:
@@ -178,18 +235,130 @@ def select_cells(keys: str) -> list[Cell]:
     return [c for c in cells if c.key in wanted or c.key == REFERENCE_KEY]
 
 
+@dataclass(frozen=True)
+class Floor:
+    """A floor: features the student gets without self-supervised learning, probed like a student.
+
+    Attributes:
+        key: ``floor-pixels``, ``floor-untrained``, ``floor-prior-random`` or ``floor-prior-byol-star``.
+        label: the row name.
+        seeds: how many seeds (untrained students: one per seed; the others are deterministic).
+    """
+
+    key: str
+    label: str
+    seeds: int = 1
+
+
+def floors(profile: Profile) -> list[Floor]:
+    """The floors of the table: raw pixels, the untrained student (one per seed) and each prior's
+    own features (what the student could get by copying it)."""
+    return [
+        Floor("floor-pixels", f"raw pixels ({profile.image_size} x {profile.image_size} x 3, normalised)"),
+        Floor("floor-untrained", f"untrained student ({profile.backbone})", seeds=profile.seeds),
+        Floor("floor-prior-random", f"Rand. prior's features (random:{profile.prior_arch})"),
+        Floor("floor-prior-byol-star", "BYOL* prior's features (BYOL* seed 0)"),
+    ]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The benchmark's ImageFolders: ``train`` (students, probes and k-NN banks), ``val`` (carved
+    out of the train split; settings and epochs are chosen on it) and ``test`` (the table)."""
+
+    train: Path
+    val: Path
+    test: Path
+
+
+def _carve(source_train: Path, splits: Splits, profile: Profile) -> None:
+    """Write ``splits.train`` and ``splits.val`` from ``source_train`` (hard links, copies across
+    file systems): per class in file-name order, the first ``limit_per_class`` images (None: all
+    but the last ``val_per_class``) and the next ``val_per_class``."""
+    for name, split in (("train", splits.train), ("val", splits.val)):
+        partial = split.with_name(f".{name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        for class_dir in sorted(p for p in source_train.iterdir() if p.is_dir()):
+            files = sorted(class_dir.iterdir())
+            cut = len(files) - profile.val_per_class if profile.limit_per_class is None else profile.limit_per_class
+            chosen = files[:cut] if name == "train" else files[cut : cut + profile.val_per_class]
+            if not chosen:
+                raise RelaError(f"{class_dir} has {len(files)} images: too few for {cut} train and {profile.val_per_class} validation images")
+            (partial / class_dir.name).mkdir(parents=True)
+            for file in chosen:
+                try:
+                    os.link(file, partial / class_dir.name / file.name)
+                except OSError:
+                    shutil.copy2(file, partial / class_dir.name / file.name)
+        os.replace(partial, split)
+
+
+def benchmark_splits(data: Path | None, prepared: Path, profile: Profile) -> Splits:
+    """The profile's splits, carved into ``prepared`` from ``data`` or from Fashion-MNIST.
+
+    ``data`` holds ``train/`` and ``test/`` ImageFolders (``val/`` too, then all three are used
+    as they are). Otherwise the train split (``data/train``, or Fashion-MNIST's first
+    ``limit_per_class + val_per_class`` train images per class in IDX order, written with
+    :func:`prepare_fashion_mnist`) is cut per class (:func:`_carve`): its first ``limit_per_class``
+    images form ``train``, the next ``val_per_class`` form ``val``; disjoint by construction.
+
+    Raises:
+        RelaError: ``data`` lacks ``train/`` or ``test/``, or a class has too few images.
+    """
+    if data is not None:
+        for split in (data / "train", data / "test"):
+            if not split.is_dir():
+                raise RelaError(f"--data {data} has no {split.name}/ ImageFolder")
+        if (data / "val").is_dir():
+            return Splits(data / "train", data / "val", data / "test")
+    splits = Splits(prepared / "train", prepared / "val", prepared / "test" if data is None else data / "test")
+    if splits.train.is_dir() and splits.val.is_dir() and splits.test.is_dir():
+        return splits
+    if data is None:
+        source = prepared / "source"
+        limit = None if profile.limit_per_class is None else profile.limit_per_class + profile.val_per_class
+        if not (source / "test").is_dir():
+            prepare_fashion_mnist(source, limit_per_class=limit, overwrite=True)
+        _carve(source / "train", splits, profile)
+        if not splits.test.exists():
+            os.replace(source / "test", splits.test)
+    else:
+        _carve(data / "train", splits, profile)
+    return splits
+
+
+def train_config(profile: Profile, *, shards: str, out_dir: Path, seed: int, epochs: int | None = None, budget: float = 1.0,
+                 subset: str = "random", rela_schedule: str = "none", device: str = "auto", num_workers: int | None = None,
+                 **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of one benchmark run: the profile's student and optimiser for
+    ``epochs`` (default the profile's) at ``budget`` (``--data-ratio``), resuming from the run's
+    last checkpoint when there is one. ``overrides`` replace any :class:`TrainConfig` field."""
+    resume = (out_dir / "checkpoints" / "last.pt").exists()
+    fields = dict(
+        shards=shards, out_dir=out_dir, method="byol", backbone=profile.backbone, cifar_stem=profile.cifar_stem,
+        image_size=profile.image_size, epochs=epochs or profile.epochs, batch_size=profile.batch_size, data_ratio=budget,
+        subset=subset, rela_schedule=rela_schedule, transfer=profile.transfer, lr=profile.lr, weight_decay=profile.weight_decay,
+        lr_schedule=profile.lr_schedule, warmup_epochs=profile.warmup_epochs, teacher_momentum=profile.teacher_momentum,
+        crop_min_scale=profile.crop_min_scale, device=device, precision=profile.precision, augment=profile.augment,
+        num_workers=num_workers, seed=seed, resume=resume, overwrite=not resume, progress=False,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
 def _slug(prior: str) -> str:
     return prior.replace("*", "-star")
 
 
 class BudgetTable:
-    """Runs the cells into ``out`` and aggregates them; every step is skipped when already done.
+    """Runs the floors, the convergence study and the cells into ``out`` and aggregates them;
+    every step is skipped when already done.
 
     Args:
         profile: what to compute.
         out: output directory; it must be empty or hold a run with the same ``settings.json``.
-        data: a directory with ``train/`` and ``test/`` ImageFolders to use as they are, or None to
-            prepare Fashion-MNIST into ``out/data`` (``profile.limit_per_class`` of the train split).
+        data: a directory with ``train/`` and ``test/`` ImageFolders (and optionally ``val/``), or
+            None to prepare Fashion-MNIST into ``out/data``.
         device: ``auto``, ``cpu`` or ``cuda[:N]`` for embed, train and eval.
         num_workers: DataLoader workers for train and eval (None: the stages' defaults).
         cells: the cells to run, BYOL* first (default: :func:`table_cells`).
@@ -201,7 +370,7 @@ class BudgetTable:
     def __init__(self, profile: Profile, out: Path, data: Path | None, device: str = "auto", num_workers: int | None = None, cells: list[Cell] | None = None):
         self.profile, self.out, self.device, self.num_workers = profile, out, device, num_workers
         self.data = data
-        self.cells = cells or table_cells()
+        self.cells = cells or table_cells(profile)
         if self.cells[0].key != REFERENCE_KEY:
             raise RelaError(f"the first cell must be the reference {REFERENCE_KEY}")
         self.runs_total = len(self.cells) * profile.seeds
@@ -209,7 +378,9 @@ class BudgetTable:
     # -- set-up -------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The inputs that results depend on; a rerun into the same ``out`` must match them."""
-        return {"profile": dataclasses.asdict(self.profile), "data": str(self.data) if self.data else "fashion-mnist (prepared here)", "cells": [c.key for c in self.cells]}
+        profile = dataclasses.asdict(self.profile)
+        profile["few_label"] = list(profile["few_label"])
+        return {"profile": profile, "data": str(self.data) if self.data else "fashion-mnist (prepared here)", "cells": [c.key for c in self.cells]}
 
     def check_out_dir(self) -> None:
         """Create ``out`` or check that it holds this very benchmark (so resuming is safe)."""
@@ -224,18 +395,15 @@ class BudgetTable:
         else:
             write_json_atomic(path, self.settings())
 
-    def data_dirs(self) -> tuple[Path, Path]:
-        """``(train, test)`` ImageFolders, preparing Fashion-MNIST first if needed."""
-        root = self.data
-        if root is None:
-            root = self.out / "data"
-            if not (root / "test").is_dir():
-                prepare_fashion_mnist(root, limit_per_class=self.profile.limit_per_class, overwrite=True)
-        train, test = root / "train", root / "test"
-        for split in (train, test):
-            if not split.is_dir():
-                raise RelaError(f"--data {root} has no {split.name}/ ImageFolder")
-        return train, test
+    def data_dirs(self) -> Splits:
+        """The train, validation and test ImageFolders, preparing Fashion-MNIST first if needed."""
+        return benchmark_splits(self.data, self.out / "data", self.profile)
+
+    def eval_config(self, checkpoint: Path, train_dir: Path, test_dir: Path, seed: int) -> EvalConfig:
+        """``eval``'s settings for one run: the profile's probe and few-label protocol."""
+        p = self.profile
+        return EvalConfig(checkpoint=checkpoint, train_dir=train_dir, test_dir=test_dir, device=self.device, num_workers=self.num_workers,
+                          probe_epochs=p.probe_epochs, few_label=p.few_label, few_label_draws=p.few_label_draws, seed=seed, progress=False)
 
     # -- stage one ----------------------------------------------------------------------------
     def stage_one(self, prior: str, train_dir: Path) -> dict[str, Any]:
@@ -248,10 +416,7 @@ class BudgetTable:
         shards = self.out / "stage_one" / _slug(prior)
         manifest_path = shards / "manifest.json"
         if not manifest_path.exists():
-            if prior == RANDOM_PRIOR:
-                spec, image_size = f"random:{self.profile.prior_arch}", self.profile.prior_image_size
-            else:
-                spec, image_size = f"checkpoint:{self.byol_star_backbone()}", None
+            spec, image_size = self.prior_spec(prior)
             tqdm.write(f"stage one: embedding {train_dir} with the {PRIOR_LABELS[prior]} prior ({spec})")
             run_embed(EmbedConfig(
                 data_dir=train_dir, prior=spec, out_dir=shards, image_size=image_size, device=self.device,
@@ -266,6 +431,12 @@ class BudgetTable:
             "total_seconds": timings["total"], "timings_s": timings,
         }
 
+    def prior_spec(self, prior: str) -> tuple[str, int | None]:
+        """``(prior spec, image size)`` of ``prior`` for ``embed`` (seed 0)."""
+        if prior == RANDOM_PRIOR:
+            return f"random:{self.profile.prior_arch}", self.profile.prior_image_size
+        return f"checkpoint:{self.byol_star_backbone()}", None
+
     def byol_star_backbone(self) -> Path:
         """The seed-0 BYOL* backbone (the ``checkpoint:`` prior); it must have been trained."""
         path = self.run_dir(self.cells[0], 0) / "train" / "backbone.pt"
@@ -273,49 +444,135 @@ class BudgetTable:
             raise RelaError(f"the BYOL* prior needs {path}, which the BYOL* seed-0 run writes")
         return path
 
-    # -- runs ---------------------------------------------------------------------------------
-    def run_dir(self, cell: Cell, seed: int) -> Path:
-        return self.out / "runs" / cell.key / f"seed{seed}"
+    # -- floors -------------------------------------------------------------------------------
+    def floor_features(self, floor: Floor, seed: int, splits: Splits) -> tuple[nn.Module, Any]:
+        """The model and preprocessing whose frozen features make ``floor`` (seed ``seed``)."""
+        p = self.profile
+        if floor.key == "floor-pixels":
+            return nn.Flatten(), eval_preprocessing(p.image_size)
+        if floor.key == "floor-untrained":
+            torch.manual_seed(seed)  # exactly the initialisation ``train`` gives the student of this seed
+            return build_backbone(p.backbone, cifar_stem=p.cifar_stem), eval_preprocessing(p.image_size)
+        if floor.key == "floor-prior-random":
+            prior = load_prior(f"random:{p.prior_arch}", seed=0, image_size=p.prior_image_size)
+            return prior.model, prior.preprocessing
+        prior = load_prior(f"checkpoint:{self.byol_star_backbone()}")
+        return prior.model, prior.preprocessing
 
-    def run_one(self, cell: Cell, seed: int, shards: str, train_dir: Path, test_dir: Path) -> dict[str, Any]:
-        """Train (or resume) one run and evaluate it; the result is saved as ``result.json``.
+    def run_floor(self, floor: Floor, seed: int, splits: Splits) -> dict[str, Any]:
+        """Probe one floor on the test split like a student; cached as ``floors/<key>/seed<k>.json``.
 
         Returns:
-            ``{"cell", "seed", "linear_probe_top1", "knn_top1" (fractions in [0, 1]),
-            "train_seconds", "eval_seconds", "steps", "images_seen", "budget_fraction",
-            "rela_switch_step", "rela_loss", "subset" (the sampler's description)}``.
+            ``{"cell": key, "seed", "linear_probe_top1", "knn_top1", "few_label": {...},
+            "feature_dim", "eval_seconds"}``.
         """
-        run = self.run_dir(cell, seed)
-        train_out = run / "train"
+        path = self.out / "floors" / floor.key / f"seed{seed}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        started = time.perf_counter()
+        model, preprocessing = self.floor_features(floor, seed, splits)
+        train_index, test_index = scan_labelled_splits(splits.train, splits.test)
+        config = self.eval_config(Path("-"), splits.train, splits.test, seed)
+        common = dict(device=self.device, batch_size=config.batch_size, num_workers=config.resolved_num_workers())
+        train_x, train_y = extract_features(model, train_index, preprocessing, **common)
+        test_x, test_y = extract_features(model, test_index, preprocessing, **common)
+        device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+        protocols = evaluate_features(train_x, train_y, test_x, test_y, num_classes=len(train_index.class_names), config=config, device=device)
+        result = {
+            "cell": floor.key, "seed": seed, "linear_probe_top1": protocols["linear_probe"]["top1"], "knn_top1": protocols["knn"]["top1"],
+            "few_label": _few_label_means(protocols), "feature_dim": int(train_x.shape[1]),
+            "eval_seconds": round(time.perf_counter() - started, 2),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, result)
+        return result
+
+    # -- the convergence study ----------------------------------------------------------------
+    def convergence(self, shards: str, splits: Splits) -> tuple[int, list[dict[str, Any]]]:
+        """BYOL (seed 0, 100% budget) at E, 2E, 4E ... epochs, each scored on the validation split,
+        until doubling adds under :data:`PLATEAU_GAIN` of linear probe or ``max_epochs`` is reached.
+
+        Each run is the table's BYOL* seed-0 run at that epoch count (``runs/e<E>/byol-100/seed0``),
+        so the plateau run is reused as BYOL*. Scores are cached in ``convergence/e<E>.json``.
+
+        Returns:
+            ``(plateau epochs, [{"epochs", "val_linear_probe_top1", "val_knn_top1", "steps",
+            "train_seconds"}, ...])``: the plateau is the last E whose doubling adds under the
+            gain, else the largest E run.
+        """
         p = self.profile
+        if not p.convergence:
+            return p.epochs, []
+        points: list[dict[str, Any]] = []
+        epochs = p.epochs
+        while True:
+            points.append(self.convergence_point(epochs, shards, splits))
+            tqdm.write(f"convergence: BYOL {epochs} epochs: val linear probe {points[-1]['val_linear_probe_top1']:.2%}, "
+                       f"k-NN {points[-1]['val_knn_top1']:.2%}")
+            if len(points) >= 2 and points[-1]["val_linear_probe_top1"] - points[-2]["val_linear_probe_top1"] < PLATEAU_GAIN:
+                return points[-2]["epochs"], points
+            if 2 * epochs > p.max_epochs:
+                return epochs, points
+            epochs *= 2
+
+    def convergence_point(self, epochs: int, shards: str, splits: Splits) -> dict[str, Any]:
+        path = self.out / "convergence" / f"e{epochs}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        train_out = self.run_dir(self.cells[0], 0, epochs) / "train"
+        summary = self.train(train_out, self.cells[0], 0, shards, epochs)
+        evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), splits.train, splits.val, 0))
+        point = {
+            "epochs": epochs, "val_linear_probe_top1": evaluation["linear_probe"]["top1"], "val_knn_top1": evaluation["knn"]["top1"],
+            "val_few_label": _few_label_means(evaluation), "steps": summary["budget"]["steps"], "train_seconds": summary["wall_clock_s"],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, point)
+        return point
+
+    # -- runs ---------------------------------------------------------------------------------
+    def run_dir(self, cell: Cell, seed: int, epochs: int | None = None) -> Path:
+        """``runs/e<epochs>/<cell>/seed<k>`` (default: the table's epochs, known after the study)."""
+        return self.out / "runs" / f"e{epochs or self.epochs}" / cell.key / f"seed{seed}"
+
+    def train(self, train_out: Path, cell: Cell, seed: int, shards: str, epochs: int) -> dict[str, Any]:
+        """Train (or resume, or reuse) one run; returns its ``summary.json``."""
         summary_path = train_out / "summary.json"
         if not summary_path.exists():
-            resume = (train_out / "checkpoints" / "last.pt").exists()
-            run_train(TrainConfig(
-                shards=shards, out_dir=train_out, method="byol", backbone=p.backbone, cifar_stem=p.cifar_stem,
-                image_size=p.image_size, epochs=p.epochs, batch_size=p.batch_size, data_ratio=cell.budget,
-                subset=cell.subset, rela_schedule="adaptive" if cell.prior else "none", lr=p.lr,
-                weight_decay=p.weight_decay, device=self.device, precision=p.precision, augment=p.augment, num_workers=self.num_workers,
-                seed=seed, resume=resume, overwrite=not resume, progress=False,
+            overrides = {} if cell.transfer is None else {"transfer": cell.transfer}
+            run_train(train_config(
+                self.profile, shards=shards, out_dir=train_out, seed=seed, epochs=epochs, budget=cell.budget, subset=cell.subset,
+                rela_schedule=cell.schedule if cell.prior else "none", device=self.device, num_workers=self.num_workers, **overrides,
             ))
-        summary = json.loads(summary_path.read_text())
-        evaluation = run_eval(EvalConfig(
-            checkpoint=Path(summary["checkpoint"]), train_dir=train_dir, test_dir=test_dir, device=self.device,
-            num_workers=self.num_workers, probe_epochs=p.probe_epochs, seed=seed, progress=False,
-        ))
+        return json.loads(summary_path.read_text())
+
+    def run_one(self, cell: Cell, seed: int, shards: str, splits: Splits) -> dict[str, Any]:
+        """Train (or resume) one run and evaluate it on the test split; saved as ``result.json``.
+
+        Returns:
+            ``{"cell", "seed", "linear_probe_top1", "knn_top1" (fractions in [0, 1]), "few_label"
+            ({n: {"linear_probe", "knn"}}, means over draws), "train_seconds", "eval_seconds",
+            "steps", "images_seen", "budget_fraction", "rela_switch_step", "rela_loss", "subset"
+            (the sampler's description), "epochs"}``.
+        """
+        run = self.run_dir(cell, seed)
+        summary = self.train(run / "train", cell, seed, shards, self.epochs)
+        evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), splits.train, splits.test, seed))
         result = {
             "cell": cell.key, "seed": seed,
             "linear_probe_top1": evaluation["linear_probe"]["top1"], "knn_top1": evaluation["knn"]["top1"],
+            "few_label": _few_label_means(evaluation),
             "train_seconds": summary["wall_clock_s"], "eval_seconds": round(evaluation["timings_s"]["total"], 2),
             "steps": summary["budget"]["steps"], "images_seen": summary["budget"]["images_seen"],
             "budget_fraction": summary["budget"]["fraction"], "rela_switch_step": summary["rela_switch_step"],
-            "rela_loss": summary["rela_loss"], "subset": summary["subset"],
+            "rela_loss": summary["rela_loss"], "subset": summary["subset"], "epochs": self.epochs,
         }
         write_json_atomic(run / "result.json", result)
         return result
 
     def run(self) -> dict[str, Any]:
-        """Run every missing cell and stage one, then write the result files.
+        """Run the floors, the convergence study, every missing cell and stage one, then write
+        the result files (rewritten after every finished run, so a partial table is readable).
 
         Returns:
             the ``results.json`` payload.
@@ -323,9 +580,20 @@ class BudgetTable:
         started = time.perf_counter()
         machine = machine_info(self.device)  # the commit this invocation starts from
         self.check_out_dir()
-        train_dir, test_dir = self.data_dirs()
-        stage_one: dict[str, dict[str, Any]] = {}
+        splits = self.data_dirs()
+        stage_one = {RANDOM_PRIOR: self.stage_one(RANDOM_PRIOR, splits.train)}
+        floor_results = [self.run_floor(f, seed, splits) for f in floors(self.profile)[:3] for seed in range(f.seeds)]
+        self.epochs, convergence = self.convergence(stage_one[RANDOM_PRIOR]["shards"], splits)
         results: list[dict[str, Any]] = []
+
+        def write(final: bool) -> dict[str, Any]:
+            payload = summarise(self.profile, self.cells, results, stage_one, floor_results, convergence, self.epochs, partial=not final)
+            payload["machine"] = machine
+            payload["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+            payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
+            write_outputs(self.out, payload)
+            return payload
+
         with tqdm(total=self.runs_total, desc="budget table", unit="run", dynamic_ncols=True) as bar:
             # Seeds outermost: after the first pass every cell has one seed, a usable table early.
             for seed in range(self.profile.seeds):
@@ -337,111 +605,181 @@ class BudgetTable:
                         continue
                     prior = cell.prior or RANDOM_PRIOR  # the baselines read the same shards, targets unused
                     if prior not in stage_one:
-                        stage_one[prior] = self.stage_one(prior, train_dir)
-                    result = self.run_one(cell, seed, stage_one[prior]["shards"], train_dir, test_dir)
+                        stage_one[prior] = self.stage_one(prior, splits.train)
+                    result = self.run_one(cell, seed, stage_one[prior]["shards"], splits)
                     results.append(result)
                     bar.update()
                     tqdm.write(
                         f"{cell.label} @ {cell.budget:.0%} seed {seed}: linear probe {result['linear_probe_top1']:.2%}, "
                         f"k-NN {result['knn_top1']:.2%} (train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s)"
                     )
+                    if cell.key == REFERENCE_KEY and seed == 0:
+                        floor_results.append(self.run_floor(floors(self.profile)[3], 0, splits))
+                    write(final=False)
+        if not any(r["cell"] == "floor-prior-byol-star" for r in floor_results):
+            floor_results.append(self.run_floor(floors(self.profile)[3], 0, splits))
         for prior in sorted({RANDOM_PRIOR} | {c.prior for c in self.cells if c.prior}):
             if prior not in stage_one:
-                stage_one[prior] = self.stage_one(prior, train_dir)
-        payload = summarise(self.profile, self.cells, results, stage_one)
-        payload["machine"] = machine
-        payload["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
-        payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
-        write_outputs(self.out, payload)
-        return payload
+                stage_one[prior] = self.stage_one(prior, splits.train)
+        return write(final=True)
 
 
 # -- aggregation and outputs ------------------------------------------------------------------
+def _few_label_means(evaluation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{n: {"linear_probe": mean over draws, "knn": mean over draws}}`` of an evaluation."""
+    return {n: {"linear_probe": few["linear_probe"]["top1"], "knn": few["knn"]["top1"]} for n, few in evaluation.get("few_label", {}).items()}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]], stage_one: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-run results into one row per cell.
+def _accuracy_columns(runs: list[dict[str, Any]], few_label: tuple[int, ...]) -> dict[str, Any]:
+    """Mean and std over runs of the full and few-label accuracies (column names as in the CSV)."""
+    columns: dict[str, Any] = {}
+    probe, knn = mean_std([r["linear_probe_top1"] for r in runs]), mean_std([r["knn_top1"] for r in runs])
+    columns.update(linear_probe_mean=probe[0], linear_probe_std=probe[1], knn_mean=knn[0], knn_std=knn[1])
+    for n in few_label:
+        for metric, name in (("linear_probe", "probe"), ("knn", "knn")):
+            values = [r["few_label"][str(n)][metric] for r in runs if str(n) in r.get("few_label", {})]
+            mean, std = mean_std(values) if values else (math.nan, math.nan)
+            columns[f"{name}_{n}_mean"], columns[f"{name}_{n}_std"] = mean, std
+    return columns
+
+
+def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]], stage_one: dict[str, dict[str, Any]],
+              floor_results: list[dict[str, Any]] = (), convergence: list[dict[str, Any]] = (), epochs: int | None = None,
+              partial: bool = False) -> dict[str, Any]:
+    """Aggregate per-run results into one row per floor and per cell.
 
     Compute fractions are relative to BYOL*'s means: ``images_seen / BYOL* images_seen`` (the
     paper's budget) and ``train_seconds / BYOL* train_seconds`` (measured wall-clock).
 
+    Args:
+        partial: a table mid-run: cells without results are left out (else an error).
+
     Raises:
-        RelaError: a cell has no results (nothing to aggregate).
+        RelaError: a cell has no results and ``partial`` is false, or BYOL* has none.
     """
     by_cell: dict[str, list[dict[str, Any]]] = {c.key: [] for c in cells}
     for r in results:
         by_cell[r["cell"]].append(r)
     missing = [k for k, rows in by_cell.items() if not rows]
-    if missing:
+    if (missing and not partial) or not by_cell[REFERENCE_KEY]:
         raise RelaError(f"cells without results: {', '.join(missing)}")
     reference = by_cell[REFERENCE_KEY]
     ref_images = statistics.fmean(r["images_seen"] for r in reference)
     ref_seconds = statistics.fmean(r["train_seconds"] for r in reference)
     rows = []
+    for floor in floors(profile):
+        runs = [r for r in floor_results if r["cell"] == floor.key]
+        if runs:
+            rows.append({"kind": "floor", "cell": floor.key, "label": f"floor: {floor.label}", "configuration": "floor", "seeds": len(runs),
+                         **_accuracy_columns(runs, profile.few_label)})
     for cell in cells:
         runs = sorted(by_cell[cell.key], key=lambda r: r["seed"])
-        probe = mean_std([r["linear_probe_top1"] for r in runs])
-        knn = mean_std([r["knn_top1"] for r in runs])
+        if not runs:
+            continue
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         images = statistics.fmean(r["images_seen"] for r in runs)
-        prior_cost = stage_one[cell.prior]["seconds"] if cell.prior else 0.0
+        prior_cost = stage_one[cell.prior]["seconds"] if cell.prior and cell.prior in stage_one else 0.0
         rows.append({
-            "cell": cell.key, "label": cell.label, "configuration": cell.configuration, "budget": cell.budget,
-            "prior": cell.prior or "", "subset": cell.subset, "seeds": len(runs),
-            "linear_probe_mean": probe[0], "linear_probe_std": probe[1], "knn_mean": knn[0], "knn_std": knn[1],
+            "kind": "cell", "cell": cell.key, "label": cell.label, "configuration": cell.configuration, "variant": cell.variant,
+            "budget": cell.budget, "prior": cell.prior or "", "subset": cell.subset, "schedule": cell.schedule if cell.prior else "",
+            "transfer": (cell.transfer or profile.transfer) if cell.prior else "", "seeds": len(runs), "epochs": epochs,
+            **_accuracy_columns(runs, profile.few_label),
             "train_seconds_mean": round(seconds, 2), "images_seen": int(round(images)),
             "compute_fraction": round(images / ref_images, 4), "wall_clock_fraction": round(seconds / ref_seconds, 4),
             "stage_one_seconds": prior_cost, "stage_one_fraction": round(prior_cost / ref_seconds, 4),
             "rela_switched_runs": sum(r["rela_switch_step"] is not None for r in runs) if cell.prior else None,
+            "rela_switch_steps": " ".join("never" if r["rela_switch_step"] is None else str(r["rela_switch_step"]) for r in runs) if cell.prior else "",
         })
-    return {"profile": dataclasses.asdict(profile), "cells": rows, "runs": sorted(results, key=lambda r: (r["cell"], r["seed"])), "stage_one": stage_one}
+    profile_dict = dataclasses.asdict(profile)
+    profile_dict["few_label"] = list(profile.few_label)
+    return {"profile": profile_dict, "epochs": epochs, "partial": partial, "cells": rows, "convergence": list(convergence),
+            "runs": sorted(results, key=lambda r: (r["cell"], r["seed"])), "floors": list(floor_results), "stage_one": stage_one}
 
 
-CSV_FIELDS = (
-    "cell", "label", "budget", "prior", "subset", "seeds", "linear_probe_mean", "linear_probe_std", "knn_mean", "knn_std",
-    "train_seconds_mean", "images_seen", "compute_fraction", "wall_clock_fraction", "stage_one_seconds", "stage_one_fraction",
-    "rela_switched_runs",
-)
+def csv_fields(few_label: tuple[int, ...]) -> tuple[str, ...]:
+    """The columns of ``results.csv`` (``kind`` tells floors from cells)."""
+    few = tuple(f"{name}_{n}_{stat}" for n in few_label for name in ("probe", "knn") for stat in ("mean", "std"))
+    return ("kind", "cell", "label", "budget", "prior", "subset", "schedule", "transfer", "seeds", "epochs", "linear_probe_mean",
+            "linear_probe_std", "knn_mean", "knn_std", *few, "train_seconds_mean", "images_seen", "compute_fraction",
+            "wall_clock_fraction", "stage_one_seconds", "stage_one_fraction", "rela_switched_runs", "rela_switch_steps")
+
+
+def _pm(row: dict[str, Any], prefix: str) -> str:
+    mean, std = row.get(f"{prefix}_mean"), row.get(f"{prefix}_std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a GitHub Markdown table (accuracies in %, mean +- std over seeds)."""
+    """The cells as a GitHub Markdown table (accuracies in %, mean +- std over seeds)."""
     lines = [
-        "| configuration | budget | linear probe top-1 | k-NN top-1 | training wall-clock | wall-clock / BYOL* | images seen (/ BYOL*) | stage one (s) | stage one / BYOL* |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| configuration | budget | linear probe top-1 | k-NN top-1 | training wall-clock | wall-clock / BYOL* | images seen (/ BYOL*) | stage one (s) | stage one / BYOL* | ReLA switch steps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
+        if r.get("kind", "cell") != "cell":
+            continue
         stage_one = f"{r['stage_one_seconds']:.1f}" if r["prior"] else "-"
         stage_one_fraction = f"{r['stage_one_fraction']:.1%}" if r["prior"] else "-"
+        switches = r.get("rela_switch_steps") or "-"
         lines.append(
-            f"| {r['label']} | {r['budget']:.0%} | {100 * r['linear_probe_mean']:.2f} ± {100 * r['linear_probe_std']:.2f} "
-            f"| {100 * r['knn_mean']:.2f} ± {100 * r['knn_std']:.2f} | {r['train_seconds_mean']:.0f} s | {r['wall_clock_fraction']:.2f} "
-            f"| {r['images_seen']:,} ({r['compute_fraction']:.1%}) | {stage_one} | {stage_one_fraction} |"
+            f"| {r['label']} | {r['budget']:.0%} | {_pm(r, 'linear_probe')} | {_pm(r, 'knn')} | {r['train_seconds_mean']:.0f} s "
+            f"| {r['wall_clock_fraction']:.2f} | {r['images_seen']:,} ({r['compute_fraction']:.1%}) | {stage_one} | {stage_one_fraction} | {switches} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def markdown_report(payload: dict[str, Any]) -> str:
+    """``results.md``: floors, the convergence study, the table and the few-label table."""
+    few_label = tuple(payload["profile"]["few_label"])
+    rows = payload["cells"]
+    parts = ["## Floors (test split; no self-supervised training)\n",
+             "| floor | seeds | linear probe top-1 | k-NN top-1 |", "| --- | ---: | ---: | ---: |"]
+    parts += [f"| {r['label'].removeprefix('floor: ')} | {r['seeds']} | {_pm(r, 'linear_probe')} | {_pm(r, 'knn')} |" for r in rows if r["kind"] == "floor"]
+    if payload["convergence"]:
+        parts += ["", f"## Convergence of BYOL (seed 0, validation split); BYOL* = {payload['epochs']} epochs\n",
+                  "| epochs | steps | val linear probe | val k-NN | train wall-clock |", "| ---: | ---: | ---: | ---: | ---: |"]
+        parts += [f"| {c['epochs']} | {c['steps']} | {100 * c['val_linear_probe_top1']:.2f} | {100 * c['val_knn_top1']:.2f} | {c['train_seconds']:.0f} s |"
+                  for c in payload["convergence"]]
+    parts += ["", f"## Table ({payload['epochs']} epochs at 100% budget; test split; mean ± std over seeds)"
+              + (" - partial, still running" if payload.get("partial") else "") + "\n", markdown_table(rows).rstrip()]
+    if few_label:
+        header = " | ".join(f"{name} {n}/class" for n in few_label for name in ("linear probe", "k-NN"))
+        parts += ["", "## Few labels (mean over draws, then mean ± std over seeds)\n", f"| row | budget | {header} |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(few_label))) + " |"]
+        for r in rows:
+            cols = " | ".join(_pm(r, f"{name}_{n}") for n in few_label for name in ("probe", "knn"))
+            budget = f"{r['budget']:.0%}" if r["kind"] == "cell" else "-"
+            parts.append(f"| {r['label']} | {budget} | {cols} |")
+    return "\n".join(parts) + "\n"
 
 
 def plot_budget_curve(rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 against the fraction of BYOL* compute (images seen), one line per configuration.
 
     Two panels (linear probe, k-NN); error bars are one standard deviation over seeds; BYOL* is
-    the end point of the BYOL line and a dotted reference line; score-driven subset cells are
-    single markers. Written atomically as PNG.
+    the end point of the BYOL line and a dotted reference line; single-setting variants (subset
+    rules, schedule, transfer) are single markers; floors are dashed horizontal lines. Written
+    atomically as PNG.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reference = rows[0]
+    cells = [r for r in rows if r["kind"] == "cell"]
+    floor_rows = [r for r in rows if r["kind"] == "floor"]
+    reference = cells[0]
     lines: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        name = r["configuration"] if r["subset"] == "random" else r["label"]
-        lines.setdefault(name, []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for r in cells:
+        lines.setdefault(r["label"] if r.get("variant") else r["configuration"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
     for ax, metric, title in ((axes[0], "linear_probe", "linear probe"), (axes[1], "knn", "k-NN")):
         for name, points in lines.items():
             points = sorted(points, key=lambda r: r["compute_fraction"])
@@ -451,13 +789,15 @@ def plot_budget_curve(rows: list[dict[str, Any]], path: Path) -> None:
             style = "-o" if len(points) > 1 else "D"
             ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=name, markersize=5)
         ax.axhline(100 * reference[f"{metric}_mean"], color="grey", linestyle=":", linewidth=1, label="BYOL*")
+        for i, r in enumerate(floor_rows):
+            ax.axhline(100 * r[f"{metric}_mean"], color=f"C{(i + 6) % 10}", linestyle="--", linewidth=1, label=r["label"])
         ax.set_xscale("log")
         ax.set_xticks([0.1, 0.2, 0.5, 1.0], labels=["10%", "20%", "50%", "100%"])
         ax.minorticks_off()
         ax.set_xlabel("fraction of BYOL* compute (images seen)")
         ax.set_ylabel(f"{title} top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
@@ -470,11 +810,11 @@ def write_outputs(out: Path, payload: dict[str, Any]) -> None:
     rows = payload["cells"]
     write_json_atomic(out / "results.json", payload)
     with atomic_write(out / "results.csv", "w") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=csv_fields(tuple(payload["profile"]["few_label"])), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     with atomic_write(out / "results.md", "w") as handle:
-        handle.write(markdown_table(rows))
+        handle.write(markdown_report(payload))
     plot_budget_curve(rows, out / "budget_curve.png")
 
 
@@ -502,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: prepare Fashion-MNIST into OUT/data)")
     parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the profile's)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run, skipping the convergence study (default: the study's plateau)")
     parser.add_argument("--cells", default=None, help="comma-separated cell keys to run (BYOL*, byol-100, is always run); default: all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
@@ -517,10 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         if args.epochs < 1:
             parser.error("--epochs must be >= 1")
-        profile = dataclasses.replace(profile, epochs=args.epochs)
+        profile = dataclasses.replace(profile, epochs=args.epochs, convergence=False)
     try:
         table = BudgetTable(profile, args.out, args.data, device=args.device, num_workers=args.num_workers,
-                            cells=select_cells(args.cells) if args.cells else None)
+                            cells=select_cells(args.cells, profile) if args.cells else None)
         payload = table.run()
     except RelaError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -528,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; finished runs are kept: rerun the same command to resume ({args.out})", file=sys.stderr)
         return 130
-    print(markdown_table(payload["cells"]), end="")
+    print(markdown_report(payload), end="")
     print(f"wrote {args.out}/results.{{csv,json,md}} and budget_curve.png")
     return 0
 

@@ -113,6 +113,7 @@ Deviations from the PIL reference (lightly's actual path):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -825,17 +826,40 @@ def batched_dino_views(image_size: int, n_local_views: int = 6) -> BatchedViews:
 _METHOD_VIEWS = {"byol": batched_byol_views, "simclr": batched_simclr_views, "dino": batched_dino_views}
 
 
-def batched_method_views(method: str, image_size: int) -> BatchedViews:
+def with_crop_min_scale(views: BatchedViews, min_scale: float) -> BatchedViews:
+    """``views`` with the lower bound of every full-size view's crop scale set to ``min_scale``
+    (DINO's local crops keep theirs): ``RandomResizedCrop(scale=(min_scale, 1))``.
+
+    Raises:
+        RelaError: ``min_scale`` outside ``(0, 1]``.
+    """
+    if not 0.0 < min_scale <= 1.0:
+        raise RelaError(f"the crop's minimum scale must be in (0, 1], got {min_scale}")
+    size = max(r.size for r in views.recipes)
+    recipes = tuple(dataclasses.replace(r, scale=(min_scale, r.scale[1])) if r.size == size else r for r in views.recipes)
+    return BatchedViews(recipes, views.name)
+
+
+def batched_method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> BatchedViews:
     """The standard views of a built-in SSL method (``"byol"``, ``"simclr"`` or ``"dino"``), the
     batched counterpart of :func:`rela_pipeline.views.method_views`.
 
+    Args:
+        method: the method's name.
+        image_size: S, pixels of the (global) views.
+        crop_min_scale: if given, the lower bound of the crop scale of the full-size views
+            (:func:`with_crop_min_scale`); None keeps the method's (0.08 for BYOL and SimCLR, 0.4
+            for DINO's global crops).
+
     Raises:
-        RelaError: unknown method or an image size below 8 pixels.
+        RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
+            ``(0, 1]``.
     """
     _check_size(image_size)
     if method not in _METHOD_VIEWS:
         raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_VIEWS)}")
-    return _METHOD_VIEWS[method](image_size)
+    views = _METHOD_VIEWS[method](image_size)
+    return views if crop_min_scale is None else with_crop_min_scale(views, crop_min_scale)
 
 
 def _describe(value: object) -> str:

@@ -45,6 +45,23 @@ def parse_bytes(value: str | None) -> int | None:
     return int(number)
 
 
+def parse_counts(value: str | None) -> tuple[int, ...]:
+    """Positive integers from a comma-separated list (``10,100``); empty for None or "".
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    if not value:
+        return ()
+    try:
+        counts = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 10,100)") from None
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"{value!r}: every count must be >= 1")
+    return counts
+
+
 class _Group(click.Group):
     """Click group that turns RelaError and Ctrl-C into one-line messages and exit codes."""
 
@@ -172,6 +189,10 @@ def verify(location: str) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
 @click.option("--lr-schedule", default="constant", show_default=True, help="constant | cosine.")
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Epochs of linear learning-rate warm-up before the schedule.")
+@click.option("--transfer", default="trained", show_default=True, type=click.Choice(["trained", "frozen"]), help="ReLA transfer layer: trained with the backbone, or frozen at its random initialisation (the authors' code).")
+@click.option("--teacher-momentum", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]), help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.")
+@click.option("--crop-min-scale", default=None, type=float, help="Lower bound of the SSL views' crop scale [default: the method's, 0.08 for BYOL/SimCLR].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype of the forward pass; auto = bf16 on CUDA and on CPUs with native bf16, else fp32. Losses, EMA and probe stay fp32.")
 @click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
@@ -222,7 +243,9 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
 @click.option("--probe-lr", default=3e-4, show_default=True, type=float, help="Linear-probe Adam learning rate (the paper: 3e-4).")
 @click.option("--knn-k", default=200, show_default=True, type=int, help="Neighbours of the k-NN classifier.")
 @click.option("--knn-temperature", default=0.1, show_default=True, type=float, help="Temperature of the k-NN vote weights exp(cos / t).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the linear probe.")
+@click.option("--few-label", default=None, callback=lambda ctx, param, value: parse_counts(value), help="Also evaluate with only these many labelled train images per class, e.g. 10,100 (mean over --few-label-draws draws).")
+@click.option("--few-label-draws", default=3, show_default=True, type=int, help="Random draws of the labelled images per --few-label entry.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the linear probe and the few-label draws.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
 @click.pass_context
 def evaluate(ctx: click.Context, json_out: Path | None, **options) -> None:
@@ -238,6 +261,9 @@ def evaluate(ctx: click.Context, json_out: Path | None, **options) -> None:
         f"[{result['checkpoint']}, step {result['step']}, {result['train_samples']} train / {result['test_samples']} test images, "
         f"{result['timings_s']['total']:.1f}s]"
     )
+    for n, few in result.get("few_label", {}).items():
+        click.echo(f"{n} labels per class: linear probe top-1 {few['linear_probe']['top1']:.2%} ± {few['linear_probe']['std']:.2%}  "
+                   f"k-NN top-1 {few['knn']['top1']:.2%} ± {few['knn']['std']:.2%} (mean ± std over {len(few['knn']['draws'])} draws)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,25 @@ from .errors import RelaError
 #: Method names accepted by :func:`build_method` and ``--method``.
 METHODS = ("byol", "simclr", "dino")
 
+#: Teacher momentum schedules (``--teacher-momentum``): ``cosine`` from the method's base value to
+#: 1 over the run (lightly's examples, BYOL paper section 3.2), or ``constant`` at the base value
+#: (ReLA's released code: 0.99 for BYOL).
+MOMENTUM_SCHEDULES = ("cosine", "constant")
+
+
+def teacher_momentum(schedule: str, base: float, step: int, total_steps: int) -> float:
+    """The EMA momentum ``m`` of step ``step`` of ``total_steps``: ``base`` for ``constant``, else
+    ``lightly.utils.scheduler.cosine_schedule(step, total_steps, base, 1.0)``.
+
+    Raises:
+        RelaError: an unknown schedule.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return cosine_schedule(step, max(total_steps, 1), base, 1.0)
+    raise RelaError(f"unknown teacher momentum schedule '{schedule}'; choose one of: {', '.join(MOMENTUM_SCHEDULES)}")
+
 
 def full_precision(reference: torch.Tensor):
     """A context that turns autocast off on ``reference``'s device: the methods compute their
@@ -34,16 +53,18 @@ class BYOL(nn.Module):
     """BYOL (Grill et al. 2020) as in lightly's example and ReLA's setup.
 
     Projection ``F -> 2F -> 256``, prediction ``256 -> 2F -> 256`` (MISSION.md item 6); an EMA
-    teacher (backbone + projection) with momentum following a cosine schedule from 0.99 to 1 over
-    the run; symmetric negative-cosine loss ``0.5 * (-cos(p1, z2) - cos(p2, z1))`` in ``[-1, 1]``.
+    teacher (backbone + projection) with momentum 0.99, constant or following a cosine schedule to
+    1 over the run (:func:`teacher_momentum`); symmetric negative-cosine loss
+    ``0.5 * (-cos(p1, z2) - cos(p2, z1))`` in ``[-1, 1]``.
 
     Args:
         backbone: module with ``feature_dim``.
         projection_dim: output size of the projection and prediction heads.
-        momentum: the teacher momentum at step 0 (reaches 1.0 at the last step).
+        momentum: the teacher momentum at step 0.
+        momentum_schedule: ``cosine`` (to 1.0 at the last step) or ``constant``.
     """
 
-    def __init__(self, backbone: nn.Module, projection_dim: int = 256, momentum: float = 0.99) -> None:
+    def __init__(self, backbone: nn.Module, projection_dim: int = 256, momentum: float = 0.99, momentum_schedule: str = "cosine") -> None:
         super().__init__()
         feature_dim = backbone.feature_dim
         self.backbone = backbone
@@ -55,6 +76,7 @@ class BYOL(nn.Module):
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NegativeCosineSimilarity()
         self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
 
     def _online(self, images: torch.Tensor) -> torch.Tensor:
         return self.prediction_head(self.projection_head(self.backbone(images)))
@@ -73,8 +95,8 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, step: int, total_steps: int) -> None:
-        """EMA update of the teacher with ``m = cosine_schedule(step, total_steps, momentum, 1.0)``."""
-        m = cosine_schedule(step, max(total_steps, 1), self.momentum, 1.0)
+        """EMA update of the teacher with ``m = teacher_momentum(schedule, momentum, step, total_steps)``."""
+        m = teacher_momentum(self.momentum_schedule, self.momentum, step, total_steps)
         update_momentum(self.backbone, self.backbone_momentum, m=m)
         update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
@@ -102,11 +124,11 @@ class SimCLR(nn.Module):
 class DINO(nn.Module):
     """DINO (Caron et al. 2021) as in lightly's example: student and EMA teacher with
     ``DINOProjectionHead(F, 512, 64, output_dim)``; the teacher sees the two global views, the
-    student all views (2 global + local crops); teacher momentum cosine from 0.996 to 1; lightly's
-    ``DINOLoss`` with teacher temperature 0.04 and centring.
+    student all views (2 global + local crops); teacher momentum 0.996, cosine to 1 (or constant,
+    :func:`teacher_momentum`); lightly's ``DINOLoss`` with teacher temperature 0.04 and centring.
     """
 
-    def __init__(self, backbone: nn.Module, output_dim: int = 2048, momentum: float = 0.996) -> None:
+    def __init__(self, backbone: nn.Module, output_dim: int = 2048, momentum: float = 0.996, momentum_schedule: str = "cosine") -> None:
         super().__init__()
         feature_dim = backbone.feature_dim
         self.backbone = backbone
@@ -119,6 +141,7 @@ class DINO(nn.Module):
         deactivate_requires_grad(self.head_momentum)
         self.criterion = DINOLoss(output_dim=output_dim, warmup_teacher_temp=0.04, teacher_temp=0.04)
         self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
 
     def forward(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         """Loss for ``[global_1, global_2, local_1, ...]`` views; a scalar tensor."""
@@ -130,21 +153,32 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, step: int, total_steps: int) -> None:
-        """EMA update of the teacher with ``m = cosine_schedule(step, total_steps, momentum, 1.0)``."""
-        m = cosine_schedule(step, max(total_steps, 1), self.momentum, 1.0)
+        """EMA update of the teacher with ``m = teacher_momentum(schedule, momentum, step, total_steps)``."""
+        m = teacher_momentum(self.momentum_schedule, self.momentum, step, total_steps)
         update_momentum(self.backbone, self.backbone_momentum, m=m)
         update_momentum(self.head, self.head_momentum, m=m)
 
 
-_BUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {"byol": BYOL, "simclr": SimCLR, "dino": DINO}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {"byol": BYOL, "simclr": SimCLR, "dino": DINO}
+_HAS_TEACHER = frozenset({"byol", "dino"})
 
 
-def build_method(name: str, backbone: nn.Module) -> nn.Module:
+def build_method(name: str, backbone: nn.Module, momentum_schedule: str = "cosine") -> nn.Module:
     """Build a built-in SSL method around ``backbone``.
 
+    Args:
+        name: one of :data:`METHODS`.
+        backbone: the student (a module with ``feature_dim``).
+        momentum_schedule: the EMA teacher's schedule (:data:`MOMENTUM_SCHEDULES`; SimCLR has no
+            teacher and ignores it).
+
     Raises:
-        RelaError: unknown name.
+        RelaError: unknown name or schedule.
     """
     if name not in _BUILDERS:
         raise RelaError(f"unknown SSL method '{name}'; choose one of: {', '.join(METHODS)}")
+    if momentum_schedule not in MOMENTUM_SCHEDULES:
+        raise RelaError(f"unknown teacher momentum schedule '{momentum_schedule}'; choose one of: {', '.join(MOMENTUM_SCHEDULES)}")
+    if name in _HAS_TEACHER:
+        return _BUILDERS[name](backbone, momentum_schedule=momentum_schedule)
     return _BUILDERS[name](backbone)

@@ -33,6 +33,11 @@ from .errors import RelaError
 #: Accepted ``--rela-schedule`` forms.
 SCHEDULE_FORMS = ("adaptive", "constant:<fraction of steps in (0, 1]>", "none")
 
+#: Accepted ``--transfer`` values: the transfer layer ``F -> K`` is trained with the backbone
+#: (ours), or stays at its random initialisation (the released code never gives it to the
+#: optimiser, so the backbone aligns to a fixed random linear map of the targets).
+TRANSFER_MODES = ("trained", "frozen")
+
 
 def alignment_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """ReLA alignment loss ``mean_b (1 - cos(predictions_b, targets_b))`` (paper eq. 4, released code).
@@ -264,12 +269,16 @@ class ReLA(nn.Module):
             (``min(F, stage-one target dim)`` in the paper).
         schedule: a :class:`RelaSchedule` or a spec for :func:`parse_schedule`.
         feature_dim: F; default ``method.backbone.feature_dim``.
+        transfer: ``trained`` (the transfer layer is optimised with the backbone) or ``frozen``
+            (its weights keep PyTorch's default ``nn.Linear`` initialisation and
+            ``requires_grad=False``, as in the released code) (:data:`TRANSFER_MODES`).
 
     Raises:
-        RelaError: the method has no ``backbone``, F is unknown, or ``target_dim < 1``.
+        RelaError: the method has no ``backbone``, F is unknown, ``target_dim < 1`` or an
+            unknown ``transfer``.
     """
 
-    def __init__(self, method: nn.Module, target_dim: int, schedule: RelaSchedule | str = "adaptive", feature_dim: int | None = None) -> None:
+    def __init__(self, method: nn.Module, target_dim: int, schedule: RelaSchedule | str = "adaptive", feature_dim: int | None = None, transfer: str = "trained") -> None:
         super().__init__()
         backbone = getattr(method, "backbone", None)
         if not isinstance(backbone, nn.Module):
@@ -279,10 +288,13 @@ class ReLA(nn.Module):
             raise RelaError(f"cannot tell the feature size of {type(backbone).__name__}; pass feature_dim=")
         if target_dim < 1:
             raise RelaError(f"target_dim must be at least 1, got {target_dim}")
+        if transfer not in TRANSFER_MODES:
+            raise RelaError(f"unknown transfer mode '{transfer}'; choose one of: {', '.join(TRANSFER_MODES)}")
         self.method = method
         self.feature_dim = feature_dim
         self.target_dim = target_dim
         self.transfer = nn.Linear(feature_dim, target_dim)
+        self.transfer.requires_grad_(transfer == "trained")
         self.schedule = parse_schedule(schedule) if isinstance(schedule, str) else schedule
 
     @property

@@ -37,38 +37,51 @@ def rela_views(image_size: int) -> MultiViewTransform:
     return MultiViewTransform([view, view])
 
 
-def byol_views(image_size: int) -> BYOLTransform:
+def byol_views(image_size: int, crop_min_scale: float = 0.08) -> BYOLTransform:
     """BYOL's asymmetric pair (lightly's BYOLTransform: blur 1.0 / 0.1, solarisation 0 / 0.2)."""
     return BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=image_size, gaussian_blur=_blur(image_size, 1.0)),
-        view_2_transform=BYOLView2Transform(input_size=image_size, gaussian_blur=_blur(image_size, 0.1)),
+        view_1_transform=BYOLView1Transform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 1.0)),
+        view_2_transform=BYOLView2Transform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 0.1)),
     )
 
 
-def simclr_views(image_size: int) -> SimCLRTransform:
+def simclr_views(image_size: int, crop_min_scale: float = 0.08) -> SimCLRTransform:
     """SimCLR's symmetric pair (lightly's SimCLRTransform, blur 0.5 above 32 px)."""
-    return SimCLRTransform(input_size=image_size, gaussian_blur=_blur(image_size, 0.5))
+    return SimCLRTransform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 0.5))
 
 
-def dino_views(image_size: int, n_local_views: int = 6) -> DINOTransform:
-    """DINO's multi-crop: two global crops of ``image_size`` and ``n_local_views`` local crops of
-    ``round(image_size * 96 / 224)`` pixels (the paper's 224/96 ratio; at least 8)."""
+def dino_views(image_size: int, crop_min_scale: float = 0.4, n_local_views: int = 6) -> DINOTransform:
+    """DINO's multi-crop: two global crops of ``image_size`` (scale ``(crop_min_scale, 1)``) and
+    ``n_local_views`` local crops of ``round(image_size * 96 / 224)`` pixels (the paper's 224/96
+    ratio; at least 8)."""
     local = max(8, round(image_size * 96 / 224))
     blur = (1.0, 0.1, 0.5) if image_size > NO_BLUR_MAX_SIZE else (0.0, 0.0, 0.0)
-    return DINOTransform(global_crop_size=image_size, local_crop_size=local, n_local_views=n_local_views, gaussian_blur=blur)
+    return DINOTransform(global_crop_size=image_size, global_crop_scale=(crop_min_scale, 1.0), local_crop_size=local,
+                         n_local_views=n_local_views, gaussian_blur=blur)
 
 
 _METHOD_VIEWS = {"byol": byol_views, "simclr": simclr_views, "dino": dino_views}
 
 
-def method_views(method: str, image_size: int) -> ViewTransform:
+def method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> ViewTransform:
     """The standard views of a built-in SSL method.
 
+    Args:
+        method: ``"byol"``, ``"simclr"`` or ``"dino"``.
+        image_size: S, pixels of the (global) views.
+        crop_min_scale: lower bound of the (global) crops' ``RandomResizedCrop`` scale; None keeps
+            the method's (0.08 for BYOL and SimCLR, 0.4 for DINO's global crops).
+
     Raises:
-        RelaError: unknown method or an image size below 8 pixels.
+        RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
+            ``(0, 1]``.
     """
     if image_size < 8:
         raise RelaError(f"image size must be at least 8 pixels, got {image_size}")
     if method not in _METHOD_VIEWS:
         raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_VIEWS)}")
-    return _METHOD_VIEWS[method](image_size)
+    if crop_min_scale is None:
+        return _METHOD_VIEWS[method](image_size)
+    if not 0.0 < crop_min_scale <= 1.0:
+        raise RelaError(f"the crop's minimum scale must be in (0, 1], got {crop_min_scale}")
+    return _METHOD_VIEWS[method](image_size, crop_min_scale=crop_min_scale)

@@ -120,6 +120,23 @@ def test_recipes_equal_lightly_transforms(family, size):
             assert got[key] == pytest.approx(value), (family, size, key)
 
 
+@pytest.mark.parametrize("family", ["byol", "simclr", "dino"])
+def test_crop_min_scale_is_the_same_on_both_paths_and_spares_dino_local_crops(family):
+    reference = pil_views.method_views(family, 32, crop_min_scale=0.3)
+    batched = batched_method_views(family, 32, crop_min_scale=0.3)
+    defaults = batched_method_views(family, 32)
+    for view, recipe, default in zip(reference.transforms, batched.recipes, defaults.recipes):
+        assert lightly_recipe(view)["scale"] == pytest.approx(recipe.scale)
+        if recipe.size == 32:
+            assert recipe.scale == (0.3, 1.0)
+        else:  # DINO's local crops keep their (0.05, 0.4)
+            assert recipe.scale == default.scale == (0.05, 0.4)
+    with pytest.raises(RelaError, match="minimum scale must be in"):
+        batched_method_views(family, 32, crop_min_scale=0.0)
+    with pytest.raises(RelaError, match="minimum scale must be in"):
+        pil_views.method_views(family, 32, crop_min_scale=1.5)
+
+
 def test_normalisation_constants_are_lightlys():
     from lightly.transforms.utils import IMAGENET_NORMALIZE
 

@@ -281,3 +281,58 @@ def test_eval_config_validate(field, value, checkpoint):
     config = eval_config(checkpoint, **{field: value})
     with pytest.raises(RelaError, match=field.replace("_", "-")):
         config.validate()
+
+
+# ---------------------------------------------------------------- few labels
+
+
+def test_few_label_rows_draw_per_class_without_the_global_rng():
+    from rela_pipeline.stages.evaluate import few_label_rows
+
+    labels = torch.arange(10).repeat_interleave(30)
+    state = torch.random.get_rng_state()
+    rows = few_label_rows(labels, 5, 10, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(torch.bincount(labels[rows], minlength=10), torch.full((10,), 5))
+    assert len(set(rows.tolist())) == 50 and torch.equal(rows, torch.sort(rows).values)
+    assert torch.equal(rows, few_label_rows(labels, 5, 10, seed=0))
+    assert not torch.equal(rows, few_label_rows(labels, 5, 10, seed=1))
+    assert len(few_label_rows(labels, 100, 10, seed=0)) == 300  # a class with fewer: all of it
+
+
+def test_few_label_accuracies_are_means_over_draws_of_the_full_protocols():
+    from rela_pipeline.stages.evaluate import few_label_accuracies, few_label_rows
+
+    train_x, train_y = clustered(30, 10, 32, noise=0.6, seed=5)
+    test_x, test_y = clustered(50, 10, 32, noise=0.6, seed=6)
+    result = few_label_accuracies(train_x, train_y, test_x, test_y, num_classes=10, per_class=(1, 10), draws=3, probe_steps=60, seed=4)
+    assert set(result) == {"1", "10"} and result["10"]["labelled"] == 100
+    for n in (1, 10):
+        for d in range(3):  # each draw is the plain protocol on the drawn rows
+            rows = few_label_rows(train_y, n, 10, 4 + 1000 * n + d)
+            knn = knn_accuracy(train_x[rows], train_y[rows], test_x, test_y, num_classes=10, k=min(200, len(rows)))
+            assert result[str(n)]["knn"]["draws"][d] == knn
+            epochs = 60 // -(-len(rows) // 256)
+            probe = linear_probe_accuracy(train_x[rows], train_y[rows], test_x, test_y, num_classes=10, epochs=epochs, seed=4 + d)
+            assert result[str(n)]["linear_probe"]["draws"][d] == probe
+        assert result[str(n)]["knn"]["top1"] == pytest.approx(sum(result[str(n)]["knn"]["draws"]) / 3)
+    # More labels, better k-NN on these noisy clusters.
+    assert result["10"]["knn"]["top1"] > result["1"]["knn"]["top1"]
+    with pytest.raises(ValueError, match="must be positive"):
+        few_label_accuracies(train_x, train_y, test_x, test_y, num_classes=10, per_class=(0,))
+
+
+def test_run_eval_few_label_and_its_cli_lines(checkpoint, tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_eval(eval_config(checkpoint, knn_k=20, few_label=(2, 5), few_label_draws=2))
+    assert set(result["few_label"]) == {"2", "5"} and "few_label" in result["timings_s"]
+    assert len(result["few_label"]["5"]["linear_probe"]["draws"]) == 2 and result["few_label"]["5"]["labelled"] == 50
+    code, stdout, _ = run_cli("eval", "--checkpoint", str(checkpoint), "--train", str(TRAIN_DIR), "--test", str(TEST_DIR),
+                              "--probe-epochs", "5", "--knn-k", "20", "--few-label", "2,5", "--few-label-draws", "2", "--num-workers", "0")
+    assert code == 0
+    lines = [line for line in stdout.splitlines() if "labels per class" in line]
+    assert [line.split()[0] for line in lines] == ["2", "5"]
+    assert f"{result['few_label']['5']['knn']['top1']:.2%}" in lines[1]
+    code, _, stderr = run_cli("eval", "--checkpoint", str(checkpoint), "--train", str(TRAIN_DIR), "--test", str(TEST_DIR), "--few-label", "ten")
+    assert code != 0 and "not a comma-separated list" in stderr

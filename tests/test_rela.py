@@ -139,3 +139,28 @@ def test_rela_wraps_a_method_without_changing_it():
     assert out.loss.item() == pytest.approx(method(views).item())
     with pytest.raises(RelaError):
         ReLA(nn.Linear(2, 2), target_dim=3)  # no backbone
+    with pytest.raises(RelaError, match="unknown transfer mode 'fixed'"):
+        ReLA(method, target_dim=3, feature_dim=6, transfer="fixed")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_byol_teacher_follows_its_momentum_schedule(schedule):
+    from lightly.utils.scheduler import cosine_schedule
+
+    from rela_pipeline.methods import build_method, teacher_momentum
+    from rela_pipeline.models import build_backbone
+
+    torch.manual_seed(0)
+    byol = build_method("byol", build_backbone("convnet", cifar_stem=False), momentum_schedule=schedule)
+    with torch.no_grad():
+        for p in byol.backbone.parameters():
+            p.add_(1.0)  # the student moves away from the teacher
+    student = byol.backbone.features[0].weight.clone()
+    teacher = byol.backbone_momentum.features[0].weight.clone()
+    byol.update_momentum(5, 10)
+    m = 0.99 if schedule == "constant" else cosine_schedule(5, 10, 0.99, 1.0)
+    assert teacher_momentum(schedule, 0.99, 5, 10) == pytest.approx(m)
+    assert 0.99 < cosine_schedule(5, 10, 0.99, 1.0) < 1.0
+    assert torch.allclose(byol.backbone_momentum.features[0].weight, m * teacher + (1 - m) * student, atol=1e-6)
+    with pytest.raises(RelaError, match="unknown teacher momentum schedule"):
+        build_method("byol", build_backbone("convnet"), momentum_schedule="linear")

@@ -312,6 +312,8 @@ def test_incompatible_manifest_schema_is_refused(shard_copy, tmp_path):
         (["--data-ratio", "0.05"], "empty subset"),
         (["--rela-schedule", "sometimes"], "unknown ReLA schedule"),
         (["--subset", "hardest"], "unknown subset rule"),
+        (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
+        (["--crop-min-scale", "0"], "--crop-min-scale must be in (0, 1]"),
     ],
 )
 def test_bad_train_options_give_one_line_errors_and_no_output(shard_set, tmp_path, args, fragment):
@@ -401,3 +403,55 @@ def test_a_custom_view_transform_of_the_wrong_shape_is_one_line_naming_the_metho
     pil_style = lambda image: [image, image]  # noqa: E731  a per-image transform given to the device path
     with pytest.raises(RelaError, match="toy views: the transform failed on a uint8 batch"):
         run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="none"), method_factory=ToyMethod, ssl_views=pil_style)
+
+
+def test_frozen_transfer_layer_keeps_its_initialisation_while_the_backbone_learns():
+    from rela_pipeline.methods import build_method
+    from rela_pipeline.rela import ConstantSchedule, ReLA
+    from rela_pipeline.runtime import Precision
+    from rela_pipeline.stages.train.step import TrainStep
+
+    def trained(transfer: str) -> tuple[ReLA, dict]:
+        torch.manual_seed(0)
+        schedule = ConstantSchedule(1.0)
+        model = ReLA(build_method("byol", build_backbone("convnet")), 64, schedule, transfer=transfer)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        schedule.start(0, 3)
+        step = TrainStep(model, None, 1e-2, 0.01, "constant", 3, Precision("fp32", "cpu"))
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            step([torch.rand(8, 3, 32, 32, generator=generator) for _ in range(2)], torch.randn(8, 64, generator=generator), torch.zeros(8, dtype=torch.long), False)
+        return model, initial
+
+    frozen, initial = trained("frozen")
+    assert not any(p.requires_grad for p in frozen.transfer.parameters())
+    assert torch.equal(frozen.transfer.weight, initial["transfer.weight"]) and torch.equal(frozen.transfer.bias, initial["transfer.bias"])
+    assert not torch.equal(frozen.backbone.features[0].weight, initial["method.backbone.features.0.weight"])
+    moving, same_start = trained("trained")
+    assert torch.equal(same_start["transfer.weight"], initial["transfer.weight"])  # both start from the same map
+    assert not torch.equal(moving.transfer.weight, initial["transfer.weight"])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_its_schedule():
+    from rela_pipeline.stages.train.step import lr_factor
+
+    assert [lr_factor(s, 20, "cosine", 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 20, "cosine", 4) == 1.0  # the cosine starts at the top after warm-up
+    assert lr_factor(12, 20, "cosine", 4) == pytest.approx(0.5)  # half-way through the remaining 16 steps
+    assert lr_factor(20, 20, "cosine", 4) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor(s, 20, "constant", 2) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 20, "cosine", 0) == 1.0
+
+
+def test_optimiser_and_view_settings_reach_the_run(shard_set, tmp_path):
+    shards, _ = shard_set
+    run = tmp_path / "run"
+    run_train(config(shards, run, lr_schedule="cosine", warmup_epochs=1, teacher_momentum="constant", crop_min_scale=0.3,
+                     rela_schedule="none", log_every=1, epochs=2))
+    lrs = [r["lr"] for r in intervals(run)]
+    steps_per_epoch = len(lrs) // 2
+    # Linear warm-up over the first epoch (the logged lr is the next step's), then a falling cosine.
+    assert lrs[: steps_per_epoch - 1] == pytest.approx([1e-3 * (s + 2) / steps_per_epoch for s in range(steps_per_epoch - 1)])
+    assert all(a >= b for a, b in zip(lrs[steps_per_epoch - 1 :], lrs[steps_per_epoch:]))
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["teacher_momentum"], saved["crop_min_scale"], saved["warmup_epochs"]) == ("constant", 0.3, 1)

@@ -10,6 +10,9 @@ augmentation) extracted once from a labelled train and test ImageFolder:
   Discrimination", section 3.4, as implemented by ``lightly.utils.benchmarking.knn_predict``):
   cosine similarity of L2-normalised features, the ``k = 200`` most similar train samples vote
   for their class with weight ``exp(similarity / 0.1)``; reported as test top-1.
+* **Few-label** (optional, ``few_label``): both protocols again with only ``n`` labelled train
+  images per class (a seeded draw, mean over several draws), the regime where a representation
+  matters most (:func:`few_label_accuracies`).
 
 The result is a JSON-ready dict (see :func:`run_eval`).
 """
@@ -61,7 +64,10 @@ class EvalConfig:
         probe_batch_size: linear-probe minibatch size (samples).
         knn_k: neighbours voting in the k-NN classifier (Wu et al. 2018: 200).
         knn_temperature: temperature of the vote weights ``exp(cos / t)`` (Wu et al. 2018: 0.1).
-        seed: seed of the probe's initialisation and minibatch order.
+        few_label: labelled train images per class of the few-label protocols (e.g. ``(10, 100)``);
+            empty: none.
+        few_label_draws: random draws of the labelled images per ``few_label`` entry.
+        seed: seed of the probe's initialisation and minibatch order, and of the few-label draws.
         progress: show a tqdm progress bar during feature extraction.
     """
 
@@ -77,6 +83,8 @@ class EvalConfig:
     probe_batch_size: int = 256
     knn_k: int = 200
     knn_temperature: float = 0.1
+    few_label: tuple[int, ...] = ()
+    few_label_draws: int = 3
     seed: int = 0
     progress: bool = True
 
@@ -98,6 +106,8 @@ class EvalConfig:
             raise RelaError(f"--knn-k must be >= 1, got {self.knn_k}")
         if not (math.isfinite(self.knn_temperature) and self.knn_temperature > 0):
             raise RelaError(f"--knn-temperature must be a positive number, got {self.knn_temperature}")
+        if any(n < 1 for n in self.few_label) or self.few_label_draws < 1:
+            raise RelaError(f"--few-label entries and --few-label-draws must be >= 1, got {list(self.few_label)} and {self.few_label_draws}")
 
     def resolved_num_workers(self) -> int:
         """Worker processes to use: ``num_workers``, or ``min(4, os.cpu_count())`` when None."""
@@ -351,6 +361,174 @@ def knn_accuracy(
     return correct / len(test_features)
 
 
+def few_label_rows(labels: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Rows of ``per_class`` randomly drawn samples of every class (all of a class that has fewer).
+
+    Args:
+        labels: int64 ``(N,)`` in ``[0, num_classes)``.
+        per_class: samples per class.
+        num_classes: C.
+        seed: seed of the draw (a ``torch.Generator``; the global RNG is untouched).
+
+    Returns:
+        int64 ``(<= C * per_class,)`` row indices into ``labels``, sorted.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        rows = torch.nonzero(labels == c).flatten()
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def few_label_accuracies(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    per_class: tuple[int, ...] = (10, 100),
+    draws: int = 3,
+    probe_steps: int = 4000,
+    probe_lr: float = 3e-4,
+    probe_batch_size: int = 256,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Linear-probe and k-NN top-1 with only ``n`` labelled train images per class.
+
+    For each ``n`` in ``per_class`` and each draw ``d`` in ``range(draws)``, the labelled rows are
+    :func:`few_label_rows` with seed ``seed + 1000 * n + d``; :func:`linear_probe_accuracy` is
+    trained on them for ``ceil(probe_steps / ceil(rows / probe_batch_size))`` epochs, so every
+    probe takes about the same number of optimisation steps as the full one (with fewer rows per
+    epoch an epoch count would under-train it), and :func:`knn_accuracy` uses them as the bank
+    (``k`` clipped to the bank's size). Accuracies are on the whole test split.
+
+    Args:
+        train_features, train_labels, test_features, test_labels, num_classes: as
+            :func:`linear_probe_accuracy`.
+        per_class: labelled images per class, each >= 1.
+        draws: draws per entry, >= 1.
+        probe_steps: optimisation steps of each probe (the full probe's: epochs x batches).
+        probe_lr, probe_batch_size, knn_k, knn_temperature, seed, device: as in :class:`EvalConfig`.
+
+    Returns:
+        ``{str(n): {"linear_probe": {"top1": mean, "std": sample std, "draws": [...]},
+        "knn": {...same...}, "labelled": rows per draw}}`` (accuracies in [0, 1]).
+
+    Raises:
+        ValueError: malformed features or labels (see :func:`linear_probe_accuracy`), or a
+            non-positive entry of ``per_class``, ``draws`` or ``probe_steps``.
+    """
+    if draws < 1 or probe_steps < 1 or any(n < 1 for n in per_class):
+        raise ValueError(f"per_class entries, draws and probe_steps must be positive, got {per_class}, {draws}, {probe_steps}")
+    results: dict[str, Any] = {}
+    for n in per_class:
+        probe, knn, labelled = [], [], 0
+        for d in range(draws):
+            rows = few_label_rows(train_labels, n, num_classes, seed + 1000 * n + d)
+            labelled = len(rows)
+            x, y = train_features[rows], train_labels[rows]
+            epochs = math.ceil(probe_steps / math.ceil(len(rows) / probe_batch_size))
+            probe.append(linear_probe_accuracy(x, y, test_features, test_labels, num_classes=num_classes, epochs=epochs,
+                                               lr=probe_lr, batch_size=probe_batch_size, seed=seed + d, device=device))
+            knn.append(knn_accuracy(x.to(device), y, test_features, test_labels, num_classes=num_classes,
+                                    k=min(knn_k, len(rows)), temperature=knn_temperature))
+        results[str(n)] = {
+            "linear_probe": _spread(probe), "knn": _spread(knn), "labelled": labelled,
+        }
+    return results
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"top1": mean, "std": std, "draws": values}
+
+
+def evaluate_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    config: EvalConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Every protocol of ``config`` on cached features: the linear probe, k-NN and, when
+    ``config.few_label`` is set, :func:`few_label_accuracies`.
+
+    Args:
+        train_features, test_features: float ``(N, F)`` and ``(M, F)``.
+        train_labels, test_labels: int64 ``(N,)`` and ``(M,)`` in ``[0, num_classes)``.
+        num_classes: C.
+        config: the protocol settings (its paths are not read).
+        device: where the probes and the k-NN run.
+
+    Returns:
+        ``{"linear_probe": {...}, "knn": {...}, "few_label": {...} (or absent),
+        "timings_s": {"linear_probe", "knn", "few_label" (seconds)}}``, shaped as in
+        :func:`run_eval`.
+
+    Raises:
+        ValueError: malformed features or labels.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    probe_top1 = linear_probe_accuracy(
+        train_features, train_labels, test_features, test_labels, num_classes=num_classes, epochs=config.probe_epochs,
+        lr=config.probe_lr, batch_size=config.probe_batch_size, seed=config.seed, device=device,
+    )
+    timings["linear_probe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    k = min(config.knn_k, len(train_features))
+    knn_top1 = knn_accuracy(
+        train_features.to(device), train_labels, test_features, test_labels, num_classes=num_classes, k=k, temperature=config.knn_temperature,
+    )
+    timings["knn"] = time.perf_counter() - t
+    result: dict[str, Any] = {
+        "linear_probe": {"top1": float(probe_top1), "epochs": config.probe_epochs, "lr": float(config.probe_lr), "batch_size": config.probe_batch_size},
+        "knn": {"top1": float(knn_top1), "k": int(k), "temperature": float(config.knn_temperature)},
+    }
+    if config.few_label:
+        t = time.perf_counter()
+        result["few_label"] = few_label_accuracies(
+            train_features, train_labels, test_features, test_labels, num_classes=num_classes, per_class=tuple(config.few_label),
+            draws=config.few_label_draws, probe_steps=config.probe_epochs * math.ceil(len(train_features) / config.probe_batch_size),
+            probe_lr=config.probe_lr, probe_batch_size=config.probe_batch_size, knn_k=config.knn_k,
+            knn_temperature=config.knn_temperature, seed=config.seed, device=device,
+        )
+        timings["few_label"] = time.perf_counter() - t
+    result["timings_s"] = timings
+    return result
+
+
+def scan_labelled_splits(train_dir: Path, test_dir: Path) -> tuple[ImageFolderIndex, ImageFolderIndex]:
+    """Scan the two labelled ImageFolders of an evaluation and check they share class names.
+
+    Raises:
+        RelaError: a folder missing or without images; a folder without class sub-folders
+            (unlabelled); class names that differ between the two.
+    """
+    train_index = scan_image_folder(train_dir)
+    test_index = scan_image_folder(test_dir)
+    for name, index in (("train", train_index), ("test", test_index)):
+        if index.labels is None:
+            raise RelaError(f"{name} folder {index.root} is unlabelled (images directly under it); eval needs {index.root}/<class>/<image> folders")
+    if train_index.class_names != test_index.class_names:
+        only_train = sorted(set(train_index.class_names) - set(test_index.class_names))
+        only_test = sorted(set(test_index.class_names) - set(train_index.class_names))
+        raise RelaError(
+            f"class names differ between train ({len(train_index.class_names)} classes) and test "
+            f"({len(test_index.class_names)} classes): only in train: {only_train or '-'}; only in test: {only_test or '-'}"
+        )
+    return train_index, test_index
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate a backbone checkpoint with a linear probe and weighted k-NN.
 
@@ -366,8 +544,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
              "num_classes": int,
              "linear_probe": {"top1": float, "epochs": int, "lr": float, "batch_size": int},
              "knn": {"top1": float, "k": int (after clipping), "temperature": float},
+             "few_label": {"10": {"linear_probe": {"top1", "std", "draws"}, "knn": {...},
+                                  "labelled": int}, ...}   # only with config.few_label
              "timings_s": {"features": float, "linear_probe": float, "knn": float,
-                           "total": float}}   # seconds
+                           "few_label": float (with few_label), "total": float}}   # seconds
 
     Raises:
         RelaError: bad settings; checkpoint missing, unsafe or not this project's format; a
@@ -380,42 +560,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     backbone, meta = load_backbone_checkpoint(config.checkpoint)
     preprocessing = eval_preprocessing(meta.get("preprocessing"), config.image_size)
     device = resolve_device(config.device)
-    train_index = scan_image_folder(config.train_dir)
-    test_index = scan_image_folder(config.test_dir)
-    for name, index in (("train", train_index), ("test", test_index)):
-        if index.labels is None:
-            raise RelaError(f"{name} folder {index.root} is unlabelled (images directly under it); eval needs {index.root}/<class>/<image> folders")
-    if train_index.class_names != test_index.class_names:
-        only_train = sorted(set(train_index.class_names) - set(test_index.class_names))
-        only_test = sorted(set(test_index.class_names) - set(train_index.class_names))
-        raise RelaError(
-            f"class names differ between train ({len(train_index.class_names)} classes) and test "
-            f"({len(test_index.class_names)} classes): only in train: {only_train or '-'}; only in test: {only_test or '-'}"
-        )
+    train_index, test_index = scan_labelled_splits(config.train_dir, config.test_dir)
     num_classes = len(train_index.class_names)
-    timings: dict[str, float] = {}
 
     t = time.perf_counter()
     workers = config.resolved_num_workers()
     common = dict(device=device, batch_size=config.batch_size, num_workers=workers, progress=config.progress)
     train_x, train_y = extract_features(backbone, train_index, preprocessing, **common)
     test_x, test_y = extract_features(backbone, test_index, preprocessing, **common)
-    timings["features"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    probe_top1 = linear_probe_accuracy(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=config.probe_epochs,
-        lr=config.probe_lr, batch_size=config.probe_batch_size, seed=config.seed, device=device,
-    )
-    timings["linear_probe"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    k = min(config.knn_k, len(train_x))
-    knn_top1 = knn_accuracy(
-        train_x.to(device), train_y, test_x, test_y, num_classes=num_classes, k=k, temperature=config.knn_temperature,
-    )
-    timings["knn"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    features_s = time.perf_counter() - t
+    protocols = evaluate_features(train_x, train_y, test_x, test_y, num_classes=num_classes, config=config, device=device)
+    timings = {"features": features_s, **protocols.pop("timings_s"), "total": time.perf_counter() - t0}
 
     return {
         "checkpoint": str(config.checkpoint),
@@ -426,7 +581,6 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "train_samples": int(len(train_x)),
         "test_samples": int(len(test_x)),
         "num_classes": num_classes,
-        "linear_probe": {"top1": float(probe_top1), "epochs": config.probe_epochs, "lr": float(config.probe_lr), "batch_size": config.probe_batch_size},
-        "knn": {"top1": float(knn_top1), "k": int(k), "temperature": float(config.knn_temperature)},
+        **protocols,
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
     }

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import RelaError
-from ...methods import METHODS
+from ...methods import METHODS, MOMENTUM_SCHEDULES
 from ...models import BACKBONES
-from ...rela import parse_schedule
+from ...rela import TRANSFER_MODES, parse_schedule
 from ...runtime import PRECISIONS
 from ...shards.batches import DATA_PATHS
 from ...subsets import SUBSET_RULES
@@ -43,8 +43,15 @@ class TrainConfig:
         subset: subset rule, one of :data:`SUBSET_RULES`.
         dedup_threshold: cosine for the ``dedup`` rule.
         rela_schedule: ``adaptive``, ``constant:<fraction>`` or ``none`` (no ReLA: the baselines).
+        transfer: ``trained`` or ``frozen`` transfer layer (:data:`rela_pipeline.rela.TRANSFER_MODES`).
         lr, weight_decay: AdamW (the paper's 1e-3 and 0.01).
         lr_schedule: ``constant`` (the paper) or ``cosine`` (to 0 at the last step).
+        warmup_epochs: epochs (a float; converted to steps) of linear learning-rate warm-up from 0
+            before the schedule (0: none). The cosine then runs over the remaining steps.
+        teacher_momentum: the EMA teacher's momentum schedule, ``cosine`` (to 1) or ``constant``
+            (:data:`rela_pipeline.methods.MOMENTUM_SCHEDULES`); built-in methods only.
+        crop_min_scale: lower bound of the SSL views' crop scale (None: the method's; the ReLA
+            views keep their 0.5).
         device: "auto", "cpu", "cuda" or "cuda:N".
         precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``
             (:func:`rela_pipeline.runtime.resolve_precision`; auto = bf16 on CUDA and on CPUs
@@ -82,9 +89,13 @@ class TrainConfig:
     subset: str = "random"
     dedup_threshold: float = 0.98
     rela_schedule: str = "adaptive"
+    transfer: str = "trained"
     lr: float = 1e-3
     weight_decay: float = 0.01
     lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    teacher_momentum: str = "cosine"
+    crop_min_scale: float | None = None
     device: str = "auto"
     precision: str = "auto"
     augment: str = "device"
@@ -125,6 +136,14 @@ class TrainConfig:
             raise RelaError(f"need lr > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise RelaError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule}")
+        if not 0.0 <= self.warmup_epochs < self.epochs:
+            raise RelaError(f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}")
+        if self.transfer not in TRANSFER_MODES:
+            raise RelaError(f"--transfer must be one of {', '.join(TRANSFER_MODES)}, got {self.transfer!r}")
+        if self.teacher_momentum not in MOMENTUM_SCHEDULES:
+            raise RelaError(f"--teacher-momentum must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {self.teacher_momentum!r}")
+        if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
+            raise RelaError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         if self.precision not in PRECISIONS:
             raise RelaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.augment not in AUGMENT_PATHS:

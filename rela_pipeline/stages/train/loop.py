@@ -100,10 +100,10 @@ def _view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[st
     """The views of each phase: ``{"rela": ..., "ssl": ...}`` for the configured augment path."""
     size = config.image_size
     if config.augment == "pil":
-        return {"rela": rela_views(size), "ssl": ssl_views if ssl_views is not None else method_views(config.method, size)}
+        return {"rela": rela_views(size), "ssl": ssl_views if ssl_views is not None else method_views(config.method, size, config.crop_min_scale)}
     from ...batched_views import batched_method_views, batched_rela_views
 
-    return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size)}
+    return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale)}
 
 
 def _train(config: TrainConfig, source, device: torch.device, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
@@ -113,11 +113,11 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
     torch.manual_seed(config.seed)
     backbone_config = {"name": config.backbone, "cifar_stem": config.use_cifar_stem}
     backbone = build_backbone(config.backbone, cifar_stem=config.use_cifar_stem)
-    method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone)
+    method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone, config.teacher_momentum)
     if getattr(method, "backbone", None) is not backbone:
         raise RelaError("the custom method must keep the backbone it was given as its .backbone")
     target_dim = min(backbone.feature_dim, source.target_dim)
-    rela = ReLA(method, target_dim, parse_schedule(config.rela_schedule)).to(device)
+    rela = ReLA(method, target_dim, parse_schedule(config.rela_schedule), transfer=config.transfer).to(device)
     labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
     probe = nn.Linear(backbone.feature_dim, len(source.class_names)).to(device) if labelled and config.online_probe else None
 
@@ -130,7 +130,8 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
 
     # The step, then where the run stands.
     precision = resolve_precision(config.precision, device)
-    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision, warmup_steps)
     progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress()
     if resuming:
         logger.info("resuming %s after epoch %d (step %d)", out, progress.next_epoch, budget.steps)

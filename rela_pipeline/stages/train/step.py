@@ -14,6 +14,22 @@ from ...rela import ReLA, StepOutput
 from ...runtime import Precision, uses_channels_last
 
 
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier of step ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (Goyal et
+    al. 2017, section 2.2), then ``1`` (``constant``) or the half-cosine
+    ``0.5 * (1 + cos(pi * t / T))`` over the remaining ``T = total_steps - warmup_steps`` steps
+    (``cosine``; Loshchilov & Hutter 2017, SGDR without restarts, as in BYOL section 3.2).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule != "cosine":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
 class _FirstOutput:
     """Forward hook keeping the first output of a module per step (online-probe features)."""
 
@@ -54,12 +70,13 @@ class TrainStep:
         rela: the :class:`ReLA` wrapper around the method, on the training device.
         probe: a linear classifier ``F -> classes`` on the device, or None.
         lr, weight_decay: AdamW (the probe gets no weight decay).
-        lr_schedule: "constant" or "cosine" (to 0 at ``total_steps``).
+        lr_schedule: "constant" or "cosine" (to 0 at ``total_steps``); see :func:`lr_factor`.
         total_steps: optimisation steps of the run.
         precision: from :func:`rela_pipeline.runtime.resolve_precision`.
+        warmup_steps: steps of linear warm-up before the schedule (0: none).
     """
 
-    def __init__(self, rela: ReLA, probe: nn.Module | None, lr: float, weight_decay: float, lr_schedule: str, total_steps: int, precision: Precision) -> None:
+    def __init__(self, rela: ReLA, probe: nn.Module | None, lr: float, weight_decay: float, lr_schedule: str, total_steps: int, precision: Precision, warmup_steps: int = 0) -> None:
         self.rela = rela
         self.probe = probe
         self.precision = precision
@@ -70,11 +87,7 @@ class TrainStep:
         if probe is not None:
             groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-        if lr_schedule == "cosine":
-            lr_lambda = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))  # noqa: E731
-        else:
-            lr_lambda = lambda s: 1.0  # noqa: E731
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total_steps, lr_schedule, warmup_steps))
         self.scaler = precision.grad_scaler()
         self._features = _FirstOutput()
         self._hook = rela.backbone.register_forward_hook(self._features)
