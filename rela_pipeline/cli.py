@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -43,6 +44,23 @@ def parse_bytes(value: str | None) -> int | None:
     if number < 0:
         raise click.BadParameter(f"{value!r} is negative")
     return int(number)
+
+
+def parse_probe_lr(value: str) -> float | None:
+    """``auto`` -> None (chosen on held-out train rows), else a positive float.
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    if value == "auto":
+        return None
+    try:
+        lr = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither auto nor a number") from None
+    if not (math.isfinite(lr) and lr > 0):
+        raise click.BadParameter(f"{value!r} must be a positive number")
+    return lr
 
 
 def parse_counts(value: str | None) -> tuple[int, ...]:
@@ -240,7 +258,8 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
 @click.option("--num-workers", default=None, type=int, help="Decode workers [default: min(4, CPUs)].")
 @click.option("--image-size", default=None, type=int, help="Override the checkpoint's input size.")
 @click.option("--probe-epochs", default=100, show_default=True, type=int, help="Linear-probe epochs (the paper: 100).")
-@click.option("--probe-lr", default=3e-4, show_default=True, type=float, help="Linear-probe Adam learning rate (the paper: 3e-4).")
+@click.option("--probe-lr", default="auto", show_default=True, callback=lambda ctx, param, value: parse_probe_lr(value), help="Linear-probe Adam learning rate, or auto: chosen from 1e-4..1e-2 on 10% of the train split held out (the paper: 3e-4).")
+@click.option("--probe-standardise/--no-probe-standardise", default=True, show_default=True, help="Standardise features with the train split's mean and std before the probe (the paper: no).")
 @click.option("--knn-k", default=200, show_default=True, type=int, help="Neighbours of the k-NN classifier.")
 @click.option("--knn-temperature", default=0.1, show_default=True, type=float, help="Temperature of the k-NN vote weights exp(cos / t).")
 @click.option("--few-label", default=None, callback=lambda ctx, param, value: parse_counts(value), help="Also evaluate with only these many labelled train images per class, e.g. 10,100 (mean over --few-label-draws draws).")

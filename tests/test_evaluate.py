@@ -199,7 +199,7 @@ def test_eval_preprocessing_default_and_override():
 
 
 def test_run_eval_on_fixture(checkpoint, fixture_features):
-    result = run_eval(eval_config(checkpoint, knn_k=20))
+    result = run_eval(eval_config(checkpoint, knn_k=20, probe_lr=3e-4, probe_standardise=False))  # the paper's probe
     json.dumps(result)  # JSON-ready
     assert set(result) == {
         "checkpoint", "step", "backbone", "feature_dim", "image_size", "train_samples", "test_samples",
@@ -208,7 +208,8 @@ def test_run_eval_on_fixture(checkpoint, fixture_features):
     assert result["checkpoint"] == str(checkpoint) and result["step"] == 7
     assert result["backbone"] == {"name": "convnet"} and result["feature_dim"] == 256 and result["image_size"] == 32
     assert (result["train_samples"], result["test_samples"], result["num_classes"]) == (300, 100, 10)
-    assert result["linear_probe"] == {"top1": result["linear_probe"]["top1"], "epochs": 5, "lr": 3e-4, "batch_size": 256}
+    assert result["linear_probe"] == {"top1": result["linear_probe"]["top1"], "epochs": 5, "lr": 3e-4, "batch_size": 256,
+                                      "standardised": False, "lr_held_out_top1": None}
     assert result["knn"] == {"top1": result["knn"]["top1"], "k": 20, "temperature": 0.1}
     assert set(result["timings_s"]) == {"features", "linear_probe", "knn", "total"}
     assert all(v >= 0 for v in result["timings_s"].values())
@@ -336,3 +337,39 @@ def test_run_eval_few_label_and_its_cli_lines(checkpoint, tmp_path):
     assert f"{result['few_label']['5']['knn']['top1']:.2%}" in lines[1]
     code, _, stderr = run_cli("eval", "--checkpoint", str(checkpoint), "--train", str(TRAIN_DIR), "--test", str(TEST_DIR), "--few-label", "ten")
     assert code != 0 and "not a comma-separated list" in stderr
+
+
+def test_default_probe_standardises_and_picks_its_learning_rate_on_held_out_train_rows(checkpoint, fixture_features):
+    from rela_pipeline.stages.evaluate import PROBE_LR_GRID, select_probe_lr, standardise
+
+    result = run_eval(eval_config(checkpoint, knn_k=20))
+    train_x, train_y, test_x, test_y = fixture_features
+    z_train, z_test = standardise(train_x, test_x)
+    spread = train_x.std(0, unbiased=False)
+    assert z_train.mean(0).abs().max() < 1e-4
+    assert (z_train.std(0, unbiased=False)[spread > 1e-3] - 1).abs().max() < 1e-2  # eps shrinks near-constant columns
+    assert torch.allclose(z_test, (test_x - train_x.mean(0)) / (spread + 1e-6))
+    lr, scores = select_probe_lr(z_train, train_y, num_classes=10, epochs=5)
+    assert set(scores) == {str(v) for v in PROBE_LR_GRID} and scores[str(lr)] == max(scores.values())
+    probe = result["linear_probe"]
+    assert probe["standardised"] and probe["lr"] == lr and probe["lr_held_out_top1"] == scores
+    assert probe["top1"] == linear_probe_accuracy(z_train, train_y, z_test, test_y, num_classes=10, epochs=5, lr=lr)
+    # k-NN reads the raw features either way.
+    assert result["knn"]["top1"] == knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10, k=20)
+
+
+def test_probe_learning_rate_is_chosen_without_the_test_split():
+    from rela_pipeline.stages.evaluate import select_probe_lr
+
+    # A probe given too few steps: the paper's fixed 3e-4 barely leaves its random initialisation;
+    # the held-out choice moves to a larger rate and the probe then separates the clusters.
+    train_x, train_y = clustered(60, 10, 32, noise=0.1, seed=5)
+    test_x, test_y = clustered(50, 10, 32, noise=0.1, seed=6)
+    lr, scores = select_probe_lr(train_x, train_y, num_classes=10, epochs=1, batch_size=64)
+    assert lr > 3e-4 and scores[str(lr)] > scores["0.0003"]
+    fixed = linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes=10, epochs=1, lr=3e-4, batch_size=64)
+    chosen = linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes=10, epochs=1, lr=lr, batch_size=64)
+    assert chosen > fixed + 0.2
+    small = train_x
+    with pytest.raises(ValueError, match="one train row"):
+        select_probe_lr(small[:11], torch.arange(11) % 10, num_classes=10)
