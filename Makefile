@@ -32,7 +32,7 @@ bench: setup
 	$(PY) benchmarks/views_cost.py --out $(RUN)/views_cost.json
 	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone convnet --image-size 32 --batch-size 128 --out $(RUN)/train_throughput.json
 
-# The accuracy-against-budget table (README "Budget table"); about an hour on 2 CPU cores.
+# The accuracy-against-budget table with floors and the convergence study (README "Evidence"); about 2 hours on 2 CPU cores, resumable.
 # Rerunning resumes: finished runs are kept.
 budget-table: setup
 	@bash scripts/fashion_mnist_source.sh

@@ -1,39 +1,54 @@
-"""Accuracy against compute budget: the paper's Table 1 protocol on real Fashion-MNIST.
+"""Accuracy against compute budget: the paper's Table 1 protocol on real Fashion-MNIST, with floors.
 
-Cells (each trained with 3 seeds, then evaluated with ``eval``'s linear probe and k-NN on the test
-split; the probe and the k-NN bank use the benchmark's train split):
+Order of work (each step cached, so rerunning the same command resumes):
 
-* ``BYOL*``: BYOL at 100% budget, the reference;
-* ``BYOL``: BYOL at 10%, 20% and 50% budget on random dynamic subsets (the paper's baselines);
-* ``BYOL + ReLA, Rand. prior``: 10/20/50% with a randomly initialised ResNet-18 as the prior;
-* ``BYOL + ReLA, BYOL* prior``: 10/20/50% with the seed-0 BYOL* backbone of this very benchmark as
-  a ``checkpoint:`` prior (the analogue of the paper's CIFAR-10-trained ResNet-18 prior);
-* ``BYOL + ReLA, Rand. prior`` at 20% with each score-driven subset rule (``density``, ``dedup``)
-  beside its ``random``-subset cell.
+1. **Splits.** ``train`` (the student's images, the probes' labels, the k-NN bank), ``val`` (carved
+   out of the train split: settings and epochs are chosen on it, never on test) and ``test``.
+2. **Floors**, probed exactly like a student on the same splits: raw pixels (normalised,
+   ``S x S x 3``), the untrained student (one per seed, the very initialisation ``train`` gives that
+   seed), the Rand. prior's own features and, once trained, the BYOL* prior's (BYOL* seed 0). What
+   a student gets without learning, and by copying its prior.
+3. **Convergence study** of BYOL (seed 0, 100% budget): E, 2E, 4E ... epochs, scored on ``val``,
+   until doubling adds under 1 point of linear probe (or ``max_epochs``); BYOL* is the run at the
+   plateau, and its seed-0 training is reused as the table's.
+4. **Cells** (3 seeds each, evaluated on ``test``), all at BYOL*'s epochs:
 
-Budget is the paper's (MISSION.md step 5): the fraction of BYOL*'s optimisation steps, i.e. the same
-epochs on ``ratio * N`` fresh random samples per epoch. The ReLA schedule is the authors' adaptive
-one. Stage-one cost (embed + transport + scores, from the shard set's manifest) is reported
-separately, and as a fraction of BYOL*'s mean training wall-clock. The BYOL* prior's own training is
-not counted in its stage-one cost: like the paper's pretrained priors it is treated as a given model.
+   * ``BYOL*``: BYOL at 100% budget, the reference;
+   * ``BYOL``: BYOL at 10%, 20% and 50% budget on random dynamic subsets (the paper's baselines);
+   * ``BYOL + ReLA, Rand. prior``: 10/20/50% with a randomly initialised ResNet-18 as the prior;
+   * ``BYOL + ReLA, BYOL* prior``: 10/20/50% with the seed-0 BYOL* backbone as a ``checkpoint:``
+     prior (the analogue of the paper's CIFAR-10-trained ResNet-18 prior);
+   * at 20%, Rand. prior, one setting changed each: the score-driven subsets (``density``,
+     ``dedup``), the ``constant:0.5`` ReLA schedule, and the other ``--transfer`` mode.
+
+Every evaluation is ``eval``'s: linear probe (standardised features, learning rate chosen on held-out
+train rows), k-NN, and the few-label columns (10 and 100 labelled train images per class, mean over
+3 draws). Budget is the paper's (MISSION.md step 5): the fraction of BYOL*'s optimisation steps,
+i.e. the same epochs on ``ratio * N`` fresh random samples per epoch. Stage-one cost (embed +
+transport + scores, from the shard set's manifest) is reported separately, and as a fraction of
+BYOL*'s mean training wall-clock; the BYOL* prior's own training is not counted (like the paper's
+pretrained priors it is treated as a given model).
 
 Profiles:
 
-* ``cpu``: ConvNet student at 32 px, the first 1,000 images of each class of the train split (10,000
-  images; the test split is complete, 10,000), 10 epochs at 100% budget, batch 128; about an hour on
-  2 CPU cores.
-* ``gpu``: ResNet-18 with the CIFAR stem at 32 px on the full train split (60,000), the paper's
-  optimiser (AdamW 1e-3, wd 0.01, batch 128, bf16 autocast), 100 epochs at 100% budget.
+* ``cpu``: ConvNet student at 32 px; the first 1,000 images of each class of the train split
+  (10,000), the next 500 per class as validation, the whole test split (10,000); batch 128; BYOL
+  settings chosen on the validation split by ``benchmarks/ssl_settings.py`` (README); convergence
+  study from 20 epochs, capped at 80. About 2 hours on 2 CPU cores.
+* ``gpu``: ResNet-18 with the CIFAR stem at 32 px on the whole train split less 500 validation
+  images per class, the paper's optimiser (AdamW 1e-3, wd 0.01, batch 128, bf16 autocast);
+  convergence study from 100 epochs, capped at 800.
 
-``--tiny`` shrinks either profile to seconds per run (for tests): 2 epochs, probe 10 epochs, batch
-16, 20 images per class when the data is prepared here. ``--epochs`` and ``--cells`` (a selection of
-cells; BYOL* is always run) serve follow-up experiments, e.g. a longer schedule for a few cells.
+``--tiny`` shrinks either profile to seconds per run (for tests): 1 and 2 epochs in the study,
+probe 10 epochs, batch 16, 20 train and 10 validation images per class, few-label 1 and 5.
+``--epochs`` fixes the epochs and skips the study; ``--cells`` selects cells (BYOL* is always run).
 
-Outputs in ``--out``: ``results.csv`` and ``results.json`` (one row per cell, plus every run),
-``results.md`` (the Markdown table), ``budget_curve.png`` (top-1 against the fraction of BYOL*
-compute, error bars one standard deviation over seeds). Every finished run is recorded in
-``runs/<cell>/seed<k>/result.json``; rerunning the same command skips those, resumes a training run
-that was killed from its last finished epoch, and redoes only what is missing.
+Outputs in ``--out`` (rewritten after every finished run, so a partial table is readable):
+``results.csv`` (one row per floor and per cell, ``kind`` telling them apart), ``results.json``
+(the rows, every run, the floors, the convergence points), ``results.md`` (floors, convergence,
+table, few-label table), ``budget_curve.png`` (top-1 against the fraction of BYOL* compute, error
+bars one standard deviation over seeds, floors as dashed lines). Runs live in
+``runs/e<epochs>/<cell>/seed<k>``; a killed training run resumes from its last finished epoch.
 
 Example (the README's numbers)::
 
@@ -147,7 +162,7 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile(name="cpu", backbone="convnet", cifar_stem=False, image_size=32, limit_per_class=1000, epochs=10, batch_size=128),
+    "cpu": Profile(name="cpu", backbone="convnet", cifar_stem=False, image_size=32, limit_per_class=1000, epochs=20, batch_size=128, max_epochs=80),
     "gpu": Profile(name="gpu", backbone="resnet18", cifar_stem=True, image_size=32, limit_per_class=None, epochs=100, batch_size=128,
                    max_epochs=800),
 }
