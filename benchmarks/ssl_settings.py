@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--out", type=Path, required=True, help="output directory; rerun to resume or add trials")
     parser.add_argument("--trial", action="append", required=True, help="NAME:field=value,... (repeatable)")
+    parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: Fashion-MNIST prepared into OUT/table/data)")
     parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = dataclasses.replace(tiny(PROFILES[args.profile]) if args.tiny else PROFILES[args.profile], **PRODUCT_DEFAULTS)
     try:
         trials = [parse_trial(t) for t in args.trial]
-        table = BudgetTable(profile, args.out / "table", None, device=args.device, num_workers=args.num_workers)
+        table = BudgetTable(profile, args.out / "table", args.data, device=args.device, num_workers=args.num_workers)
         table.out.mkdir(parents=True, exist_ok=True)
         shards = table.stage_one(RANDOM_PRIOR, table.data_dirs().train)["shards"]
         results = []

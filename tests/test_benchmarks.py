@@ -29,3 +29,58 @@ def test_train_throughput_reports_both_phases_with_consistent_ratios(shard_set, 
         assert abs(row["memory / PIL (before)"] - row["memory + device views"] / row["PIL stream (before)"]) < 0.01
         assert row["memory: data_load_s"] > 0  # the one-off decoding pass is reported, not hidden in the rate
         assert all(len(values) == 2 for values in row["rounds"].values())
+
+
+def test_ssl_settings_scores_trials_on_the_validation_split_and_resumes(tmp_path, capsys):
+    import csv
+
+    import ssl_settings
+    from conftest import FIXTURE_ROOT
+
+    from rela_pipeline.stages.evaluate import EvalConfig, run_eval
+
+    out = tmp_path / "study"
+    common = ["--tiny", "--data", str(FIXTURE_ROOT), "--out", str(out), "--device", "cpu", "--num-workers", "0"]
+    assert ssl_settings.main([*common, "--trial", "base:", "--trial", "crop:crop_min_scale=0.5,lr_schedule=cosine,epochs=1"]) == 0
+    with open(out / "results.csv", newline="") as handle:
+        rows = {r["trial"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"base", "crop"} and json.loads(rows["crop"]["settings"]) == {"crop_min_scale": 0.5, "lr_schedule": "cosine", "epochs": 1}
+    trials = out / "table" / "trials"
+    base = json.loads((trials / "base" / "train" / "config.json").read_text())
+    crop = json.loads((trials / "crop" / "train" / "config.json").read_text())
+    # Trials start from train's own defaults, not the profile's choices.
+    assert (base["lr_schedule"], base["crop_min_scale"], base["teacher_momentum"], base["transfer"]) == ("constant", None, "cosine", "trained")
+    assert (crop["crop_min_scale"], crop["lr_schedule"], crop["epochs"]) == (0.5, "cosine", 1)
+    # Scored on the validation split carved out of the train split, never on test.
+    val = out / "table" / "data" / "val"
+    assert sum(1 for _ in val.rglob("*.png")) == 100
+    result = json.loads((trials / "crop" / "result.json").read_text())
+    again = run_eval(EvalConfig(checkpoint=trials / "crop" / "train" / "backbone.pt", train_dir=out / "table" / "data" / "train",
+                                test_dir=val, device="cpu", num_workers=0, probe_epochs=10, progress=False))
+    assert result["val_knn_top1"] == again["knn"]["top1"] and result["val_linear_probe_top1"] == again["linear_probe"]["top1"]
+    # Rerun: nothing retrained; the same name with other settings is refused in one line.
+    stamp = (trials / "crop" / "train" / "backbone.pt").stat().st_mtime_ns
+    assert ssl_settings.main([*common, "--trial", "crop:crop_min_scale=0.5,lr_schedule=cosine,epochs=1"]) == 0
+    assert (trials / "crop" / "train" / "backbone.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert ssl_settings.main([*common, "--trial", "crop:crop_min_scale=0.3"]) == 2
+    assert ssl_settings.main([*common, "--trial", "bad:learning_rate=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "exists with settings" in err[0] and "bad trial setting 'learning_rate=1'" in err[1]
+
+
+def test_probe_protocol_reports_every_protocol_for_pixels_and_the_untrained_student(tmp_path):
+    import probe_protocol
+    from conftest import TEST_DIR, TRAIN_DIR
+
+    out = tmp_path / "probe.json"
+    assert probe_protocol.main(["--train", str(TRAIN_DIR), "--eval", str(TEST_DIR), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["raw pixels", "untrained convnet (seed 0)"]
+    assert rows["raw pixels"]["feature_dim"] == 3 * 32 * 32 and rows["untrained convnet (seed 0)"]["feature_dim"] == 256
+    for row in rows.values():
+        assert set(row["linear_probe"]) == set(probe_protocol.PROTOCOLS)
+        assert all(0.0 <= v <= 1.0 for v in row["linear_probe"].values())
+        assert row["chosen_lr"] in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    # The untrained ConvNet's raw features are small: the paper's fixed probe under-fits them.
+    assert rows["untrained convnet (seed 0)"]["mean_abs_feature"] < 0.1
