@@ -1,9 +1,9 @@
 """BYOL's settings, chosen on a validation split: every trial of the settings study in one table.
 
 Each trial is BYOL at 100% budget on the profile's train split (the budget table's data, student,
-stage-one shard set and evaluation protocol) with ``train``'s defaults for the optimiser and views
-(:data:`PRODUCT_DEFAULTS`, not the profile's choices, so a trial means the same thing after the
-profile changes) and some :class:`TrainConfig` fields changed, scored
+stage-one shard set and evaluation protocol) with the paper's optimiser and BYOL's own views
+(:data:`PAPER_SETTINGS`, not the profile's or ``train``'s defaults, so a trial means the same thing
+after either changes) and some :class:`TrainConfig` fields changed, scored
 by ``eval``'s linear probe and k-NN on the **validation** split carved out of the train split
 (:func:`budget_table.benchmark_splits`); the test split is never read. Trials are named on the
 command line as ``NAME:field=value,field=value`` (values parsed as JSON where they parse, e.g.
@@ -36,8 +36,9 @@ from rela_pipeline.fileio import atomic_write, write_json_atomic  # noqa: E402
 from rela_pipeline.stages.evaluate import EvalConfig, run_eval  # noqa: E402
 from rela_pipeline.stages.train import TrainConfig, run_train  # noqa: E402
 
-#: The profile fields a trial starts from: ``train``'s own defaults (the paper's optimiser, BYOL's views).
-PRODUCT_DEFAULTS = dict(lr_schedule="constant", warmup_epochs=0.0, teacher_momentum="cosine", crop_min_scale=None, transfer="trained")
+#: The profile fields a trial starts from: the paper's optimiser (AdamW, constant learning rate) and
+#: BYOL's own views and teacher (lightly's), with ``train``'s trained transfer layer.
+PAPER_SETTINGS = dict(lr_schedule="constant", warmup_epochs=0.0, teacher_momentum="cosine", crop_min_scale=None, transfer="trained")
 
 #: TrainConfig fields a trial may change.
 TRIAL_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)) - {"shards", "out_dir", "resume", "overwrite", "progress", "seed"}
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args(argv)
-    profile = dataclasses.replace(tiny(PROFILES[args.profile]) if args.tiny else PROFILES[args.profile], **PRODUCT_DEFAULTS)
+    profile = dataclasses.replace(tiny(PROFILES[args.profile]) if args.tiny else PROFILES[args.profile], **PAPER_SETTINGS)
     try:
         trials = [parse_trial(t) for t in args.trial]
         table = BudgetTable(profile, args.out / "table", args.data, device=args.device, num_workers=args.num_workers)

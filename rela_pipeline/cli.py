@@ -206,7 +206,7 @@ def verify(location: str) -> None:
 @click.option("--no-rela", is_flag=True, help="Train without the ReLA loss (the baselines).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
-@click.option("--lr-schedule", default="constant", show_default=True, help="constant | cosine.")
+@click.option("--lr-schedule", default="cosine", show_default=True, help="cosine (to 0 at the last step) | constant (the paper).")
 @click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Epochs of linear learning-rate warm-up before the schedule.")
 @click.option("--transfer", default="trained", show_default=True, type=click.Choice(["trained", "frozen"]), help="ReLA transfer layer: trained with the backbone, or frozen at its random initialisation (the authors' code).")
 @click.option("--teacher-momentum", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]), help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.")
