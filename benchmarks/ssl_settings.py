@@ -111,10 +111,10 @@ def write_results(out: Path, results: list[dict[str, Any]]) -> str:
         writer.writeheader()
         for r in results:
             writer.writerow({**r, "settings": json.dumps(r["settings"], sort_keys=True)})
-    lines = ["| trial | settings (on top of the profile) | val linear probe | val k-NN | steps | train wall-clock |",
+    lines = ["| trial | settings (on top of the paper's: AdamW 1e-3 constant, BYOL's views and teacher) | val linear probe | val k-NN | steps | train wall-clock |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
-        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "(profile)"
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "(the paper's)"
         lines.append(f"| {r['trial']} | {settings} | {100 * r['val_linear_probe_top1']:.2f} | {100 * r['val_knn_top1']:.2f} "
                      f"| {r['steps']} | {r['train_seconds']:.0f} s |")
     table = "\n".join(lines) + "\n"
