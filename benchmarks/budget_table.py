@@ -47,7 +47,8 @@ Outputs in ``--out`` (rewritten after every finished run, so a partial table is 
 ``results.csv`` (one row per floor and per cell, ``kind`` telling them apart), ``results.json``
 (the rows, every run, the floors, the convergence points), ``results.md`` (floors, convergence,
 table, few-label table), ``budget_curve.png`` (top-1 against the fraction of BYOL* compute, error
-bars one standard deviation over seeds, floors as dashed lines). Runs live in
+bars one standard deviation over seeds, floors as dashed lines), ``convergence.png`` (the study's
+validation accuracies against epochs). Runs live in
 ``runs/e<epochs>/<cell>/seed<k>``; a killed training run resumes from its last finished epoch.
 
 Example (the README's numbers)::
@@ -823,8 +824,36 @@ def plot_budget_curve(rows: list[dict[str, Any]], path: Path) -> None:
         handle.write(buffer.getvalue())
 
 
+def plot_convergence(points: list[dict[str, Any]], plateau: int, path: Path) -> None:
+    """BYOL's validation linear probe and k-NN against epochs (the convergence study), the plateau
+    run marked; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    epochs = [p["epochs"] for p in points]
+    for key, label in (("val_linear_probe_top1", "linear probe"), ("val_knn_top1", "k-NN")):
+        ax.plot(epochs, [100 * p[key] for p in points], "-o", label=label)
+    ax.axvline(plateau, color="grey", linestyle=":", linewidth=1, label=f"BYOL* ({plateau} epochs)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(epochs, labels=[str(e) for e in epochs])
+    ax.minorticks_off()
+    ax.set_xlabel("epochs (100% budget, seed 0)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
 def write_outputs(out: Path, payload: dict[str, Any]) -> None:
-    """Write ``results.json``, ``results.csv``, ``results.md`` and ``budget_curve.png`` atomically."""
+    """Write ``results.json``, ``results.csv``, ``results.md``, ``budget_curve.png`` and (after a
+    convergence study) ``convergence.png`` atomically."""
     rows = payload["cells"]
     write_json_atomic(out / "results.json", payload)
     with atomic_write(out / "results.csv", "w") as handle:
@@ -834,6 +863,8 @@ def write_outputs(out: Path, payload: dict[str, Any]) -> None:
     with atomic_write(out / "results.md", "w") as handle:
         handle.write(markdown_report(payload))
     plot_budget_curve(rows, out / "budget_curve.png")
+    if payload["convergence"]:
+        plot_convergence(payload["convergence"], payload["epochs"], out / "convergence.png")
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -145,8 +145,9 @@ def test_csv_markdown_and_plot_hold_every_cell(table):
     assert len(table_lines) == 2 + len(keys)
     assert all(line.count("±") == 2 for line in table_lines[2:])
     assert "## Floors" in report and "## Convergence" in report
-    png = (table / "budget_curve.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for name in ("budget_curve.png", "convergence.png"):
+        png = (table / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list(table.rglob("*.partial"))
 
 
