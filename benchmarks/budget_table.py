@@ -173,9 +173,11 @@ PROFILES = {
 
 
 def tiny(profile: Profile) -> Profile:
-    """``profile`` shrunk to seconds per run on a CPU; the student architecture is kept."""
+    """``profile`` shrunk to seconds per run on a CPU; the student architecture is kept (a warm-up
+    becomes half an epoch, so the 1-epoch runs keep one)."""
     return dataclasses.replace(profile, name=profile.name + "-tiny", limit_per_class=20, val_per_class=10, epochs=1, max_epochs=2,
-                               batch_size=16, probe_epochs=10, few_label=(1, 5), few_label_draws=2)
+                               batch_size=16, probe_epochs=10, few_label=(1, 5), few_label_draws=2,
+                               warmup_epochs=0.5 if profile.warmup_epochs else 0.0)
 
 
 @dataclass(frozen=True)
