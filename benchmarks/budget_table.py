@@ -742,8 +742,8 @@ def _pm(row: dict[str, Any], prefix: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The cells as a GitHub Markdown table (accuracies in %, mean +- std over seeds)."""
     lines = [
-        "| configuration | budget | linear probe top-1 | k-NN top-1 | training wall-clock | wall-clock / BYOL* | images seen (/ BYOL*) | stage one (s) | stage one / BYOL* | ReLA switch steps |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| configuration | budget | seeds | linear probe top-1 | k-NN top-1 | training wall-clock | wall-clock / BYOL* | images seen (/ BYOL*) | stage one (s) | stage one / BYOL* | ReLA switch steps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         if r.get("kind", "cell") != "cell":
@@ -752,7 +752,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         stage_one_fraction = f"{r['stage_one_fraction']:.1%}" if r["prior"] else "-"
         switches = r.get("rela_switch_steps") or "-"
         lines.append(
-            f"| {r['label']} | {r['budget']:.0%} | {_pm(r, 'linear_probe')} | {_pm(r, 'knn')} | {r['train_seconds_mean']:.0f} s "
+            f"| {r['label']} | {r['budget']:.0%} | {r['seeds']} | {_pm(r, 'linear_probe')} | {_pm(r, 'knn')} | {r['train_seconds_mean']:.0f} s "
             f"| {r['wall_clock_fraction']:.2f} | {r['images_seen']:,} ({r['compute_fraction']:.1%}) | {stage_one} | {stage_one_fraction} | {switches} |"
         )
     return "\n".join(lines) + "\n"
@@ -774,12 +774,12 @@ def markdown_report(payload: dict[str, Any]) -> str:
               + (" - partial, still running" if payload.get("partial") else "") + "\n", markdown_table(rows).rstrip()]
     if few_label:
         header = " | ".join(f"{name} {n}/class" for n in few_label for name in ("linear probe", "k-NN"))
-        parts += ["", "## Few labels (mean over draws, then mean ± std over seeds)\n", f"| row | budget | {header} |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(few_label))) + " |"]
+        parts += ["", "## Few labels (mean over draws, then mean ± std over seeds)\n", f"| row | budget | seeds | {header} |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(few_label))) + " |"]
         for r in rows:
             cols = " | ".join(_pm(r, f"{name}_{n}") for n in few_label for name in ("probe", "knn"))
             budget = f"{r['budget']:.0%}" if r["kind"] == "cell" else "-"
-            parts.append(f"| {r['label']} | {budget} | {cols} |")
+            parts.append(f"| {r['label']} | {budget} | {r['seeds']} | {cols} |")
     return "\n".join(parts) + "\n"
 
 
