@@ -610,6 +610,9 @@ class BudgetTable:
         results: list[dict[str, Any]] = []
 
         def write(final: bool) -> dict[str, Any]:
+            for prior in {c.prior for c in self.cells if c.prior} - set(stage_one):
+                if (self.out / "stage_one" / _slug(prior) / "manifest.json").exists():  # embedded before a resume
+                    stage_one[prior] = self.stage_one(prior, splits.train)
             payload = summarise(self.profile, self.cells, results, stage_one, floor_results, convergence, self.epochs, partial=not final)
             payload["machine"] = machine
             payload["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
@@ -706,7 +709,7 @@ def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]]
             continue
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         images = statistics.fmean(r["images_seen"] for r in runs)
-        prior_cost = stage_one[cell.prior]["seconds"] if cell.prior and cell.prior in stage_one else 0.0
+        prior_cost = stage_one[cell.prior]["seconds"] if cell.prior else 0.0
         rows.append({
             "kind": "cell", "cell": cell.key, "label": cell.label, "configuration": cell.configuration, "variant": cell.variant,
             "budget": cell.budget, "prior": cell.prior or "", "subset": cell.subset, "schedule": cell.schedule if cell.prior else "",
