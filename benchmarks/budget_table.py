@@ -83,6 +83,7 @@ from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import atomic_write, write_json_atomic
 from rela_pipeline.models import build_backbone
 from rela_pipeline.priors import load_prior
+from rela_pipeline.runtime import resolve_device
 from rela_pipeline.stages.embed import EmbedConfig, run_embed
 from rela_pipeline.stages.evaluate import EvalConfig, evaluate_features, extract_features, run_eval, scan_labelled_splits
 from rela_pipeline.stages.prepare import prepare_fashion_mnist
@@ -468,7 +469,7 @@ class BudgetTable:
         return path
 
     # -- floors -------------------------------------------------------------------------------
-    def floor_features(self, floor: Floor, seed: int, splits: Splits) -> tuple[nn.Module, Any]:
+    def floor_features(self, floor: Floor, seed: int) -> tuple[nn.Module, Any]:
         """The model and preprocessing whose frozen features make ``floor`` (seed ``seed``)."""
         p = self.profile
         if floor.key == "floor-pixels":
@@ -493,13 +494,13 @@ class BudgetTable:
         if path.exists():
             return json.loads(path.read_text())
         started = time.perf_counter()
-        model, preprocessing = self.floor_features(floor, seed, splits)
+        model, preprocessing = self.floor_features(floor, seed)
         train_index, test_index = scan_labelled_splits(splits.train, splits.test)
         config = self.eval_config(Path("-"), splits.train, splits.test, seed)
         common = dict(device=self.device, batch_size=config.batch_size, num_workers=config.resolved_num_workers())
         train_x, train_y = extract_features(model, train_index, preprocessing, **common)
         test_x, test_y = extract_features(model, test_index, preprocessing, **common)
-        device = torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
+        device = resolve_device(self.device)
         protocols = evaluate_features(train_x, train_y, test_x, test_y, num_classes=len(train_index.class_names), config=config, device=device)
         result = {
             "cell": floor.key, "seed": seed, "linear_probe_top1": protocols["linear_probe"]["top1"], "knn_top1": protocols["knn"]["top1"],

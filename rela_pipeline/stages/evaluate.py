@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,15 +432,12 @@ def select_probe_lr(
     """
     if not grid or not 0.0 < held_out < 1.0:
         raise ValueError(f"need a non-empty grid and held_out in (0, 1), got {grid} and {held_out}")
-    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(train_labels, minlength=num_classes)
+    if bool((counts == 1).any()):
+        c = int(torch.nonzero(counts == 1)[0, 0])
+        raise ValueError(f"class {c} has one train row: nothing to hold out for choosing the probe's learning rate")
     held = torch.zeros(len(train_labels), dtype=torch.bool)
-    for c in range(num_classes):
-        rows = torch.nonzero(train_labels == c).flatten()
-        if len(rows) == 1:
-            raise ValueError(f"class {c} has one train row: nothing to hold out for choosing the probe's learning rate")
-        if len(rows):
-            take = math.ceil(held_out * len(rows))
-            held[rows[torch.randperm(len(rows), generator=generator)[:take]]] = True
+    held[_draw_per_class(train_labels, num_classes, lambda n: math.ceil(held_out * n), seed)] = True
     scores = {}
     for lr in grid:
         scores[str(lr)] = linear_probe_accuracy(train_features[~held], train_labels[~held], train_features[held], train_labels[held],
@@ -460,11 +458,17 @@ def few_label_rows(labels: torch.Tensor, per_class: int, num_classes: int, seed:
     Returns:
         int64 ``(<= C * per_class,)`` row indices into ``labels``, sorted.
     """
+    return _draw_per_class(labels, num_classes, lambda n: per_class, seed)
+
+
+def _draw_per_class(labels: torch.Tensor, num_classes: int, take, seed: int) -> torch.Tensor:
+    """Sorted int64 rows: ``take(n_c)`` rows of each class ``c`` drawn without replacement, classes
+    in order, from one ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         rows = torch.nonzero(labels == c).flatten()
-        chosen.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[: take(len(rows))]])
     return torch.sort(torch.cat(chosen)).values
 
 
@@ -539,9 +543,8 @@ def few_label_accuracies(
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"top1": mean, "std": std, "draws": values}
+    """Mean, sample std (0 for one value) and the values of a few-label protocol's draws."""
+    return {"top1": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "draws": values}
 
 
 def evaluate_features(
