@@ -36,7 +36,7 @@ bench: setup
 # Rerunning resumes: finished runs are kept.
 budget-table: setup
 	@bash scripts/fashion_mnist_source.sh
-	$(PY) benchmarks/budget_table.py --profile cpu --out runs/budget-cpu
+	$(PY) benchmarks/budget_table.py --profile cpu --out runs/budget-cpu-plateau
 
 clean:
 	rm -rf $(RUN)
