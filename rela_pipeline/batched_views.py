@@ -641,16 +641,20 @@ class BatchedViews:
         sizes = ", ".join(str(r.size) for r in self.recipes)
         return f"BatchedViews(name={self.name!r}, views={len(self.recipes)}, sizes=[{sizes}])"
 
-    def sample_parameters(self, batch_size: int, height: int, width: int, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    def sample_parameters(self, batch_size: int, height: int, width: int, generator: torch.Generator,
+                          rows: slice | None = None) -> list[dict[str, torch.Tensor]]:
         """Draw every view's random parameters: one ``torch.rand((V, B, 36), generator=generator)``
         on the generator's device (the only randomness :meth:`__call__` uses).
 
         Args:
             batch_size: B; height, width: the input images' H and W in pixels.
             generator: a :class:`torch.Generator`; its device is the parameters' device.
+            rows: keep only these samples' parameters (``slice(start, stop)`` of the B drawn):
+                a rank of a distributed run that holds rows ``start:stop`` of a global batch of B
+                gets exactly the parameters one process would give those rows.
 
         Returns:
-            One dict per view, every tensor with leading dimension B:
+            One dict per view, every tensor with leading dimension B (``stop - start`` with ``rows``):
             ``crop`` int64 ``(B, 4)`` top, left, height, width of the crop box in input pixels;
             ``crop_fallback`` bool (no valid trial: torchvision's centre-crop fallback);
             ``flip`` bool; ``jitter`` bool (ColorJitter applied); ``factors`` float32 ``(B, 4)``
@@ -667,6 +671,8 @@ class BatchedViews:
         if batch_size < 0 or height < 1 or width < 1:
             raise RelaError(f"{self.name} views: bad batch geometry B={batch_size}, H={height}, W={width}")
         u = torch.rand((len(self.recipes), batch_size, _N_UNIFORMS), generator=generator, device=generator.device)
+        if rows is not None:
+            u = u[:, rows]
         drawn = _draw_parameters(u, _recipe_table(self.recipes, height, width, u.device), height, width)
         return [{key: value[v] for key, value in drawn.items()} for v in range(len(self.recipes))]
 
@@ -772,6 +778,21 @@ class BatchedViews:
             raise RelaError(f"{self.name} views: the generator is on {generator.device}, the images on {images.device}")
         batch, _, height, width = images.shape
         return self.apply(images, self.sample_parameters(batch, height, width, generator))
+
+    def rows_of_batch(self, images: torch.Tensor, generator: torch.Generator, start: int, batch_size: int) -> list[torch.Tensor]:
+        """The views of rows ``start : start + len(images)`` of a batch of ``batch_size`` whose views
+        ``generator`` draws: equal to those rows of ``self(whole_batch, generator)``, at the cost of
+        ``len(images)`` samples (the parameters of the other rows are drawn, not applied).
+
+        Raises:
+            RelaError: bad images, no generator, or rows outside the batch.
+        """
+        self._check_images(images)
+        stop = start + images.shape[0]
+        if start < 0 or stop > batch_size:
+            raise RelaError(f"{self.name} views: rows {start}:{stop} are outside a batch of {batch_size}")
+        _, _, height, width = images.shape
+        return self.apply(images, self.sample_parameters(batch_size, height, width, generator, rows=slice(start, stop)))
 
     def _check_images(self, images: object) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \

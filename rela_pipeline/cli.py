@@ -87,7 +87,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except RelaError as error:
-            click.echo(f"error: {error}", err=True)
+            from .distributed import rank_prefix  # lazily: the CLI's start does not import torch
+
+            click.echo(f"error: {rank_prefix()}{error}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo(f"interrupted: {_INTERRUPTED.get(ctx.invoked_subcommand or '', 'nothing half-written was kept')}", err=True)
@@ -223,12 +225,17 @@ def verify(location: str) -> None:
 @click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
 @click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples (and shards that fail verification) instead of failing.")
 @click.option("--no-verify", is_flag=True, help="Do not verify the shard set before training (a remote set is otherwise streamed once for it).")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (with any number of processes).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
+@click.option("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
+@click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
 @click.pass_context
 def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, precision: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
-    on a fresh dynamic subset every epoch."""
+    on a fresh dynamic subset every epoch. Under torchrun (torchrun --nproc-per-node N --no-python
+    rela-pipeline train ...) it trains one model with DistributedDataParallel; --batch-size stays
+    the global batch."""
+    from .distributed import torchrun_world
     from .stages.train import TrainConfig, run_train
 
     config = TrainConfig(
@@ -236,6 +243,9 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
         online_probe=not no_online_probe, verify=not no_verify, progress=not ctx.obj["quiet"], **options,
     )
     summary = run_train(config)
+    world = torchrun_world()
+    if world is not None and world[0] != 0:
+        return  # rank 0 reports for the job
     budget, final = summary["budget"], summary["final"]
     switch = summary["rela_switch_step"]
     click.echo(

@@ -103,7 +103,9 @@ class BYOL(nn.Module):
 
 class SimCLR(nn.Module):
     """SimCLR (Chen et al. 2020): projection ``F -> F -> 128`` and NT-Xent (lightly's default
-    temperature 0.5) over two views; no momentum network.
+    temperature 0.5) over two views; no momentum network. Under torch.distributed the negatives
+    are every rank's (lightly's ``gather_distributed``, a no-op in one process), so the loss is
+    the global batch's.
     """
 
     def __init__(self, backbone: nn.Module, projection_dim: int = 128, temperature: float = 0.5) -> None:
@@ -111,7 +113,7 @@ class SimCLR(nn.Module):
         feature_dim = backbone.feature_dim
         self.backbone = backbone
         self.projection_head = SimCLRProjectionHead(feature_dim, feature_dim, projection_dim)
-        self.criterion = NTXentLoss(temperature=temperature)
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
 
     def forward(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         """Loss for two views ``(B, 3, H, W)``; a scalar tensor."""

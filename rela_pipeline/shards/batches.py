@@ -23,12 +23,18 @@ Two data paths give the same batches (same subsets, order, images and view seeds
             one in order (the DataLoader returns the workers' chunks round-robin).
 ``auto``    ``memory`` when the decoded set fits the cache budget, else ``stream``.
 
+In a distributed run (``rank``, ``world_size``) each rank gets its ``B / W`` rows of every global
+batch of the same order (:func:`rela_pipeline.shards.plan.rank_batches`): on the memory path the
+columns of the one-process batches (so W processes compute what one does), on the stream path a
+contiguous 1/W of the epoch (so a rank reads about 1/W of the shards).
+
 Images are decoded with PIL and resized to S x S (bilinear, the whole image: the same squash the
 evaluation uses) once, when decoded; all augmentation happens later on the device.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,12 +46,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..batched_views import check_views
+from ..batched_views import BatchedViews, check_views
 from ..errors import RelaError
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ..runtime import resolve_device
 from ..subsets import SubsetSampler
-from .plan import buffer_shuffle, epoch_batches, epoch_order, shard_rng, shard_visit_order
+from .plan import buffer_shuffle, epoch_order, rank_batches, shard_rng, shard_spans, shard_visit_order
 from .reader import ShardSetSource, _decode_sample, _ErrorLatch, bad_sample, in_subset, open_shard_set, verified
 
 logger = logging.getLogger("rela_pipeline")
@@ -91,6 +97,12 @@ def view_seed(seed: int, epoch: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, 0x7E5]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def part_seed(seed: int, offset: int) -> int:
+    """The view seed of the rows from ``offset`` of a batch whose views are seeded with ``seed``,
+    for view transforms that cannot draw one batch's parameters and keep some rows."""
+    return int(np.random.SeedSequence([seed, offset, 0x9A7]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 @dataclass
 class ShardBatch:
     """One training batch on the training device.
@@ -105,6 +117,9 @@ class ShardBatch:
         step: the batch's 0-based place in its epoch.
         seed: the seed of this batch's views (:func:`view_seed`).
         ready_views: views made elsewhere (the PIL path), returned by :meth:`views` as they are.
+        offset: in a distributed run, where this rank's rows start in the global batch
+            (``rank * B / W``); 0 in one process.
+        global_batch_size: B, the global batch this batch is a part of (None: the whole batch).
     """
 
     images: torch.Tensor | None
@@ -115,10 +130,21 @@ class ShardBatch:
     step: int
     seed: int
     ready_views: list[torch.Tensor] | None = field(default=None, repr=False)
+    offset: int = 0
+    global_batch_size: int | None = None
+
+    @property
+    def is_part(self) -> bool:
+        """Whether this is one rank's part of a larger global batch."""
+        return self.global_batch_size is not None and self.global_batch_size != self.target.shape[0]
 
     def generator(self) -> torch.Generator:
-        """A new generator on the batch's device seeded with :attr:`seed`."""
-        return torch.Generator(device=self.target.device).manual_seed(self.seed)
+        """A new generator on the batch's device seeded with :attr:`seed`; for one rank's part of
+        a global batch, seeded with :func:`part_seed` (so the ranks' draws differ) unless the
+        views are :class:`BatchedViews`, which draw the whole batch's parameters from :attr:`seed`
+        and keep this part's rows (:meth:`BatchedViews.rows_of_batch`)."""
+        seed = part_seed(self.seed, self.offset) if self.is_part else self.seed
+        return torch.Generator(device=self.target.device).manual_seed(seed)
 
     def views(self, transform: Callable | None, name: str = "views", memory_format: torch.memory_format | None = None) -> list[torch.Tensor]:
         """The batch's augmented views.
@@ -142,7 +168,11 @@ class ShardBatch:
             if transform is None:
                 raise RelaError(f"{name}: no view transform given for a batch of images")
             try:
-                made = transform(self.images, self.generator())
+                if self.is_part and isinstance(transform, BatchedViews):
+                    whole = torch.Generator(device=self.target.device).manual_seed(self.seed)
+                    made = transform.rows_of_batch(self.images, whole, self.offset, self.global_batch_size)
+                else:
+                    made = transform(self.images, self.generator())
             except TypeError as error:
                 raise RelaError(
                     f"{name}: the transform failed on a uint8 batch {tuple(self.images.shape)} with a generator ({error}); "
@@ -165,7 +195,9 @@ def _to_uint8_chw(image: Image.Image, image_size: int) -> np.ndarray:
 class _ShardDecoder(torch.utils.data.IterableDataset):
     """DataLoader dataset: decode shards into uint8 chunks, one shard per worker at a time.
 
-    Worker ``w`` of ``W`` takes the shards at positions ``w, w + W, ...`` of ``shards``; for each it
+    Worker ``w`` of ``W`` takes the shards at positions ``w, w + W, ...`` of ``shards``
+    (``(shard id, url)``, or ``(shard id, url, first, end)`` to decode only positions
+    ``first:end`` of the shard's shuffled subset, :func:`rela_pipeline.shards.plan.shard_spans`); for each it
     yields chunks ``{"position", "last", "images": uint8 (n, 3, S, S), "target": float32 (n, K),
     "label": int64 (n,), "index": int64 (n,)}`` (a last chunk may be empty), or ``{"error": line}``
     and stops.
@@ -194,17 +226,19 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for position in range(worker, len(self.shards), workers):
-            shard_id, url = self.shards[position]
-            error = yield from self._shard(position, shard_id, url)
+            shard_id, url, *span = self.shards[position]
+            error = yield from self._shard(position, shard_id, url, tuple(span) or None)
             if error is not None:
                 yield {"error": error}
                 return
 
-    def _shard(self, position: int, shard_id: int, url: str):
+    def _shard(self, position: int, shard_id: int, url: str, span: tuple[int, int] | None):
         latch = _ErrorLatch(self.skip)
         samples = (s for s in wds.tarfile_to_samples(handler=latch.handle_shard)([{"url": url}]) if in_subset(s, self.mask))
         if self.shuffle_buffer is not None:
             samples = buffer_shuffle(samples, self.shuffle_buffer, shard_rng(self.seed, self.epoch, shard_id))
+        if span is not None:
+            samples = itertools.islice(samples, span[0], span[1])  # the others are read, never decoded
         rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
         for sample in samples:
             try:
@@ -345,10 +379,20 @@ class ShardBatches:
         verify: when ``shards`` is a location, verify the set first
             (:func:`rela_pipeline.shards.manifest.verify_shard_set`).
         progress: show the memory path's decoding progress bar.
+        rank, world_size: in a distributed run (``torch.distributed.get_rank()`` and
+            ``get_world_size()``), this process's share: each batch holds this rank's ``B / W``
+            rows of the global batch of B (:func:`rela_pipeline.shards.plan.rank_batches`; memory
+            path: ``interleaved``, the one-process run's global batches; stream path:
+            ``contiguous``, so a rank reads about ``1 / W`` of the shards). Every rank gets
+            :attr:`steps_per_epoch` batches per epoch; the ranks' samples are disjoint and together
+            the one-process epoch. The stream path plans from the manifest's ``shard_order`` and
+            checks every batch against the plan.
 
     Raises:
-        RelaError: a bad setting, a set that does not open or verify, an empty subset, or
-            ``data_path="memory"`` when the set does not fit (naming the bytes needed and the budget).
+        RelaError: a bad setting (B not a multiple of W included), a set that does not open or
+            verify, an empty subset, ``data_path="memory"`` when the set does not fit (naming
+            the bytes needed and the budget), or a distributed stream of a set whose manifest has
+            no ``shard_order``.
     """
 
     def __init__(
@@ -370,6 +414,8 @@ class ShardBatches:
         skip_bad_shards: bool = False,
         verify: bool = True,
         progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if data_path not in DATA_PATHS:
             raise RelaError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
@@ -377,6 +423,10 @@ class ShardBatches:
             raise RelaError(f"need batch size >= 1, image size >= 8 and shuffle buffer >= 1, got {batch_size}, {image_size}, {shuffle_buffer}")
         if cache_bytes is not None and cache_bytes < 0:
             raise RelaError(f"--cache-bytes must be >= 0, got {cache_bytes}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise RelaError(f"rank {rank} is outside a world of {world_size} processes")
+        if batch_size % world_size:
+            raise RelaError(f"--batch-size {batch_size} (the global batch) does not split evenly over {world_size} processes")
         if isinstance(shards, ShardSetSource):
             source = shards
         else:
@@ -407,6 +457,13 @@ class ShardBatches:
                 f"(--cache-bytes); use --data-path stream or a larger budget"
             )
         self.data_path = "memory" if data_path == "memory" or (data_path == "auto" and fits) else "stream"
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
+        self._planned_contents = None
+        if world_size > 1 and self.data_path == "stream":
+            self._planned_contents = source.written_contents()
+            if self._planned_contents is None:
+                raise RelaError(f"a distributed stream needs the manifest's shard_order to plan each rank's part, and {source.location} has none; use --data-path memory")
         self.next_epoch = 0
         self._store: ShardMemoryStore | None = None
 
@@ -438,8 +495,10 @@ class ShardBatches:
             raise RelaError("the shard set is read by streaming, not held in memory")
         if self._store is None:
             logger.info("decoding %d samples into memory (%.1f MB on %s)", self.num_samples, self.bytes_needed / 1e6, self.device)
-            # The loop has not started: the decoding pass may use every core.
-            workers = max(self.num_workers, min(len(self.source.shard_urls), os.cpu_count() or 1))
+            # The loop has not started: the decoding pass may use every core (its share of them
+            # when torchrun starts several ranks on this machine).
+            cores = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+            workers = max(self.num_workers, min(len(self.source.shard_urls), cores))
             self._store = ShardMemoryStore.load(self.source, self.target_dim, self.image_size, self.device, workers, self.skip_bad_shards, self.progress)
         return self._store
 
@@ -464,32 +523,73 @@ class ShardBatches:
         return self._stream_epoch(epoch, mask)
 
     def _batch(self, epoch: int, step: int, images, target, label, index) -> ShardBatch:
-        return ShardBatch(images, target, label, index, epoch, step, view_seed(self.seed, epoch, step))
+        return ShardBatch(images, target, label, index, epoch, step, view_seed(self.seed, epoch, step),
+                          offset=self.rank * self.local_batch_size, global_batch_size=self.batch_size)
 
     def _memory_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
         store = self.store()
         order = epoch_order(store.contents, mask, self.seed, epoch, self.shuffle_buffer)
-        batches = torch.from_numpy(epoch_batches(order, self.batch_size)).to(self.device)
+        rows_of_rank = rank_batches(order, self.batch_size, self.rank, self.world_size, "interleaved")
+        batches = torch.from_numpy(np.ascontiguousarray(rows_of_rank)).to(self.device)
         for step, rows in enumerate(batches):
             yield self._batch(epoch, step, store.images[rows], store.targets[rows], store.labels[rows], rows)
 
     def _stream_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
+        if self.world_size > 1:
+            return self._planned_stream_epoch(epoch, mask)
+        return self._whole_stream_epoch(epoch, mask)
+
+    def _planned_stream_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
+        """One rank's ``contiguous`` part of a stream epoch (the class docstring): plan it from the
+        manifest, read the shards it covers, check each batch against the plan.
+
+        Raises:
+            RelaError: a shard that does not hold what its manifest says, or a sample that does
+                not decode (under torchrun a rank cannot skip it: every rank must run the same steps).
+        """
+        contents = self._planned_contents
+        order = epoch_order(contents, mask, self.seed, epoch, self.shuffle_buffer)
+        planned = rank_batches(order, self.batch_size, self.rank, self.world_size, "contiguous")
+        steps, local = planned.shape
+        visit = [(shard_id, int(mask[contents[shard_id]].sum())) for shard_id in shard_visit_order(sorted(contents), self.seed, epoch)]
+        url_of = dict(zip(self.source.shard_ids, self.source.shard_urls))
+        spans = shard_spans(visit, self.rank * steps * local, (self.rank + 1) * steps * local)
+        decoder = _ShardDecoder([(shard_id, url_of[shard_id], lo, hi) for shard_id, lo, hi in spans], mask, self.target_dim,
+                                self.image_size, self.seed, epoch, self.shuffle_buffer, skip_bad_shards=False)
+        step = 0
+        for batch in self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, local):
+            if step >= steps or not np.array_equal(batch.index.cpu().numpy(), planned[step]):
+                raise RelaError(
+                    f"rank {self.rank}: epoch {epoch} batch {step} holds other samples than planned from the manifest's shard_order "
+                    f"(the shards do not hold what the manifest says); verify the set"
+                )
+            yield batch
+            step += 1
+        if step != steps:
+            raise RelaError(f"rank {self.rank}: epoch {epoch} gave {step} batches, {steps} planned: a shard holds fewer samples than its manifest says")
+
+    def _whole_stream_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
         ids = self.source.shard_ids
         url_of = dict(zip(ids, self.source.shard_urls))
         visit = [(shard_id, url_of[shard_id]) for shard_id in shard_visit_order(ids, self.seed, epoch)]
         decoder = _ShardDecoder(visit, mask, self.target_dim, self.image_size, self.seed, epoch, self.shuffle_buffer, self.skip_bad_shards)
+        yield from self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, self.batch_size)
+
+    def _cut(self, chunks: Iterator[dict[str, Any]], epoch: int, size: int) -> Iterator[ShardBatch]:
+        """Cut decoded chunks (in order) into batches of ``size`` on the device; a last
+        incomplete batch is dropped."""
         cuda = self.device.type == "cuda"
         held: list[dict[str, torch.Tensor]] = []
         count, step = 0, 0
-        for chunk in _decode_shards(decoder, self.num_workers, pin_memory=cuda):
+        for chunk in chunks:
             if not len(chunk["index"]):
                 continue
             held.append(chunk)
             count += len(chunk["index"])
-            while count >= self.batch_size:
+            while count >= size:
                 parts = {k: torch.cat([c[k] for c in held]) for k in ("images", "target", "label", "index")}
-                first = {k: v[: self.batch_size] for k, v in parts.items()}
-                rest = {k: v[self.batch_size :] for k, v in parts.items()}
+                first = {k: v[:size] for k, v in parts.items()}
+                rest = {k: v[size:] for k, v in parts.items()}
                 held, count = ([rest] if len(rest["index"]) else []), len(rest["index"])
                 moved = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=True) for k, v in first.items()}
                 yield self._batch(epoch, step, moved["images"], moved["target"], moved["label"], moved["index"])

@@ -119,3 +119,97 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> np.ndarray:
     fewer than B samples is dropped, as in the stream)."""
     steps = len(order) // batch_size
     return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting an epoch across the ranks of a distributed run (torchrun)
+#
+# The global order above is the same for every world size; each of W ranks takes B / W rows of
+# every global batch of B, so every rank runs the same number of steps, the ranks' samples are
+# disjoint, together they are the one-process epoch, and the remainder of fewer than B samples is
+# dropped exactly as in one process. Two layouts:
+#
+# ``interleaved``  rank r takes columns r*b .. (r+1)*b - 1 of every global batch (b = B / W): the
+#                  global batches are the one-process run's, so a distributed run computes what
+#                  one process computes (up to the order of float reductions). For the memory path,
+#                  where every rank holds the whole decoded set.
+# ``contiguous``   rank r takes the r-th of W equal consecutive runs of the epoch's first
+#                  ``steps * B`` samples and cuts it into batches of b: a rank reads only the
+#                  shards its run covers (whole shards, except at most two it shares with its
+#                  neighbours, of which it decodes only its part). For the stream path.
+# ----------------------------------------------------------------------------------------------
+
+#: Accepted layouts of :func:`rank_batches`.
+RANK_LAYOUTS = ("interleaved", "contiguous")
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int, layout: str) -> np.ndarray:
+    """The rows of one rank in an epoch: int64 ``(steps, B / W)``, ``steps = len(order) // B``.
+
+    Args:
+        order: int64 ``(M,)``, the epoch's global order (:func:`epoch_order`).
+        batch_size: B, the global batch (a multiple of ``world_size``).
+        rank, world_size: this rank and W.
+        layout: one of :data:`RANK_LAYOUTS` (the section comment above).
+
+    Raises:
+        ValueError: B not a multiple of W, a rank outside ``[0, W)`` or an unknown layout.
+    """
+    if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+        raise ValueError(f"cannot split batches of {batch_size} over rank {rank} of {world_size}")
+    local = batch_size // world_size
+    steps = len(order) // batch_size
+    if layout == "interleaved":
+        return epoch_batches(order, batch_size)[:, rank * local : (rank + 1) * local]
+    if layout == "contiguous":
+        span = steps * local
+        return order[rank * span : (rank + 1) * span].reshape(steps, local)
+    raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(RANK_LAYOUTS)}")
+
+
+def written_shard_contents(num_samples: int, seed: int, shard_samples: Sequence[int]) -> list[np.ndarray]:
+    """What each shard of a set written by ``rela-pipeline embed`` holds, from its manifest alone.
+
+    Stage one writes the sample indices in the order ``numpy.random.default_rng(seed)
+    .permutation(N)`` (manifest ``shard_order: {kind: permutation, seed}``) into consecutive shards
+    of the manifest's sample counts.
+
+    Args:
+        num_samples: N (``samples.written``).
+        seed: the manifest's ``shard_order.seed``.
+        shard_samples: samples per shard, in the manifest's shard order (they sum to N).
+
+    Returns:
+        One int64 array of sample indices per shard, in stored order.
+
+    Raises:
+        ValueError: the counts do not sum to N.
+    """
+    if sum(shard_samples) != num_samples:
+        raise ValueError(f"shard counts sum to {sum(shard_samples)}, not {num_samples}")
+    permutation = np.random.default_rng(seed).permutation(num_samples)
+    bounds = np.cumsum([0, *shard_samples])
+    return [permutation[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(len(shard_samples))]
+
+
+def shard_spans(visit: Sequence[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """The shards that positions ``[start, stop)`` of an epoch's order come from.
+
+    Args:
+        visit: ``[(shard id, samples of the epoch's subset in it), ...]`` in visiting order.
+        start, stop: a range of positions in the concatenated order.
+
+    Returns:
+        ``[(shard id, first, end), ...]``: for each overlapping shard, the range of positions
+        within that shard's part of the order (after its buffer shuffle), in visiting order.
+    """
+    spans = []
+    offset = 0
+    for shard_id, count in visit:
+        lo, hi = max(start - offset, 0), min(stop - offset, count)
+        if lo < hi:
+            spans.append((shard_id, lo, hi))
+        offset += count
+        if offset >= stop:
+            break
+    return spans

@@ -42,6 +42,7 @@ from ..imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
 from .format import IMAGE_FIELDS, SCORES_NAME, TARGET_FIELD
 from .location import read_url, resolve_location, sibling_url
 from .manifest import parse_manifest, read_manifest, verify_shard_set
+from .plan import written_shard_contents
 
 logger = logging.getLogger("rela_pipeline")
 
@@ -123,6 +124,18 @@ class ShardSetSource:
             RelaError: it cannot be opened or read.
         """
         return read_url(self.sibling_url(name))
+
+    def written_contents(self) -> dict[int, np.ndarray] | None:
+        """The sample indices each read shard holds, in stored order, as the manifest's
+        ``shard_order`` says (:func:`rela_pipeline.shards.plan.written_shard_contents`): shard id
+        -> int64 array; None when the manifest does not record a permutation order. Nothing is
+        read: a distributed stream plans its epochs with it and checks every batch against it."""
+        order = self.manifest.get("shard_order")
+        if not isinstance(order, dict) or order.get("kind") != "permutation" or not isinstance(order.get("seed"), int):
+            return None
+        counts = [int(s["samples"]) for s in self.manifest["shards"]]
+        contents = written_shard_contents(self.num_samples, order["seed"], counts)
+        return {shard_id: contents[shard_id] for shard_id in self.shard_ids}
 
     def load_scores(self) -> dict[str, np.ndarray]:
         """The stage-one scores (``knn_density``, ``nn_similarity``, ``nn_index``, ``label``), checked

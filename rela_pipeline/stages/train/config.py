@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ...distributed import DEFAULT_TIMEOUT_S
 from ...errors import RelaError
 from ...methods import METHODS, MOMENTUM_SCHEDULES
 from ...models import BACKBONES
@@ -22,7 +23,7 @@ AUGMENT_PATHS = ("device", "pil")
 #: stream data paths give the same batches and views).
 RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards", "verify",
-    "data_path", "cache_bytes",
+    "data_path", "cache_bytes", "sync_batchnorm", "dist_timeout_s",
 })
 
 
@@ -76,6 +77,10 @@ class TrainConfig:
         resume: continue from ``RUN/checkpoints/last.pt``.
         overwrite: replace an existing run directory.
         progress: show progress bars.
+        sync_batchnorm: under torchrun on GPUs, BatchNorm statistics over the global batch
+            (:class:`torch.nn.SyncBatchNorm`); a no-op in one process.
+        dist_timeout_s: under torchrun, seconds a collective waits for the other ranks before the
+            job fails (a rank that hangs without dying).
     """
 
     shards: str
@@ -112,6 +117,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    sync_batchnorm: bool = False
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def validate(self, custom_method: bool = False) -> None:
         """Check values before anything is read or written.
@@ -157,6 +164,8 @@ class TrainConfig:
             raise RelaError(f"--cache-bytes must be >= 0, got {self.cache_bytes}")
         if self.num_workers is not None and self.num_workers < 0:
             raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.dist_timeout_s <= 0:
+            raise RelaError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
         if self.resume and self.overwrite:
             raise RelaError("--resume and --overwrite exclude each other")
 

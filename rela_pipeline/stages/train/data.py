@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ...distributed import Distribution
 from ...errors import RelaError
 from ...shards.batches import ShardBatch, ShardBatches, default_num_workers, view_seed
 from ...shards.reader import PHASE_SSL, ShardSetSource, TrainingStream, new_phase_flag
@@ -96,10 +97,12 @@ class PilShardBatches:
 
 
 def build_training_data(config: TrainConfig, source: ShardSetSource, target_dim: int, device: torch.device,
-                        pil_views: tuple[Callable, Callable] | None = None, rela_active: Callable[[], bool] = lambda: True) -> ShardBatches | PilShardBatches:
+                        pil_views: tuple[Callable, Callable] | None = None, rela_active: Callable[[], bool] = lambda: True,
+                        distribution: Distribution | None = None) -> ShardBatches | PilShardBatches:
     """The run's batches: :class:`ShardBatches` for ``--augment device``, :class:`PilShardBatches`
     for ``--augment pil`` (``pil_views`` = (ReLA views, method views), PIL transforms;
-    ``rela_active`` tells it the phase when an epoch starts).
+    ``rela_active`` tells it the phase when an epoch starts). Under torchrun (``distribution``)
+    each rank's batches are its ``B / W`` rows of every global batch (device path only).
 
     Raises:
         RelaError: bad data settings, an empty subset, or a set that does not fit ``--data-path memory``.
@@ -110,7 +113,9 @@ def build_training_data(config: TrainConfig, source: ShardSetSource, target_dim:
             source, batch_size=config.batch_size, image_size=config.image_size, target_dim=target_dim,
             data_ratio=config.data_ratio, subset=config.subset, dedup_threshold=config.dedup_threshold, seed=config.seed,
             device=device, data_path=config.data_path, cache_bytes=config.cache_bytes, num_workers=workers,
-            shuffle_buffer=config.shuffle_buffer, skip_bad_shards=config.skip_bad_shards, progress=config.progress,
+            shuffle_buffer=config.shuffle_buffer, skip_bad_shards=config.skip_bad_shards,
+            progress=config.progress and (distribution is None or distribution.is_main),
+            rank=distribution.rank if distribution else 0, world_size=distribution.world_size if distribution else 1,
         )
     scores = source.load_scores() if config.subset != "random" else None
     sampler = SubsetSampler(source.num_samples, config.data_ratio, config.subset, scores, seed=config.seed,

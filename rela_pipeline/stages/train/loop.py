@@ -6,6 +6,7 @@
 * :mod:`.config`       settings (:class:`TrainConfig`) and the budget;
 * :mod:`.data`         verification, the batches (memory/stream, device or PIL views);
 * :mod:`.step`         one optimisation step: precision, memory format, optimiser, probe;
+* :mod:`.distribution` what changes under torchrun (DDP, the ranks' shares, rank 0 writes);
 * :mod:`.checkpoints`  the run directory, checkpoints and resuming;
 * :mod:`.metrics`      ``metrics.jsonl``.
 
@@ -30,7 +31,8 @@ from ...fileio import write_json_atomic
 from ...methods import build_method
 from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
-from ...runtime import resolve_device, resolve_precision
+from ...distributed import Distribution, init_distribution
+from ...runtime import resolve_precision
 from ...shards.batches import ShardBatches
 from ...shards.reader import open_shard_set
 from ...views import method_views, rela_views
@@ -39,6 +41,7 @@ from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_N
 from .config import Budget, TrainConfig
 from ...shards.reader import verified
 from .data import PilShardBatches, build_training_data
+from .distribution import agreed, check_distributed_settings, collective_failures, quiet_unless_main
 from .metrics import Interval, MetricsLog, finite_or_none
 from .step import TrainStep
 
@@ -70,30 +73,43 @@ def run_train(
         logged intervals of this invocation, the last interval's metrics, what "auto" resolved to,
         and output paths.
 
+    Under torchrun (``torchrun --nproc-per-node N ...``, :mod:`.distribution`) every rank calls
+    it with the same config; rank 0 verifies the set, prepares the run directory (which must be on
+    a filesystem every rank sees) and writes every file; every rank returns the summary.
+
     Raises:
         RelaError: bad settings, a shard set that fails its checks, bad shards or samples met
             while reading (unless ``skip_bad_shards``), an empty subset, a set that does not fit
-            ``data_path="memory"``, views of the wrong shape, or a resume whose settings differ.
-            Before the first checkpoint the run directory is removed; after it the checkpoint
-            stays so ``--resume`` can continue.
+            ``data_path="memory"``, views of the wrong shape, a resume whose settings differ, or
+            (under torchrun) settings that cannot run on several ranks or a process group that
+            does not form. Before the first checkpoint the run directory is removed; after it
+            the checkpoint stays so ``--resume`` can continue.
     """
     custom = method_factory is not None
     config.validate(custom_method=custom)
     if custom and ssl_views is None:
         raise RelaError("a custom method needs its view transform (ssl_views=)")
-    source = open_shard_set(config.shards, skip_bad_shards=config.skip_bad_shards)
-    if config.verify:
-        source = verified(source, config.skip_bad_shards)
-    device = resolve_device(config.device)
-    out = Path(config.out_dir)
-    created = not out.exists()
-    resuming = prepare_run_dir(config)
+    distribution, device = init_distribution(config.device, config.dist_timeout_s)
     try:
-        return _train(config, source, device, resuming, method_factory, ssl_views)
-    except BaseException:
-        if created and not (out / LAST_CHECKPOINT).is_file():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        with quiet_unless_main(distribution):
+            check_distributed_settings(config, distribution, device)
+            source = open_shard_set(config.shards, skip_bad_shards=config.skip_bad_shards)
+            if config.verify:  # once, on rank 0; the other ranks leave out the shards it left out
+                skipped = distribution.on_main(lambda: verified(source, config.skip_bad_shards).skipped_shards)
+                if skipped != source.skipped_shards:
+                    source = source.without([name for name in skipped if name not in source.skipped_shards])
+            out = Path(config.out_dir)
+            created = not out.exists()
+            resuming = distribution.on_main(lambda: prepare_run_dir(config))
+            try:
+                with collective_failures(distribution):
+                    return _train(config, source, device, distribution, resuming, method_factory, ssl_views)
+            except BaseException:
+                if distribution.is_main and created and not (out / LAST_CHECKPOINT).is_file():
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+    finally:
+        distribution.close()
 
 
 def _view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[str, Callable]:
@@ -106,8 +122,9 @@ def _view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[st
     return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale)}
 
 
-def _train(config: TrainConfig, source, device: torch.device, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
+def _train(config: TrainConfig, source, device: torch.device, distribution: Distribution, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
     out = Path(config.out_dir)
+    main = distribution.is_main
 
     # The student: backbone, method, ReLA wrapper, online probe.
     torch.manual_seed(config.seed)
@@ -123,7 +140,8 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
 
     # The data and the views of each phase.
     views = _view_transforms(config, ssl_views)
-    data = build_training_data(config, source, target_dim, device, pil_views=(views["rela"], views["ssl"]), rela_active=lambda: rela.schedule.active)
+    data = build_training_data(config, source, target_dim, device, pil_views=(views["rela"], views["ssl"]), rela_active=lambda: rela.schedule.active,
+                               distribution=distribution)
     steps_per_epoch = data.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     budget = Budget(full_run_steps=config.epochs * (source.num_samples // config.batch_size))
@@ -131,15 +149,18 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
     # The step, then where the run stands.
     precision = resolve_precision(config.precision, device)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision, warmup_steps)
+    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision, warmup_steps,
+                     distribution=distribution, sync_batchnorm=config.sync_batchnorm)
     progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress()
     if resuming:
         logger.info("resuming %s after epoch %d (step %d)", out, progress.next_epoch, budget.steps)
     resolved = {
         "device": str(device), "precision": precision.name, "data_path": data.data_path, "augment": config.augment,
         "memory_format": "channels_last" if step.memory_format is not None else "contiguous", "target_dim": target_dim,
+        "world_size": distribution.world_size, "backend": distribution.backend,
     }
-    write_json_atomic(out / CONFIG_NAME, {**config.to_json(), "resolved": resolved})
+    if main:
+        write_json_atomic(out / CONFIG_NAME, {**config.to_json(), "resolved": resolved})
     rela.schedule.start(budget.steps, total_steps)
     logger.info(
         "training %s + %s on %s (%s, %s views, %s data path): %s; %d steps per epoch x %d epochs = %d steps (%.1f%% of the full run's %d)",
@@ -153,11 +174,12 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
         data.store()
     data_load_s = time.perf_counter() - t_start
 
-    metrics = MetricsLog(out / METRICS_NAME, budget.steps if resuming else None)
+    metrics = MetricsLog(out / METRICS_NAME if main else None, budget.steps if resuming else None)
     method_name = config.method
     rela.train()
     interval = Interval()
-    bar = tqdm(total=total_steps, initial=budget.steps, unit="step", desc="train", disable=not config.progress, dynamic_ncols=True)
+    samples_trained = 0  # by this rank, in this invocation
+    bar = tqdm(total=total_steps, initial=budget.steps, unit="step", desc="train", disable=not (config.progress and main), dynamic_ncols=True)
     try:
         for epoch in range(progress.next_epoch, config.epochs):
             epoch_steps = 0
@@ -165,6 +187,9 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
                 phase = rela.phase
                 batch_views = batch.views(views[phase], f"{'ReLA' if phase == 'rela' else method_name} views", step.memory_format)
                 result = step(batch_views, batch.target, batch.label, labelled)
+                if distribution.enabled and result.output.rela_loss is not None:
+                    result.output.rela_loss = distribution.mean(result.output.rela_loss)  # the schedule switches on the same step everywhere
+                samples_trained += batch.target.shape[0]
                 was_active = rela.schedule.active
                 rela.step_end(result.output, budget.steps, total_steps)
                 if was_active and not rela.schedule.active:
@@ -178,25 +203,32 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
                 interval.add(result, config.batch_size)
                 bar.update(1)
                 if budget.steps % config.log_every == 0:
-                    record = interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"])
+                    record = interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"], distribution)
                     metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", phase=record["phase"], img_s=f"{record['images_per_s']:.0f}")
             if epoch_steps == 0:
                 raise RelaError(f"epoch {epoch} produced no batch of {config.batch_size}: the readable subset is too small")
             if epoch == config.epochs - 1 and interval.images:
-                metrics.write(interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"]))
+                metrics.write(interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"], distribution))
             elapsed = progress.elapsed_s + time.perf_counter() - t_start
             metrics.write({"event": "epoch_end", "epoch": epoch, "step": budget.steps, "epoch_steps": epoch_steps, "images_seen": budget.images_seen, "budget_fraction": budget.fraction, "elapsed_s": round(elapsed, 2)})
-            save_checkpoint(out, config, backbone_config, rela, probe, step, epoch, budget, elapsed)
+            if main:
+                save_checkpoint(out, config, backbone_config, rela, probe, step, epoch, budget, elapsed)
     finally:
         bar.close()
         step.close()
         metrics.close()
     wall = progress.elapsed_s + time.perf_counter() - t_start
-    save_backbone_checkpoint(
-        out / BACKBONE_NAME, backbone, backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
-        step=budget.steps, config=config.to_json(),
-    )
+    # The schedule's state (switch step, and the adaptive schedule's loss averages and rho) must be
+    # bit-identical on every rank: it is fed the ReLA loss averaged over the ranks.
+    schedule_states = agreed(distribution, rela.schedule.state_dict(), "the ReLA schedule's state")
+    steps_per_rank = agreed(distribution, budget.steps, "the steps trained")
+    samples_per_rank = distribution.gather(samples_trained)
+    if main:
+        save_backbone_checkpoint(
+            out / BACKBONE_NAME, backbone, backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
+            step=budget.steps, config=config.to_json(),
+        )
     summary = {
         "run_dir": str(out),
         "method": config.method,
@@ -213,6 +245,12 @@ def _train(config: TrainConfig, source, device: torch.device, resuming: bool, me
         "checkpoint": str(out / BACKBONE_NAME),
         "shards": source.location,
         "skipped_shards": source.skipped_shards,
+        "distributed": {
+            "world_size": distribution.world_size, "backend": distribution.backend, "rela_schedule_per_rank": schedule_states,
+            "steps_per_rank": steps_per_rank, "samples_per_rank_this_invocation": samples_per_rank,
+        },
     }
-    write_json_atomic(out / SUMMARY_NAME, summary)
+    if main:
+        write_json_atomic(out / SUMMARY_NAME, summary)
+    distribution.barrier()  # every rank returns once the run's files are written
     return summary

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ...fileio import atomic_write
+from ...distributed import Distribution
 from .config import Budget
 from .step import StepResult
 
@@ -19,13 +20,16 @@ class MetricsLog:
     """Appends JSON records to ``metrics.jsonl``; on resume keeps only records up to the checkpoint.
 
     Args:
-        path: the file.
+        path: the file; None discards every record (the ranks other than 0 of a distributed run).
         keep_until_step: on resume, the checkpoint's step (later records are dropped); None
             starts a new file.
     """
 
-    def __init__(self, path: Path, keep_until_step: int | None) -> None:
+    def __init__(self, path: Path | None, keep_until_step: int | None) -> None:
         self.path = path
+        self.handle = None
+        if path is None:
+            return
         if keep_until_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
             with atomic_write(path, "w") as handle:
@@ -36,13 +40,16 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (non-finite floats become null)."""
+        if self.handle is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.handle.write(json.dumps(clean, sort_keys=True) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
         """Close the file."""
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -90,9 +97,16 @@ class Interval:
             self.probe_images += batch_size
         self.images += batch_size
 
-    def record(self, budget: Budget, epoch: int, rho: float | None, lr: float) -> dict[str, Any]:
-        """Close the interval: its record (means over its steps, images per second) and a new interval."""
+    def record(self, budget: Budget, epoch: int, rho: float | None, lr: float, distribution: Distribution | None = None) -> dict[str, Any]:
+        """Close the interval: its record (means over its steps and, in a distributed run, over the
+        ranks; probe accuracy over every rank's images; images per second of the whole job) and a
+        new interval. In a distributed run every rank must call it at the same step (one
+        all-reduce)."""
         seconds = time.perf_counter() - self.started
+        if distribution is not None and distribution.enabled and self.sums:
+            names = sorted(self.sums)
+            totals = distribution.sum(torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float32) for n in names]))
+            self.sums = {n: (totals[i] if n == "probe_correct" else totals[i] / distribution.world_size) for i, n in enumerate(names)}
         record: dict[str, Any] = {
             "step": budget.steps, "epoch": epoch, "phase": self.phase, "rho": finite_or_none(rho), "lr": lr,
             "images_per_s": self.images / max(seconds, 1e-9),

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...distributed import Distribution
 from ...rela import ReLA, StepOutput
 from ...runtime import Precision, uses_channels_last
+from .distribution import parallel_modules
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
@@ -74,15 +76,20 @@ class TrainStep:
         total_steps: optimisation steps of the run.
         precision: from :func:`rela_pipeline.runtime.resolve_precision`.
         warmup_steps: steps of linear warm-up before the schedule (0: none).
+        distribution: under torchrun, the job (:mod:`.distribution`: the model and the probe are
+            wrapped in DistributedDataParallel); None or one process: no wrapping.
+        sync_batchnorm: convert BatchNorm layers to SyncBatchNorm first.
     """
 
-    def __init__(self, rela: ReLA, probe: nn.Module | None, lr: float, weight_decay: float, lr_schedule: str, total_steps: int, precision: Precision, warmup_steps: int = 0) -> None:
+    def __init__(self, rela: ReLA, probe: nn.Module | None, lr: float, weight_decay: float, lr_schedule: str, total_steps: int, precision: Precision,
+                 warmup_steps: int = 0, *, distribution: Distribution | None = None, sync_batchnorm: bool = False) -> None:
         self.rela = rela
         self.probe = probe
         self.precision = precision
         self.memory_format = torch.channels_last if uses_channels_last(rela.backbone) else None
         if self.memory_format is not None:
             rela.to(memory_format=self.memory_format)
+        self.model, self.probe_model = parallel_modules(rela, probe, distribution, sync_batchnorm)
         groups = [{"params": [p for p in rela.parameters() if p.requires_grad]}]
         if probe is not None:
             groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
@@ -103,13 +110,13 @@ class TrainStep:
         """
         self._features.value = None
         with self.precision.autocast():
-            output = self.rela(views, targets)
+            output = self.model(views, targets)
         loss = output.loss
         probe_loss = probe_correct = None
         features = self._features.value
         if self.probe is not None and labelled and features is not None and features.shape[0] >= labels.shape[0]:
             with self.precision.full_precision():
-                logits = self.probe(features[: labels.shape[0]].detach().float())
+                logits = self.probe_model(features[: labels.shape[0]].detach().float())
                 probe_loss = F.cross_entropy(logits, labels)
             probe_correct = (logits.argmax(1) == labels).sum().detach()
             loss = loss + probe_loss

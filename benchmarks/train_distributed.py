@@ -1,0 +1,98 @@
+"""Stage two's throughput with 1 and N processes: ``rela-pipeline train`` alone against the same
+run under ``torchrun --nproc-per-node N`` (DistributedDataParallel), same global batch.
+
+Each configuration is the real CLI in a subprocess; its rate is the median of the
+``metrics.jsonl`` interval rates after the first interval (start-up excluded; images of the global
+batch per second of the whole job), and the run's wall-clock (the memory path's one decoding pass
+included) is kept beside it. The configurations are interleaved for ``--rounds`` rounds (1, N, 1,
+N, ...) so a slow spell of a shared machine does not fall on one column; the table gives medians,
+the JSON every value. On CPU, one process uses every core (torch's intra-op threads) and each of N
+ranks ``cores / N`` threads, so the comparison is the same machine split two ways; on GPUs, one
+GPU per rank. Example (the README's CPU numbers)::
+
+    python benchmarks/train_distributed.py --shards runs/demo/shards --processes 2 \\
+        --out benchmarks/results/train-distributed-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rela_pipeline.fileio import write_json_atomic
+
+
+def cli_train(shards: str, out: Path, processes: int, options: list[str], threads: int) -> dict:
+    """Run ``rela-pipeline train`` with ``processes`` ranks (1: no torchrun) and return its rates.
+
+    Raises:
+        SystemExit: the run failed (its last stderr lines are printed).
+    """
+    cli = str(Path(sys.executable).parent / "rela-pipeline")
+    command = [cli, "-q", "train", "--shards", shards, "--out", str(out), "--overwrite", *options]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "--no-python", *command]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{processes} process(es) failed:\n{done.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "images_per_s": statistics.median(rates), "interval_rates": rates, "wall_clock_s": summary["wall_clock_s"],
+        "data_load_s": summary["data_load_s"], "steps": summary["budget"]["steps"], "images_seen": summary["budget"]["images_seen"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", required=True, help="a shard set (e.g. runs/demo/shards)")
+    parser.add_argument("--processes", type=int, default=2, help="N, the ranks of the distributed run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
+    parser.add_argument("--backbone", default="convnet")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--data-ratio", type=float, default=0.25)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", required=True, type=Path, help="JSON result")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    options = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+               "--data-ratio", str(args.data_ratio), "--data-path", "memory", "--device", args.device, "--num-workers", "0", "--log-every", "5"]
+    results: dict[int, list[dict]] = {1: [], args.processes: []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(args.rounds):
+            for processes in results:
+                threads = max(cores // processes, 1)
+                result = cli_train(args.shards, Path(scratch) / f"p{processes}", processes, options, threads)
+                results[processes].append(result)
+                print(f"round {round_}: {processes} process(es) x {threads} threads: {result['images_per_s']:.0f} img/s", flush=True)
+    median = {p: statistics.median(r["images_per_s"] for r in runs) for p, runs in results.items()}
+    payload = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "settings": vars(args) | {"out": str(args.out)},
+        "median_images_per_s": {str(p): round(v, 1) for p, v in median.items()},
+        "speedup": round(median[args.processes] / median[1], 3),
+        "runs": {str(p): runs for p, runs in results.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, payload)
+    print(f"| processes | img/s (median of {args.rounds}) | vs 1 |\n| ---: | ---: | ---: |")
+    for p, v in median.items():
+        print(f"| {p} | {v:.0f} | {v / median[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
