@@ -54,7 +54,8 @@ def cli_train(shards: str, out: Path, processes: int, options: list[str], thread
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (argv: the command line's arguments); return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="a shard set (e.g. runs/demo/shards)")
     parser.add_argument("--processes", type=int, default=2, help="N, the ranks of the distributed run")
@@ -65,34 +66,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-ratio", type=float, default=0.25)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=5, help="steps per rate interval")
     parser.add_argument("--out", required=True, type=Path, help="JSON result")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     options = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-               "--data-ratio", str(args.data_ratio), "--data-path", "memory", "--device", args.device, "--num-workers", "0", "--log-every", "5"]
-    results: dict[int, list[dict]] = {1: [], args.processes: []}
+               "--data-ratio", str(args.data_ratio), "--data-path", "memory", "--device", args.device, "--num-workers", "0", "--log-every", str(args.log_every)]
+    # The ReLA phase (the adaptive schedule does not switch in a run this short) and BYOL alone.
+    phases = {"ReLA phase": [], "BYOL (--no-rela)": ["--no-rela"]}
+    results: dict[tuple[str, int], list[dict]] = {(phase, p): [] for phase in phases for p in (1, args.processes)}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for processes in results:
+            for phase, processes in results:
                 threads = max(cores // processes, 1)
-                result = cli_train(args.shards, Path(scratch) / f"p{processes}", processes, options, threads)
-                results[processes].append(result)
-                print(f"round {round_}: {processes} process(es) x {threads} threads: {result['images_per_s']:.0f} img/s", flush=True)
-    median = {p: statistics.median(r["images_per_s"] for r in runs) for p, runs in results.items()}
+                result = cli_train(args.shards, Path(scratch) / f"p{processes}", processes, options + phases[phase], threads)
+                results[(phase, processes)].append(result)
+                print(f"round {round_}: {phase}, {processes} process(es) x {threads} threads: {result['images_per_s']:.0f} img/s", flush=True)
+    median = {key: statistics.median(r["images_per_s"] for r in runs) for key, runs in results.items()}
     payload = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "settings": vars(args) | {"out": str(args.out)},
-        "median_images_per_s": {str(p): round(v, 1) for p, v in median.items()},
-        "speedup": round(median[args.processes] / median[1], 3),
-        "runs": {str(p): runs for p, runs in results.items()},
+        "median_images_per_s": {f"{phase}, {p} process(es)": round(v, 1) for (phase, p), v in median.items()},
+        "speedup": {phase: round(median[(phase, args.processes)] / median[(phase, 1)], 3) for phase in phases},
+        "runs": {f"{phase}, {p} process(es)": runs for (phase, p), runs in results.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, payload)
-    print(f"| processes | img/s (median of {args.rounds}) | vs 1 |\n| ---: | ---: | ---: |")
-    for p, v in median.items():
-        print(f"| {p} | {v:.0f} | {v / median[1]:.2f}x |")
+    print(f"| phase | processes | img/s (median of {args.rounds}) | vs 1 process |\n| --- | ---: | ---: | ---: |")
+    for (phase, p), v in median.items():
+        print(f"| {phase} | {p} | {v:.0f} | {v / median[(phase, 1)]:.2f}x |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

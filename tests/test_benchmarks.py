@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import train_distributed  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -84,3 +85,19 @@ def test_probe_protocol_reports_every_protocol_for_pixels_and_the_untrained_stud
         assert row["chosen_lr"] in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     # The untrained ConvNet's raw features are small: the paper's fixed probe under-fits them.
     assert rows["untrained convnet (seed 0)"]["mean_abs_feature"] < 0.1
+
+
+def test_train_distributed_compares_one_and_two_processes_at_the_same_budget(shard_set, tmp_path):
+    shards, _ = shard_set
+    out = tmp_path / "ddp.json"
+    code = train_distributed.main([
+        "--shards", str(shards), "--processes", "2", "--batch-size", "16", "--epochs", "1", "--data-ratio", "1.0",
+        "--rounds", "1", "--log-every", "4", "--out", str(out),
+    ])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for phase in ("ReLA phase", "BYOL (--no-rela)"):
+        one, two = (result["runs"][f"{phase}, {p} process(es)"][0] for p in (1, 2))
+        assert one["steps"] == two["steps"] == 300 // 16 and one["images_seen"] == two["images_seen"]
+        assert one["images_per_s"] > 0 and two["images_per_s"] > 0
+        assert abs(result["speedup"][phase] - two["images_per_s"] / one["images_per_s"]) < 1e-3

@@ -63,9 +63,10 @@ def test_two_processes_train_the_one_process_budget(shard_set, tmp_path):
 
 def test_the_switch_from_rela_to_simclr_under_ddp(shard_set, tmp_path):
     """The phases train different parameters (transfer layer, then heads) and SimCLR gathers its
-    negatives from both ranks: the run crosses the switch without hanging and logs both phases."""
+    negatives from both ranks: the run crosses the switch without hanging and logs both phases. On
+    the stream path, where each rank reads its own part of the shards."""
     shards, _ = shard_set
-    done = torchrun(CLI, "-q", *train_args(shards, tmp_path / "run", 2, "--method", "simclr", "--rela-schedule", "constant:0.5"))
+    done = torchrun(CLI, "-q", *train_args(shards, tmp_path / "run", 2, "--method", "simclr", "--rela-schedule", "constant:0.5", "--data-path", "stream"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     switch = [r for r in records if r.get("event") == "rela_switch"]
@@ -73,7 +74,10 @@ def test_the_switch_from_rela_to_simclr_under_ddp(shard_set, tmp_path):
     phases = {r["phase"] for r in records if "phase" in r}
     assert phases == {"rela", "ssl"}
     assert all(r["ssl_loss"] > 0 for r in records if r.get("phase") == "ssl")
-    assert summary(tmp_path / "run")["distributed"]["rela_schedule_per_rank"][0]["switch_step"] == 7
+    ranks = summary(tmp_path / "run")["distributed"]
+    assert ranks["rela_schedule_per_rank"][0]["switch_step"] == 7
+    assert ranks["steps_per_rank"] == [14, 14] and ranks["samples_per_rank_this_invocation"] == [224, 224]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["data_path"] == "stream"
 
 
 def test_two_processes_compute_what_one_process_computes(shard_set, tmp_path):
@@ -144,6 +148,10 @@ def test_settings_a_rank_cannot_run_end_the_job_with_one_line_per_rank(shard_set
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert sorted(errors) == [f"error: rank {r} of 2: --batch-size 33 (the global batch) does not split evenly over 2 processes" for r in (0, 1)]
     assert not (tmp_path / "run").exists()
+    done = torchrun(CLI, "-q", *train_args(shards, tmp_path / "run", 2, "--sync-batchnorm"))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("--sync-batchnorm needs CUDA ranks" in line for line in errors)
 
 
 def _children(pid: int) -> list[int]:
