@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import load_npz
-from rela_pipeline.scores import knn_scores
+from rela_pipeline.scores import EXACT_MAX_SAMPLES, TARGET_RECALL, exact_neighbours, knn_scores, resolve_score_index
+from rela_pipeline.subsets import SubsetSampler
 from rela_pipeline.transport import LinearTransport
 
 
@@ -48,3 +51,62 @@ def test_exact_duplicates_score_one_and_point_at_each_other():
     others = np.delete(np.arange(50), [3, 7])
     assert np.all(scores.nn_similarity[others] < 0.99)
     assert np.all(scores.nn_index != np.arange(50))  # never its own neighbour
+
+
+def clustered(n: int, dims: int, clusters: int, seed: int) -> np.ndarray:
+    """Gaussian clusters in ``dims`` dimensions (centres spread 1, within-cluster std 0.35): the
+    structure of transported targets of a labelled set, at a size where exact search is cheap."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dims)).astype(np.float32)
+    return (centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dims))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_search_reaches_the_recall_it_reports(kind):
+    targets = clustered(20_000, 32, 200, seed=1)
+    scores = knn_scores(targets, k=10, dims=0, use_gpu=False, index=kind, seed=0)
+    assert scores.index["kind"] == kind and scores.index["recall_at_k"] >= TARGET_RECALL
+    # An independent check on other queries: the scores' own neighbour lists against exact search.
+    rows = np.random.default_rng(7).choice(len(targets), 300, replace=False)
+    exact_similarity, exact_index = exact_neighbours(targets, rows, 32, 10)
+    assert np.mean(scores.nn_index[rows] == exact_index[:, 0]) >= 0.9
+    np.testing.assert_allclose(scores.knn_density[rows], exact_similarity.mean(axis=1), atol=0.01)
+    assert np.all(scores.nn_index != np.arange(len(targets)))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_planted_duplicates_are_found_by_approximate_search_and_deduplicated(kind):
+    targets = clustered(20_000, 32, 200, seed=2)
+    rng = np.random.default_rng(3)
+    originals = rng.choice(20_000, 100, replace=False)
+    copies = rng.choice(np.setdiff1d(np.arange(20_000), originals), 100, replace=False)
+    targets[copies[:50]] = targets[originals[:50]]  # exact duplicates
+    targets[copies[50:]] = targets[originals[50:]] + 0.01 * rng.standard_normal((50, 32)).astype(np.float32)  # near duplicates
+    scores = knn_scores(targets, k=10, dims=0, use_gpu=False, index=kind, seed=0)
+    assert np.all(scores.nn_index[copies[:50]] == originals[:50]) and np.all(scores.nn_index[originals[:50]] == copies[:50])
+    assert np.all(scores.nn_similarity[copies] > 0.999)
+    kept = np.zeros(len(targets), dtype=bool)
+    kept[SubsetSampler(len(targets), 0.5, "dedup", {"nn_similarity": scores.nn_similarity, "nn_index": scores.nn_index}, dedup_threshold=0.999).pool] = True
+    assert np.all(kept[originals] != kept[copies])  # exactly one of each planted pair stays in the dedup pool
+
+
+def test_auto_searches_exactly_up_to_its_limit():
+    assert resolve_score_index("auto", EXACT_MAX_SAMPLES, gpu=False) == "exact"
+    assert resolve_score_index("auto", EXACT_MAX_SAMPLES + 1, gpu=False) == "ivf"
+    assert resolve_score_index("auto", EXACT_MAX_SAMPLES + 1, gpu=True) == "exact"
+    assert resolve_score_index("hnsw", 10, gpu=False) == "hnsw"
+    with pytest.raises(RelaError, match="--score-index"):
+        resolve_score_index("lsh", 10, gpu=False)
+
+
+def test_embed_records_the_approximate_search_and_its_recall_in_the_manifest(tmp_path):
+    from conftest import TRAIN_DIR, small_embed_config
+
+    from rela_pipeline.shards.manifest import verify_shard_set
+    from rela_pipeline.stages.embed import run_embed
+
+    manifest = run_embed(small_embed_config(TRAIN_DIR, tmp_path / "out", score_index="ivf"))
+    search = manifest["scores"]["search"]
+    assert search["kind"] == "ivf" and search["recall_at_k"] >= TARGET_RECALL and search["recall_k"] == manifest["scores"]["k"]
+    assert manifest["scores"]["device"] == "cpu" and manifest["settings"]["score_index"] == "ivf"
+    assert verify_shard_set(tmp_path / "out").ok

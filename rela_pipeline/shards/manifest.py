@@ -57,7 +57,7 @@ SECTION_KEYS = {
     "samples": ("scanned", "written", "skipped", "per_class"),
     "embeddings": ("file", "sha256", "dtype", "shape"),
 }
-OPTIONAL_SECTION_KEYS = {"transport": ("reference_samples",), "scores": ("device",)}
+OPTIONAL_SECTION_KEYS = {"transport": ("reference_samples",), "scores": ("device", "search")}
 SHARD_KEYS = ("name", "samples", "bytes", "sha256")
 
 

@@ -52,7 +52,7 @@ from ..fileio import (
 from ..imagefolder import ImageFolderIndex, scan_image_folder
 from ..priors import PreprocessedImages, Prior, load_prior
 from ..runtime import autocast_for, resolve_device
-from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, knn_scores
+from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES, knn_scores
 from ..shards.format import (
     EMBEDDINGS_NAME, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, SCORES_NAME, SHARD_GLOB,
     TARGET_DTYPES, TARGET_FIELD, TRANSPORT_NAME, encode_sample,
@@ -95,6 +95,9 @@ class EmbedConfig:
         target_dtype: "float16" or "float32".
         score_k: neighbours for ``knn_density``.
         score_dims: leading transported components used for scores (0: all).
+        score_index: how neighbours are searched, one of :data:`rela_pipeline.scores.SCORE_INDEXES`
+            (``auto``: exact up to 200,000 samples on CPU, 2M on GPU, else IVF tuned to recall@k
+            >= 0.95; the search and its measured recall go into the manifest).
         overwrite: replace a previous shard set (or interrupted run) in ``out_dir``.
         resume: continue the interrupted run in ``out_dir`` (see :func:`run_embed`); on an empty
             ``out_dir`` a new run starts; on a complete set with the same identity nothing is done.
@@ -118,6 +121,7 @@ class EmbedConfig:
     target_dtype: str = "float16"
     score_k: int = DEFAULT_K
     score_dims: int = DEFAULT_SCORE_DIMS
+    score_index: str = "auto"
     overwrite: bool = False
     resume: bool = False
     keep_embeddings: bool = False
@@ -136,6 +140,8 @@ class EmbedConfig:
             raise RelaError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, got {self.target_dtype}")
         if self.score_dims < 0:
             raise RelaError(f"--score-dims must be >= 0, got {self.score_dims}")
+        if self.score_index not in SCORE_INDEXES:
+            raise RelaError(f"--score-index must be one of {', '.join(SCORE_INDEXES)}, got {self.score_index!r}")
         if self.resume and self.overwrite:
             raise RelaError("--resume and --overwrite exclude each other: continue the run in OUT, or replace it")
         if not self.checkpoint_seconds > 0:
@@ -512,15 +518,16 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
         return manifest
 
 
-def _reuse_or_redo(journal: EmbedJournal, phase: str, path: Path, redo: Callable[[], None]) -> bool:
+def _reuse_or_redo(journal: EmbedJournal, phase: str, path: Path, redo: Callable[[], dict[str, Any] | None]) -> bool:
     """Keep a finished ``phase`` whose file still has the journal's SHA-256, or run ``redo`` (which
-    writes ``path``), drop every later phase and record this one. Returns True when kept."""
+    writes ``path`` and may return JSON-ready info on how), drop every later phase and record this
+    one. Returns True when kept."""
     expected = journal.phase_sha256(phase)
     if expected is not None and path.is_file() and sha256_file(path) == expected:
         return True
     journal.invalidate_after(phase)
-    redo()
-    journal.record_phase(phase, sha256_file(path))
+    info = redo()
+    journal.record_phase(phase, sha256_file(path), info)
     return False
 
 
@@ -592,7 +599,10 @@ def _run_stages(
     _reuse_or_redo(journal, "transport", transport_path, fit_transport)
     transport = LinearTransport.load(transport_path)
     targets_shape = (len(kept), transport.output_dim)
-    _reuse_or_redo(journal, "targets", targets_path, lambda: transport_targets(embeddings, kept, transport, targets_path, config.target_dtype, device))
+    def write_targets() -> None:
+        transport_targets(embeddings, kept, transport, targets_path, config.target_dtype, device)
+
+    _reuse_or_redo(journal, "targets", targets_path, write_targets)
     targets = open_npy_memmap(targets_path, config.target_dtype, targets_shape, mode="r")
     if targets is None:
         raise RelaError(f"{targets_path} does not hold ({targets_shape[0]}, {targets_shape[1]}) {config.target_dtype} targets; start over with --overwrite")
@@ -602,21 +612,24 @@ def _run_stages(
     scores_path = out_dir / SCORES_NAME
     labels = index.labels[kept] if index.labels is not None else None
 
-    def compute_scores() -> None:
-        scores = knn_scores(targets, k=config.score_k, dims=config.score_dims, use_gpu=device.type == "cuda")
+    def compute_scores() -> dict[str, Any]:
+        scores = knn_scores(targets, k=config.score_k, dims=config.score_dims, use_gpu=device.type == "cuda", index=config.score_index, seed=config.seed)
         write_npz_atomic(scores_path, {
             "knn_density": scores.knn_density,
             "nn_similarity": scores.nn_similarity,
             "nn_index": scores.nn_index,
             "label": labels if labels is not None else np.full(len(kept), -1, dtype=np.int64),
         })
+        return {"search": scores.index, "device": scores.device}
 
     _reuse_or_redo(journal, "scores", scores_path, compute_scores)
     scores = load_npz(scores_path)
     timings["scores"] = time.perf_counter() - t
     score_dims = min(config.score_dims, transport.output_dim) if config.score_dims else transport.output_dim
     score_k = min(config.score_k, len(kept) - 1)
-    say(f"transport: {transport.input_dim} -> {transport.output_dim} dims; scores with k={score_k} on {score_dims} dims")
+    search = (journal.phase_info("scores") or {}).get("search", {"kind": "exact"})
+    recall = f", recall@{score_k} {search['recall_at_k']:.3f}" if "recall_at_k" in search else ""
+    say(f"transport: {transport.input_dim} -> {transport.output_dim} dims; scores with k={score_k} on {score_dims} dims ({search['kind']} search{recall})")
 
     t = time.perf_counter()
     reused = _shards_to_keep(journal, out_dir)
@@ -628,7 +641,9 @@ def _run_stages(
     say(f"wrote {len(shards)} shards ({sum(s.bytes for s in shards) / 1e6:.1f} MB) to {out_dir}")
     run = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused}
     file_sha256 = {TRANSPORT_NAME: journal.phase_sha256("transport"), SCORES_NAME: journal.phase_sha256("scores")}
-    return _build_manifest(config, index, prior, device, result, failures, kept, transport, len(reference), score_k, score_dims, labels, shards, out_dir, file_sha256, run)
+    manifest = _build_manifest(config, index, prior, device, result, failures, kept, transport, len(reference), score_k, score_dims, labels, shards, out_dir, file_sha256, run)
+    manifest["scores"].update(journal.phase_info("scores") or {})  # the search (index, recall) and where it ran
+    return manifest
 
 
 def _shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:

@@ -60,7 +60,8 @@ class EmbedJournal:
         path: ``OUT/.work/journal.json``.
         identity: JSON-ready dict fixing the output's bytes.
         state: ``{"embed": {"chunks": [[start, stop, sha256], ...], "failures": {row: reason}},
-            "transport" | "targets" | "scores": {"sha256": hex} or absent, "shards": [shard dicts]}``.
+            "transport" | "targets" | "scores": {"sha256": hex, "info": {...}?} or absent,
+            "shards": [shard dicts]}``.
     """
 
     def __init__(self, path: Path, identity: dict[str, Any], state: dict[str, Any] | None = None) -> None:
@@ -127,10 +128,16 @@ class EmbedJournal:
         record = self.state.get(phase)
         return record["sha256"] if record else None
 
-    def record_phase(self, phase: str, sha256: str) -> None:
-        """Record ``phase`` as finished with its file's SHA-256 and save."""
-        self.state[phase] = {"sha256": sha256}
+    def record_phase(self, phase: str, sha256: str, info: dict[str, Any] | None = None) -> None:
+        """Record ``phase`` as finished with its file's SHA-256 (and JSON-ready ``info`` about how
+        it was computed, e.g. the scores' search) and save."""
+        self.state[phase] = {"sha256": sha256, **({"info": info} if info else {})}
         self.save()
+
+    def phase_info(self, phase: str) -> dict[str, Any] | None:
+        """The ``info`` recorded with a finished phase, or None."""
+        record = self.state.get(phase)
+        return record.get("info") if record else None
 
     @property
     def shards(self) -> list[dict[str, Any]]:
