@@ -27,6 +27,7 @@ see real neighbourhoods. Generated chunk by chunk (seeded), never whole in memor
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import platform
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, required=True, help="directory for the memory-maps (removed at the end)")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
+    log = logging.getLogger("rela_pipeline")  # the scoring's tuning steps
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     device = resolve_device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     n, d = args.samples, args.dim

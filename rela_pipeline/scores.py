@@ -27,8 +27,9 @@ Either is tuned, not guessed: the search breadth (``nprobe`` or ``efSearch``) st
 doubles until recall@k on :data:`RECALL_QUERIES` sampled queries, against exact search of the same
 queries, reaches :data:`TARGET_RECALL` and no sampled query is lost (finds under half its
 neighbours: a mean recall of 0.99 can hide 1% of queries whose scores are wrong by 0.6, as HNSW
-gave at ``efSearch`` 16 on clustered data); the measured recall is returned (and recorded in the
-manifest). In the full pass, a sample whose search does not return the sample itself (its own
+gave at ``efSearch`` 16 on clustered data), or no fewer are lost than one step narrower (at 10M
+samples 12 of 1,000 queries stayed lost from ``nprobe`` 64 to 512); the measured recall and the
+lost count are returned (and recorded in the manifest). In the full pass, a sample whose search does not return the sample itself (its own
 vector, cosine 1) was trapped away from its neighbourhood, and is searched exactly, as is one whose
 search returned fewer than k others (``searched_exactly`` counts them). Recall@k is the fraction of each query's k exact nearest other samples found among its
 k approximate ones. An exact duplicate of a sample is its nearest neighbour under any of these
@@ -38,6 +39,7 @@ finding true duplicate pairs (tested with planted duplicates).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,6 +48,8 @@ import faiss
 import numpy as np
 
 from .errors import RelaError
+
+logger = logging.getLogger("rela_pipeline")
 
 #: Default neighbourhood size for ``knn_density``.
 DEFAULT_K = 10
@@ -65,6 +69,14 @@ RECALL_QUERIES = 1000
 #: search was trapped far from them: HNSW's failure mode on clustered data at small efSearch); the
 #: tuning widens the search until none is.
 LOST_QUERY_RECALL = 0.5
+#: The widest search the tuning tries: ``nprobe`` (IVF lists visited per query) and ``efSearch``
+#: (HNSW candidates). Past them an approximate search costs about as much as exact search; the
+#: recall reached is reported whatever it is, and trapped searches are still redone exactly.
+MAX_NPROBE = 512
+MAX_EF_SEARCH = 1024
+#: Bound on ``rows x breadth`` per search call (the coarse quantiser returns ``breadth`` lists per
+#: row: 12 bytes each), so a wide search does not take gigabytes at once.
+SEARCH_BUFFER_ENTRIES = 1 << 24
 #: Above this many samples the IVF index's coarse quantiser is an HNSW graph (faiss's
 #: ``IVF..._HNSW32`` for 1M to 10M+), on CPU.
 HNSW_QUANTISER_FROM = 1_000_000
@@ -155,13 +167,14 @@ def _build_index(kind: str, targets: np.ndarray, dims: int, use_gpu: bool, chunk
 
         def set_breadth(value: int) -> None:
             index.hnsw.efSearch = value
-        first, last = 16, 2048
+        first, last = 16, MAX_EF_SEARCH
     else:
         nlist = ivf_lists(n)
         hnsw_quantiser = n > HNSW_QUANTISER_FROM and not gpu
         quantiser = faiss.IndexHNSWFlat(dims, 32, faiss.METRIC_INNER_PRODUCT) if hnsw_quantiser else faiss.IndexFlatIP(dims)
-        if hnsw_quantiser:
-            quantiser.hnsw.efSearch = 64  # the centroid a vector goes to: 64 candidates of nlist
+        if hnsw_quantiser:  # a denser graph and wider search than faiss's defaults: a vector sent to a far list is lost to every query
+            quantiser.hnsw.efConstruction = 128
+            quantiser.hnsw.efSearch = 128
         cpu_index = faiss.IndexIVFFlat(quantiser, dims, nlist, faiss.METRIC_INNER_PRODUCT)
         cpu_index.cp.spherical = True  # unit-norm centroids: inner-product assignment = nearest centroid
         # (faiss's Python constructor of IndexIVFFlat keeps the quantiser alive with the index)
@@ -176,7 +189,7 @@ def _build_index(kind: str, targets: np.ndarray, dims: int, use_gpu: bool, chunk
                 faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", value)
             else:
                 index.nprobe = value
-        first, last = 4, nlist
+        first, last = 4, min(nlist, MAX_NPROBE)
     if kind == "exact" and gpu:
         index = _on_gpu(index)
     for start in range(0, n, chunk_rows):
@@ -269,34 +282,45 @@ def knn_scores(
         rows = np.sort(np.random.default_rng([seed, 1]).choice(n, size=min(RECALL_QUERIES, n), replace=False))
         exact = exact_neighbours(targets, rows, dims, k, chunk_rows)[1]
         queries = _normalised(targets[rows, :dims])
-        while True:  # widen the search until it finds target_recall of the exact neighbours, and no query is lost
+        previous_lost = len(rows) + 1
+        while True:  # widen the search until it finds target_recall of the exact neighbours and no more lost queries
             set_breadth(breadth)
             per_query = recall_per_query(_without_self(*faiss_index.search(queries, k + 1), rows, k)[1], exact)
             recall, lost = float(per_query.mean()), int(np.sum(per_query < LOST_QUERY_RECALL))
-            if (recall >= target_recall and lost == 0) or breadth >= last:
+            logger.info("scores: %s search with %s %d: recall@%d %.4f on %d queries, %d lost", kind, "nprobe" if kind == "ivf" else "efSearch",
+                        breadth, k, recall, len(rows), lost)
+            # Stop at the target with no lost query, or with as many lost as one step narrower (widening
+            # does not reach them: their neighbours sit in lists the quantiser does not return), or at the cap.
+            if (recall >= target_recall and (lost == 0 or lost >= previous_lost)) or breadth >= last:
                 break
+            previous_lost = lost
             breadth = min(2 * breadth, last)
         settings.update({"nprobe" if kind == "ivf" else "ef_search": breadth, "recall_at_k": round(recall, 4), "lost_queries": lost,
                          "recall_k": k, "recall_queries": int(len(rows)), "target_recall": target_recall})
     density = np.empty(n, dtype=np.float32)
     nn_similarity = np.empty(n, dtype=np.float32)
     nn_index = np.empty(n, dtype=np.int64)
-    searched_exactly = 0
-    for start in range(0, n, chunk_rows):
-        stop = min(n, start + chunk_rows)
+    lost_rows: list[np.ndarray] = []
+    rows_per_call = chunk_rows if kind == "exact" else max(1024, min(chunk_rows, SEARCH_BUFFER_ENTRIES // max(breadth, 1)))
+    for start in range(0, n, rows_per_call):
+        stop = min(n, start + rows_per_call)
         own = np.arange(start, stop)
         found_s, found_i = faiss_index.search(_normalised_rows(targets, start, stop, dims), k + 1)
         similarities, neighbours = _without_self(found_s, found_i, own, k)
         if kind != "exact":
             # A search that did not find the sample itself (cosine 1) was trapped away from its
-            # neighbourhood, and one that found fewer than k others ran short: search those exactly.
-            lost = np.flatnonzero(~(found_i == own[:, None]).any(axis=1) | (neighbours < 0).any(axis=1))
-            if len(lost):
-                similarities[lost], neighbours[lost] = exact_neighbours(targets, start + lost, dims, k, chunk_rows)
-                searched_exactly += len(lost)
+            # neighbourhood, and one that found fewer than k others ran short: searched exactly below.
+            lost_rows.append(start + np.flatnonzero(~(found_i == own[:, None]).any(axis=1) | (neighbours < 0).any(axis=1)))
         density[start:stop] = similarities.mean(axis=1)
         nn_similarity[start:stop] = similarities[:, 0]
         nn_index[start:stop] = neighbours[:, 0]
     if kind != "exact":
-        settings["searched_exactly"] = searched_exactly
+        lost = np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
+        for first in range(0, len(lost), chunk_rows):  # one pass over the set per chunk of lost rows
+            rows = lost[first : first + chunk_rows]
+            similarities, neighbours = exact_neighbours(targets, rows, dims, k, chunk_rows)
+            density[rows], nn_similarity[rows], nn_index[rows] = similarities.mean(axis=1), similarities[:, 0], neighbours[:, 0]
+        settings["searched_exactly"] = int(len(lost))
+        if len(lost):
+            logger.info("scores: %d samples whose approximate search missed them were searched exactly", len(lost))
     return SubsetScores(density, nn_similarity, nn_index, k=k, dims=dims, device=device, index=settings)

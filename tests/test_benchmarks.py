@@ -101,3 +101,15 @@ def test_train_distributed_compares_one_and_two_processes_at_the_same_budget(sha
         assert one["steps"] == two["steps"] == 300 // 16 and one["images_seen"] == two["images_seen"]
         assert one["images_per_s"] > 0 and two["images_per_s"] > 0
         assert abs(result["speedup"][phase] - two["images_per_s"] / one["images_per_s"]) < 1e-3
+
+
+def test_scale_stage_one_reports_the_approximate_search_and_its_recall(tmp_path):
+    import scale_stage_one
+
+    report = scale_stage_one.main(["--samples", "20000", "--dim", "64", "--score-index", "ivf", "--device", "cpu", "--work", str(tmp_path / "work"),
+                                   "--out", str(tmp_path / "scale.json")])
+    search = report["scores"]["search"]
+    assert search["kind"] == "ivf" and search["recall_at_k"] >= 0.95 and search["lost_queries"] == 0
+    assert set(report["phases"]) == {"fit", "transport", "scores"} and report["scores"]["finite"]
+    assert json.loads((tmp_path / "scale.json").read_text())["scores"]["search"] == search
+    assert not (tmp_path / "work").exists()  # the memory-maps are removed

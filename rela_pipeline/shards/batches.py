@@ -556,13 +556,16 @@ class ShardBatches:
         spans = shard_spans(visit, self.rank * steps * local, (self.rank + 1) * steps * local)
         decoder = _ShardDecoder([(shard_id, url_of[shard_id], lo, hi) for shard_id, lo, hi in spans], mask, self.target_dim,
                                 self.image_size, self.seed, epoch, self.shuffle_buffer, skip_bad_shards=False)
-        step = 0
-        for batch in self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, local):
-            if step >= steps or not np.array_equal(batch.index.cpu().numpy(), planned[step]):
+
+        def check(step: int, index: torch.Tensor) -> None:  # on the host copy: no device sync
+            if step >= steps or not np.array_equal(index.numpy(), planned[step]):
                 raise RelaError(
                     f"rank {self.rank}: epoch {epoch} batch {step} holds other samples than planned from the manifest's shard_order "
                     f"(the shards do not hold what the manifest says); verify the set"
                 )
+
+        step = 0
+        for batch in self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, local, check):
             yield batch
             step += 1
         if step != steps:
@@ -575,9 +578,10 @@ class ShardBatches:
         decoder = _ShardDecoder(visit, mask, self.target_dim, self.image_size, self.seed, epoch, self.shuffle_buffer, self.skip_bad_shards)
         yield from self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, self.batch_size)
 
-    def _cut(self, chunks: Iterator[dict[str, Any]], epoch: int, size: int) -> Iterator[ShardBatch]:
+    def _cut(self, chunks: Iterator[dict[str, Any]], epoch: int, size: int,
+             check: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[ShardBatch]:
         """Cut decoded chunks (in order) into batches of ``size`` on the device; a last
-        incomplete batch is dropped."""
+        incomplete batch is dropped. ``check(step, host index tensor)`` sees each batch first."""
         cuda = self.device.type == "cuda"
         held: list[dict[str, torch.Tensor]] = []
         count, step = 0, 0
@@ -591,6 +595,8 @@ class ShardBatches:
                 first = {k: v[:size] for k, v in parts.items()}
                 rest = {k: v[size:] for k, v in parts.items()}
                 held, count = ([rest] if len(rest["index"]) else []), len(rest["index"])
+                if check is not None:
+                    check(step, first["index"])
                 moved = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=True) for k, v in first.items()}
                 yield self._batch(epoch, step, moved["images"], moved["target"], moved["label"], moved["index"])
                 step += 1
