@@ -173,10 +173,10 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         raise RelaError(f"--dist-timeout must be positive, got {timeout_s}")
     rank, size = world
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (rank, size):
             raise RelaError(f"the process group's rank {dist.get_rank()} of {dist.get_world_size()} is not torchrun's RANK {rank} of WORLD_SIZE {size}")
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.startswith("cuda:"):
         raise RelaError(f"--device {device}: under torchrun give --device auto or cuda (each rank takes cuda:LOCAL_RANK)")
     resolved = resolve_device(device)
@@ -186,7 +186,7 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
     if dist.is_initialized():
-        return Distribution(rank, size, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), str(dist.get_backend())), resolved
+        return Distribution(rank, size, local_rank, local_size, str(dist.get_backend())), resolved
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     try:
         options: dict[str, Any] = {"device_id": resolved} if backend == "nccl" else {}

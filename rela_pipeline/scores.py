@@ -26,15 +26,16 @@ it, following faiss's guidelines ("Guidelines to choose an index", faiss wiki):
 Either is tuned, not guessed: the search breadth (``nprobe`` or ``efSearch``) starts small and
 doubles until recall@k on :data:`RECALL_QUERIES` sampled queries, against exact search of the same
 queries, reaches :data:`TARGET_RECALL` and no sampled query is lost (finds under half its
-neighbours: a mean recall of 0.99 can hide 1% of queries whose scores are wrong by 0.6, as HNSW
-gave at ``efSearch`` 16 on clustered data), or no fewer are lost than one step narrower (at 10M
-samples 12 of 1,000 queries stayed lost from ``nprobe`` 64 to 512); the measured recall and the
-lost count are returned (and recorded in the manifest). In the full pass, a sample whose search does not return the sample itself (its own
-vector, cosine 1) was trapped away from its neighbourhood, and is searched exactly, as is one whose
-search returned fewer than k others (``searched_exactly`` counts them). Recall@k is the fraction of each query's k exact nearest other samples found among its
-k approximate ones. An exact duplicate of a sample is its nearest neighbour under any of these
-indexes (it falls in the same list and the same graph neighbourhood), so the ``dedup`` rule keeps
-finding true duplicate pairs (tested with planted duplicates).
+neighbours: a mean recall of 0.99 can hide 1% of queries whose scores are wrong by 0.6, as HNSW gave
+at ``efSearch`` 16 on clustered data), or no fewer are lost than one step narrower (at 10M samples
+12 of 1,000 queries stayed lost from ``nprobe`` 64 to 512); the measured recall and the lost count
+are returned (and recorded in the manifest). In the full pass, a sample whose search does not return
+the sample itself (its own vector, cosine 1) was trapped away from its neighbourhood, and is
+searched exactly, as is one whose search returned fewer than k others (``searched_exactly`` counts
+them). Recall@k is the fraction of each query's k exact nearest other samples found among its k
+approximate ones. An exact duplicate of a sample is its nearest neighbour under any of these indexes
+(it falls in the same list and the same graph neighbourhood), so the ``dedup`` rule keeps finding
+true duplicate pairs (tested with planted duplicates).
 """
 
 from __future__ import annotations

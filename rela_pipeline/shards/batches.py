@@ -51,7 +51,7 @@ from ..errors import RelaError
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ..runtime import resolve_device
 from ..subsets import SubsetSampler
-from .plan import buffer_shuffle, epoch_order, rank_batches, shard_rng, shard_spans, shard_visit_order
+from .plan import buffer_shuffle, epoch_order, local_batch_size, rank_batches, shard_rng, shard_spans, shard_visit_order
 from .reader import ShardSetSource, _decode_sample, _ErrorLatch, bad_sample, in_subset, open_shard_set, verified
 
 logger = logging.getLogger("rela_pipeline")
@@ -425,8 +425,6 @@ class ShardBatches:
             raise RelaError(f"--cache-bytes must be >= 0, got {cache_bytes}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise RelaError(f"rank {rank} is outside a world of {world_size} processes")
-        if batch_size % world_size:
-            raise RelaError(f"--batch-size {batch_size} (the global batch) does not split evenly over {world_size} processes")
         if isinstance(shards, ShardSetSource):
             source = shards
         else:
@@ -458,7 +456,7 @@ class ShardBatches:
             )
         self.data_path = "memory" if data_path == "memory" or (data_path == "auto" and fits) else "stream"
         self.rank, self.world_size = rank, world_size
-        self.local_batch_size = batch_size // world_size
+        self.local_batch_size = local_batch_size(batch_size, world_size)
         self._planned_contents = None
         if world_size > 1 and self.data_path == "stream":
             self._planned_contents = source.written_contents()

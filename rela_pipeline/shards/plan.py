@@ -26,6 +26,8 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from ..errors import RelaError
+
 T = TypeVar("T")
 
 #: Draws taken from the generator at a time by :func:`buffer_shuffle` (any value gives the same
@@ -141,6 +143,17 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> np.ndarray:
 
 #: Accepted layouts of :func:`rank_batches`.
 RANK_LAYOUTS = ("interleaved", "contiguous")
+
+
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """Each rank's share ``B / W`` of the global batch B.
+
+    Raises:
+        RelaError: B is not a multiple of W.
+    """
+    if batch_size % world_size:
+        raise RelaError(f"--batch-size {batch_size} (the global batch) does not split evenly over {world_size} processes")
+    return batch_size // world_size
 
 
 def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int, layout: str) -> np.ndarray:

@@ -627,7 +627,8 @@ def _run_stages(
     timings["scores"] = time.perf_counter() - t
     score_dims = min(config.score_dims, transport.output_dim) if config.score_dims else transport.output_dim
     score_k = min(config.score_k, len(kept) - 1)
-    search = (journal.phase_info("scores") or {}).get("search", {"kind": "exact"})
+    scores_info = journal.phase_info("scores") or {}  # the search (index, recall) and where it ran
+    search = scores_info.get("search", {"kind": "exact"})
     recall = f", recall@{score_k} {search['recall_at_k']:.3f}" if "recall_at_k" in search else ""
     say(f"transport: {transport.input_dim} -> {transport.output_dim} dims; scores with k={score_k} on {score_dims} dims ({search['kind']} search{recall})")
 
@@ -642,7 +643,7 @@ def _run_stages(
     run = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused}
     file_sha256 = {TRANSPORT_NAME: journal.phase_sha256("transport"), SCORES_NAME: journal.phase_sha256("scores")}
     manifest = _build_manifest(config, index, prior, device, result, failures, kept, transport, len(reference), score_k, score_dims, labels, shards, out_dir, file_sha256, run)
-    manifest["scores"].update(journal.phase_info("scores") or {})  # the search (index, recall) and where it ran
+    manifest["scores"].update(scores_info)
     return manifest
 
 

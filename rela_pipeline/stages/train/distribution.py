@@ -32,6 +32,7 @@ from torch import nn
 
 from ...distributed import Distribution
 from ...errors import RelaError
+from ...shards.plan import local_batch_size
 from .config import TrainConfig
 
 logger = logging.getLogger("rela_pipeline")
@@ -50,8 +51,7 @@ def check_distributed_settings(config: TrainConfig, distribution: Distribution, 
         raise RelaError("--augment pil is the one-process reference path; under torchrun use --augment device")
     if config.sync_batchnorm and device.type != "cuda":
         raise RelaError("--sync-batchnorm needs CUDA ranks (PyTorch's SyncBatchNorm runs on GPUs only)")
-    if config.batch_size % distribution.world_size:
-        raise RelaError(f"--batch-size {config.batch_size} (the global batch) does not split evenly over {distribution.world_size} processes")
+    local_batch_size(config.batch_size, distribution.world_size)
 
 
 def parallel_modules(rela: nn.Module, probe: nn.Module | None, distribution: Distribution | None, sync_batchnorm: bool) -> tuple[nn.Module, nn.Module | None]:
