@@ -147,6 +147,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--overwrite", is_flag=True, help="Replace a previous shard set (or interrupted run) in OUT.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
 @click.option("--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses).")
+@click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
 @click.pass_context
 def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
@@ -157,6 +158,10 @@ def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_wor
     if num_workers is not None:
         config.num_workers = num_workers
     manifest = run_embed(config)
+    from .distributed import torchrun_world
+
+    if (torchrun_world() or (0, 1))[0] != 0:
+        return  # rank 0 reports for the job
     run, rate = manifest.get("run", {}), manifest["throughput"].get("embed_images_per_s")
     click.echo(
         f"wrote {manifest['samples']['written']} samples in {len(manifest['shards'])} shards to {out_dir} "

@@ -16,10 +16,13 @@ a rank that neither finishes nor dies fails after the group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,8 @@ import torch.distributed as dist
 from .errors import RelaError
 
 T = TypeVar("T")
+
+logger = logging.getLogger("rela_pipeline")
 
 #: Seconds a collective waits for the other ranks before the job fails (the process group's timeout).
 DEFAULT_TIMEOUT_S = 600.0
@@ -194,3 +199,44 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
     except (RuntimeError, ValueError) as error:
         raise RelaError(f"the process group ({backend}) did not form: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     return Distribution(rank, size, local_rank, local_size, backend, owns_group=True), resolved
+
+
+@contextlib.contextmanager
+def collective_failures(distribution: Distribution) -> Iterator[None]:
+    """Turn a failed collective (another rank died, or the group's timeout passed) into one line.
+
+    Raises:
+        RelaError: for :class:`torch.distributed.DistError` and the gloo/NCCL runtime errors a
+            collective raises when a peer goes away, in a distributed run.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        lost = isinstance(error, torch.distributed.DistError) or any(mark in text for mark in ("gloo", "NCCL", "Connection closed", "Connection reset"))
+        if not distribution.enabled or not lost:
+            raise
+        raise RelaError(f"lost contact with the other ranks (another rank failed or the collective timed out: {_gist(text) or type(error).__name__}); "
+                        "torchrun names the failed rank") from None
+
+
+def _gist(message: str) -> str:
+    """The first sentence of a backend error, without its source-location prefix
+    (``[.../pair.cc:537] Read error ...: Connection reset by peer. This is ...`` -> ``Read error ...: Connection reset by peer``)."""
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return first.split(". ")[0][:160]
+
+
+@contextlib.contextmanager
+def quiet_unless_main(distribution: Distribution) -> Iterator[None]:
+    """Log only warnings and errors on ranks other than 0 while the block runs (rank 0 speaks for the job)."""
+    if distribution.is_main:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

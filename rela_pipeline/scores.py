@@ -40,13 +40,16 @@ true duplicate pairs (tested with planted duplicates).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import faiss
 import numpy as np
+from faiss.contrib.clustering import two_level_clustering
 
 from .errors import RelaError
 
@@ -81,6 +84,9 @@ SEARCH_BUFFER_ENTRIES = 1 << 24
 #: Above this many samples the IVF index's coarse quantiser is an HNSW graph (faiss's
 #: ``IVF..._HNSW32`` for 1M to 10M+), on CPU.
 HNSW_QUANTISER_FROM = 1_000_000
+#: Above this many lists the IVF quantiser is trained by faiss's two-level k-means
+#: (``faiss.contrib.clustering.two_level_clustering``) instead of one k-means over all lists.
+TWO_LEVEL_TRAINING_FROM = 4096
 
 
 @dataclass
@@ -127,9 +133,9 @@ def faiss_sees_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _on_gpu(index: faiss.Index) -> faiss.Index:
+def _on_gpu(index: faiss.Index, gpu_id: int = 0) -> faiss.Index:
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
+    gpu_index = faiss.index_cpu_to_gpu(resources, gpu_id, index)
     faiss.add_to_referenced_objects(gpu_index, resources)  # keep the resources alive with the index
     return gpu_index
 
@@ -145,30 +151,28 @@ def _normalised(block: np.ndarray) -> np.ndarray:
 
 
 def ivf_lists(num_samples: int) -> int:
-    """Inverted lists of the ``ivf`` index: ``4 sqrt(N)`` rounded to a power of two, within
-    [64, 65536] and at most ``N / 39`` (faiss wants 39 training points per centroid), at least 1."""
-    nlist = 2 ** round(math.log2(max(4 * math.sqrt(num_samples), 1)))
+    """Inverted lists of the ``ivf`` index: ``4 sqrt(N)`` up to :data:`HNSW_QUANTISER_FROM` samples
+    and ``16 sqrt(N)`` above (faiss's guidelines: 4 to 16 sqrt(N) lists below 1M, ``IVF65536_HNSW32``
+    from 1M to 10M: more, shorter lists make each probe cheaper once an HNSW quantiser finds them),
+    rounded to a power of two, within [64, 65536] and at most ``N / 39`` (faiss wants 39 training
+    points per centroid), at least 1."""
+    per_root = 16 if num_samples > HNSW_QUANTISER_FROM else 4
+    nlist = 2 ** round(math.log2(max(per_root * math.sqrt(num_samples), 1)))
     nlist = min(max(nlist, 64), 65536, max(num_samples // 39, 1))
     return 2 ** int(math.log2(nlist))
 
 
-def _build_index(kind: str, targets: np.ndarray, dims: int, use_gpu: bool, chunk_rows: int, seed: int) -> tuple[faiss.Index, str, dict, Callable[[int], None], int, int]:
-    """Build and fill the index; return ``(index, device, settings, set_breadth, first breadth,
-    last breadth)`` (breadth: ``nprobe`` or ``efSearch``; unused for ``exact``)."""
+def _build_index(kind: str, targets: np.ndarray, dims: int, gpu_id: int | None, chunk_rows: int, seed: int) -> tuple[faiss.Index, dict]:
+    """Build and fill the index (on GPU ``gpu_id`` when not None and faiss sees a GPU);
+    return ``(index, settings)``."""
     n = targets.shape[0]
-    gpu = use_gpu and faiss_sees_gpu()
+    gpu = gpu_id is not None and faiss_sees_gpu() and kind != "hnsw"  # faiss has no GPU HNSW
     if kind == "exact":
         index = faiss.IndexFlatIP(dims)
         settings: dict = {"kind": "exact"}
-        set_breadth, first, last = (lambda value: None), 0, 0
     elif kind == "hnsw":
-        gpu = False  # faiss has no GPU HNSW
         index = faiss.IndexHNSWFlat(dims, 32, faiss.METRIC_INNER_PRODUCT)
         settings = {"kind": "hnsw", "M": 32, "ef_construction": index.hnsw.efConstruction}
-
-        def set_breadth(value: int) -> None:
-            index.hnsw.efSearch = value
-        first, last = 16, MAX_EF_SEARCH
     else:
         nlist = ivf_lists(n)
         hnsw_quantiser = n > HNSW_QUANTISER_FROM and not gpu
@@ -176,26 +180,42 @@ def _build_index(kind: str, targets: np.ndarray, dims: int, use_gpu: bool, chunk
         if hnsw_quantiser:  # a denser graph and wider search than faiss's defaults: a vector sent to a far list is lost to every query
             quantiser.hnsw.efConstruction = 128
             quantiser.hnsw.efSearch = 128
-        cpu_index = faiss.IndexIVFFlat(quantiser, dims, nlist, faiss.METRIC_INNER_PRODUCT)
-        cpu_index.cp.spherical = True  # unit-norm centroids: inner-product assignment = nearest centroid
+        index = faiss.IndexIVFFlat(quantiser, dims, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.spherical = True  # unit-norm centroids: inner-product assignment = nearest centroid
         # (faiss's Python constructor of IndexIVFFlat keeps the quantiser alive with the index)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, 39 * nlist), replace=False))
-        cpu_index.train(_normalised(targets[sample, :dims]))
-        index = _on_gpu(cpu_index) if gpu else cpu_index
-        settings = {"kind": "ivf", "nlist": nlist, "quantiser": "hnsw32" if hnsw_quantiser else "flat", "training_samples": int(len(sample))}
-
-        def set_breadth(value: int) -> None:
-            if gpu:
-                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", value)
-            else:
-                index.nprobe = value
-        first, last = 4, min(nlist, MAX_NPROBE)
-    if kind == "exact" and gpu:
-        index = _on_gpu(index)
+        training = _normalised(targets[sample, :dims])
+        if nlist > TWO_LEVEL_TRAINING_FROM:
+            # k-means costs O(samples x nlist) = O(nlist^2) per iteration: 65,536 centroids would take
+            # hours on a CPU. faiss's two-level clustering (sqrt(nlist) coarse clusters, each split
+            # in proportion to its size) costs O(nlist^1.5); its centroids fill the quantiser.
+            centroids, _ = two_level_clustering(training, int(math.sqrt(nlist)), nlist, spherical=True, seed=seed, min_points_per_centroid=10)
+            quantiser.add(centroids)  # the IVF index sees a filled quantiser and skips its own k-means
+        index.train(training)
+        del training
+        settings = {"kind": "ivf", "nlist": nlist, "quantiser": "hnsw32" if hnsw_quantiser else "flat", "training_samples": int(len(sample)),
+                    "training": "two-level k-means" if nlist > TWO_LEVEL_TRAINING_FROM else "k-means"}
+    if gpu:
+        index = _on_gpu(index, gpu_id)
     for start in range(0, n, chunk_rows):
         index.add(_normalised_rows(targets, start, min(n, start + chunk_rows), dims))
-    return index, "gpu" if gpu else "cpu", settings, set_breadth, first, last
+    return index, settings
+
+
+def _breadth_range(kind: str, settings: dict) -> tuple[int, int]:
+    """First and widest search breadth the tuning tries (``nprobe`` or ``efSearch``)."""
+    return (16, MAX_EF_SEARCH) if kind == "hnsw" else (4, min(settings["nlist"], MAX_NPROBE))
+
+
+def _set_breadth(index: faiss.Index, kind: str, value: int, gpu: bool) -> None:
+    """Set ``efSearch`` (hnsw) or ``nprobe`` (ivf, on the CPU or a GPU) of a filled index."""
+    if kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = value
+    elif kind == "ivf" and gpu:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", value)
+    elif kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = value
 
 
 def _without_self(similarities: np.ndarray, neighbours: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,34 +256,103 @@ def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return np.array([len(set(f.tolist()) & set(e.tolist())) / k for f, e in zip(found, exact)], dtype=np.float64)
 
 
-def knn_scores(
+@dataclass
+class ScoreSearch:
+    """A filled faiss index over the unit-normalised leading ``dims`` components of every target,
+    set to the breadth the tuning chose: built once (:func:`build_score_search`), saved and loaded
+    by every rank of a torchrun job (:meth:`save`, :meth:`load`), searched in row ranges
+    (:func:`score_rows`).
+
+    Attributes:
+        index: the faiss index (N vectors of ``dims`` float32).
+        kind: ``exact``, ``ivf`` or ``hnsw``.
+        k: neighbours per sample.
+        dims: components searched.
+        device: ``gpu`` or ``cpu``.
+        settings: the search as recorded in the manifest (``kind``, index settings, the chosen
+            ``nprobe`` / ``ef_search`` and the measured ``recall_at_k`` for an approximate index).
+    """
+
+    index: faiss.Index
+    kind: str
+    k: int
+    dims: int
+    device: str
+    settings: dict
+
+    @property
+    def rows_per_call(self) -> int:
+        """Queries per faiss search call (bounded by :data:`SEARCH_BUFFER_ENTRIES` / breadth)."""
+        if self.kind == "exact":
+            return SEARCH_CHUNK_ROWS
+        breadth = self.settings.get("nprobe", self.settings.get("ef_search", 1))
+        return max(1024, min(SEARCH_CHUNK_ROWS, SEARCH_BUFFER_ENTRIES // max(breadth, 1)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index (moved to the CPU) to ``path`` with ``faiss.write_index``, and its
+        description to ``path + ".json"`` (both under temporary names, renamed when complete).
+
+        Raises:
+            OSError: a write error.
+        """
+        from .fileio import write_json_atomic
+
+        path = Path(path)
+        cpu_index = faiss.index_gpu_to_cpu(self.index) if self.device == "gpu" else self.index
+        partial = path.with_name(path.name + ".partial")
+        faiss.write_index(cpu_index, str(partial))
+        os.replace(partial, path)
+        write_json_atomic(path.with_name(path.name + ".json"), {"kind": self.kind, "k": self.k, "dims": self.dims, "settings": self.settings})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, gpu_id: int | None = None) -> "ScoreSearch":
+        """Read a saved search (onto GPU ``gpu_id`` when given and faiss sees a GPU; not ``hnsw``).
+
+        Raises:
+            RelaError: the files are missing or unreadable.
+        """
+        path = Path(path)
+        try:
+            about = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+            index = faiss.read_index(str(path))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise RelaError(f"cannot read the score index {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        gpu = gpu_id is not None and faiss_sees_gpu() and about["kind"] != "hnsw"
+        if gpu:
+            index = _on_gpu(index, gpu_id)
+        search = cls(index, about["kind"], int(about["k"]), int(about["dims"]), "gpu" if gpu else "cpu", about["settings"])
+        breadth = search.settings.get("nprobe", search.settings.get("ef_search"))
+        if breadth is not None:
+            _set_breadth(index, search.kind, int(breadth), gpu)
+        return search
+
+
+#: Rows per add call and (exact search) per search call.
+SEARCH_CHUNK_ROWS = 65536
+
+
+def build_score_search(
     targets: np.ndarray,
     *,
     k: int = DEFAULT_K,
     dims: int | None = DEFAULT_SCORE_DIMS,
-    use_gpu: bool = True,
-    chunk_rows: int = 65536,
+    gpu_id: int | None = 0,
     index: str = "exact",
     target_recall: float = TARGET_RECALL,
     seed: int = 0,
-) -> SubsetScores:
-    """Score every sample by its neighbourhood in the transported space.
+) -> ScoreSearch:
+    """Build the index over every target and, for an approximate one, tune its breadth to
+    ``target_recall`` (module docstring).
 
     Args:
-        targets: ``(N, K)`` transported targets, any float dtype; may be a ``np.memmap``
-            (read in chunks of ``chunk_rows``; host memory is ``O(N * dims)`` float32 for the index).
-        k: neighbours per sample for ``knn_density`` (clamped to N - 1).
+        targets: ``(N, K)`` transported targets, any float dtype; may be a ``np.memmap`` (read in
+            chunks; host memory is ``O(N * dims)`` float32 for the index).
+        k: neighbours per sample (clamped to N - 1).
         dims: leading components to use (None or 0: all K).
-        use_gpu: put the index on GPU 0 when faiss sees a GPU (not ``hnsw``).
-        chunk_rows: rows per add/search call.
-        index: one of :data:`SCORE_INDEXES` (module docstring; :func:`resolve_score_index`).
-        target_recall: recall@k the approximate indexes are tuned to reach on
-            :data:`RECALL_QUERIES` sampled queries.
-        seed: seeds the IVF training sample and the recall queries.
-
-    Returns:
-        :class:`SubsetScores`; formulas in the module docstring; ``index`` records the search,
-        with the measured recall for an approximate index.
+        gpu_id: put the index on this GPU when faiss sees one (not ``hnsw``); None: the CPU.
+        index: one of :data:`SCORE_INDEXES` (:func:`resolve_score_index`).
+        target_recall: recall@k to reach on :data:`RECALL_QUERIES` sampled queries.
+        seed: seeds the IVF training sample, the k-means and the recall queries.
 
     Raises:
         RelaError: fewer than two samples, k < 1, an unknown index, or a target recall outside (0, 1].
@@ -277,15 +366,18 @@ def knn_scores(
         raise RelaError(f"the target recall must be in (0, 1], got {target_recall}")
     dims = total_dims if not dims else min(dims, total_dims)
     k = min(k, n - 1)
-    kind = resolve_score_index(index, n, use_gpu and faiss_sees_gpu())
-    faiss_index, device, settings, set_breadth, breadth, last = _build_index(kind, targets, dims, use_gpu, chunk_rows, seed)
+    gpu = gpu_id is not None and faiss_sees_gpu()
+    kind = resolve_score_index(index, n, gpu)
+    faiss_index, settings = _build_index(kind, targets, dims, gpu_id, SEARCH_CHUNK_ROWS, seed)
+    device = "gpu" if gpu and kind != "hnsw" else "cpu"
     if kind != "exact":
+        breadth, last = _breadth_range(kind, settings)
         rows = np.sort(np.random.default_rng([seed, 1]).choice(n, size=min(RECALL_QUERIES, n), replace=False))
-        exact = exact_neighbours(targets, rows, dims, k, chunk_rows)[1]
+        exact = exact_neighbours(targets, rows, dims, k, SEARCH_CHUNK_ROWS)[1]
         queries = _normalised(targets[rows, :dims])
         previous_lost = len(rows) + 1
         while True:  # widen the search until it finds target_recall of the exact neighbours and no more lost queries
-            set_breadth(breadth)
+            _set_breadth(faiss_index, kind, breadth, device == "gpu")
             per_query = recall_per_query(_without_self(*faiss_index.search(queries, k + 1), rows, k)[1], exact)
             recall, lost = float(per_query.mean()), int(np.sum(per_query < LOST_QUERY_RECALL))
             logger.info("scores: %s search with %s %d: recall@%d %.4f on %d queries, %d lost", kind, "nprobe" if kind == "ivf" else "efSearch",
@@ -298,30 +390,103 @@ def knn_scores(
             breadth = min(2 * breadth, last)
         settings.update({"nprobe" if kind == "ivf" else "ef_search": breadth, "recall_at_k": round(recall, 4), "lost_queries": lost,
                          "recall_k": k, "recall_queries": int(len(rows)), "target_recall": target_recall})
-    density = np.empty(n, dtype=np.float32)
-    nn_similarity = np.empty(n, dtype=np.float32)
-    nn_index = np.empty(n, dtype=np.int64)
+    return ScoreSearch(faiss_index, kind, k, dims, device, settings)
+
+
+@dataclass
+class RowScores:
+    """Scores of rows ``[start, stop)`` (arrays of length ``stop - start``; formulas in the module
+    docstring): float32 ``knn_density`` and ``nn_similarity``, int64 ``nn_index``, and how many of
+    the rows were searched exactly after their approximate search missed (``searched_exactly``)."""
+
+    start: int
+    stop: int
+    knn_density: np.ndarray
+    nn_similarity: np.ndarray
+    nn_index: np.ndarray
+    searched_exactly: int = 0
+
+
+def score_rows(search: ScoreSearch, targets: np.ndarray, start: int = 0, stop: int | None = None) -> RowScores:
+    """Score samples ``[start, stop)`` against every target with ``search``.
+
+    Queries go to faiss in blocks of :attr:`ScoreSearch.rows_per_call` rows from ``start``: a
+    caller that splits the rows at multiples of it (as ranks do) searches the blocks one call over
+    all rows would. A sample whose approximate search did not return the sample itself (cosine 1),
+    or returned fewer than k others, is searched exactly at the end (one pass over the set per
+    :data:`SEARCH_CHUNK_ROWS` such samples).
+
+    Args:
+        targets: the ``(N, K)`` targets the index was built from.
+
+    Returns:
+        :class:`RowScores` of the rows.
+    """
+    n, k, dims = targets.shape[0], search.k, search.dims
+    stop = n if stop is None else stop
+    size = stop - start
+    density = np.empty(size, dtype=np.float32)
+    nn_similarity = np.empty(size, dtype=np.float32)
+    nn_index = np.empty(size, dtype=np.int64)
     lost_rows: list[np.ndarray] = []
-    rows_per_call = chunk_rows if kind == "exact" else max(1024, min(chunk_rows, SEARCH_BUFFER_ENTRIES // max(breadth, 1)))
-    for start in range(0, n, rows_per_call):
-        stop = min(n, start + rows_per_call)
-        own = np.arange(start, stop)
-        found_s, found_i = faiss_index.search(_normalised_rows(targets, start, stop, dims), k + 1)
+    step = search.rows_per_call
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        own = np.arange(first, last)
+        found_s, found_i = search.index.search(_normalised_rows(targets, first, last, dims), k + 1)
         similarities, neighbours = _without_self(found_s, found_i, own, k)
-        if kind != "exact":
+        if search.kind != "exact":
             # A search that did not find the sample itself (cosine 1) was trapped away from its
             # neighbourhood, and one that found fewer than k others ran short: searched exactly below.
-            lost_rows.append(start + np.flatnonzero(~(found_i == own[:, None]).any(axis=1) | (neighbours < 0).any(axis=1)))
-        density[start:stop] = similarities.mean(axis=1)
-        nn_similarity[start:stop] = similarities[:, 0]
-        nn_index[start:stop] = neighbours[:, 0]
-    if kind != "exact":
-        lost = np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
-        for first in range(0, len(lost), chunk_rows):  # one pass over the set per chunk of lost rows
-            rows = lost[first : first + chunk_rows]
-            similarities, neighbours = exact_neighbours(targets, rows, dims, k, chunk_rows)
-            density[rows], nn_similarity[rows], nn_index[rows] = similarities.mean(axis=1), similarities[:, 0], neighbours[:, 0]
-        settings["searched_exactly"] = int(len(lost))
-        if len(lost):
-            logger.info("scores: %d samples whose approximate search missed them were searched exactly", len(lost))
-    return SubsetScores(density, nn_similarity, nn_index, k=k, dims=dims, device=device, index=settings)
+            lost_rows.append(first + np.flatnonzero(~(found_i == own[:, None]).any(axis=1) | (neighbours < 0).any(axis=1)))
+        density[first - start : last - start] = similarities.mean(axis=1)
+        nn_similarity[first - start : last - start] = similarities[:, 0]
+        nn_index[first - start : last - start] = neighbours[:, 0]
+    lost = np.concatenate(lost_rows) if lost_rows else np.empty(0, dtype=np.int64)
+    for first in range(0, len(lost), SEARCH_CHUNK_ROWS):
+        rows = lost[first : first + SEARCH_CHUNK_ROWS]
+        similarities, neighbours = exact_neighbours(targets, rows, dims, k, SEARCH_CHUNK_ROWS)
+        local = rows - start
+        density[local], nn_similarity[local], nn_index[local] = similarities.mean(axis=1), similarities[:, 0], neighbours[:, 0]
+    if len(lost):
+        logger.info("scores: %d samples whose approximate search missed them were searched exactly", len(lost))
+    return RowScores(start, stop, density, nn_similarity, nn_index, int(len(lost)))
+
+
+def knn_scores(
+    targets: np.ndarray,
+    *,
+    k: int = DEFAULT_K,
+    dims: int | None = DEFAULT_SCORE_DIMS,
+    use_gpu: bool = True,
+    index: str = "exact",
+    target_recall: float = TARGET_RECALL,
+    seed: int = 0,
+) -> SubsetScores:
+    """Score every sample by its neighbourhood in the transported space, in one process
+    (:func:`build_score_search`, then :func:`score_rows` over all rows).
+
+    Args:
+        targets: ``(N, K)`` transported targets, any float dtype; may be a ``np.memmap``
+            (host memory is ``O(N * dims)`` float32 for the index).
+        k: neighbours per sample for ``knn_density`` (clamped to N - 1).
+        dims: leading components to use (None or 0: all K).
+        use_gpu: put the index on GPU 0 when faiss sees a GPU (not ``hnsw``).
+        index: one of :data:`SCORE_INDEXES` (module docstring; :func:`resolve_score_index`).
+        target_recall: recall@k the approximate indexes are tuned to reach on
+            :data:`RECALL_QUERIES` sampled queries.
+        seed: seeds the IVF training sample and the recall queries.
+
+    Returns:
+        :class:`SubsetScores`; ``index`` records the search, with the measured recall and the
+        count of samples searched exactly for an approximate index.
+
+    Raises:
+        RelaError: fewer than two samples, k < 1, an unknown index, or a target recall outside (0, 1].
+    """
+    search = build_score_search(targets, k=k, dims=dims, gpu_id=0 if use_gpu else None, index=index, target_recall=target_recall, seed=seed)
+    scored = score_rows(search, targets)
+    settings = dict(search.settings)
+    if search.kind != "exact":
+        settings["searched_exactly"] = scored.searched_exactly
+    return SubsetScores(scored.knn_density, scored.nn_similarity, scored.nn_index, k=search.k, dims=search.dims, device=search.device, index=settings)

@@ -7,7 +7,10 @@ import pytest
 
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import load_npz
-from rela_pipeline.scores import EXACT_MAX_SAMPLES, TARGET_RECALL, exact_neighbours, knn_scores, resolve_score_index
+from rela_pipeline import scores as scores_module
+from rela_pipeline.scores import (
+    EXACT_MAX_SAMPLES, TARGET_RECALL, ScoreSearch, build_score_search, exact_neighbours, knn_scores, resolve_score_index, score_rows,
+)
 from rela_pipeline.subsets import SubsetSampler
 from rela_pipeline.transport import LinearTransport
 
@@ -110,3 +113,36 @@ def test_embed_records_the_approximate_search_and_its_recall_in_the_manifest(tmp
     assert search["kind"] == "ivf" and search["recall_at_k"] >= TARGET_RECALL and search["recall_k"] == manifest["scores"]["k"]
     assert manifest["scores"]["device"] == "cpu" and manifest["settings"]["score_index"] == "ivf"
     assert verify_shard_set(tmp_path / "out").ok
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_a_saved_search_scores_row_ranges_as_one_search_of_every_row(kind, tmp_path, monkeypatch):
+    """What ranks do: rank 0 builds and saves the search, each rank loads it and scores its rows,
+    cut at multiples of ``rows_per_call``; the parts put together are the one-process scores, bit
+    for bit (exact search cut elsewhere may differ in the last bit: BLAS blocks differently)."""
+    monkeypatch.setattr(scores_module, "SEARCH_CHUNK_ROWS", 2048)  # three query blocks
+    targets = clustered(6000, 32, 40, seed=5)
+    search = build_score_search(targets, k=10, dims=0, gpu_id=None, index=kind, seed=0)
+    whole = score_rows(search, targets)
+    search.save(tmp_path / "index.faiss")
+    loaded = ScoreSearch.load(tmp_path / "index.faiss")
+    assert (loaded.kind, loaded.k, loaded.dims, loaded.settings) == (search.kind, search.k, search.dims, search.settings)
+    assert loaded.rows_per_call == 2048
+    bounds = [0, 2048, 4096, len(targets)]
+    parts = [score_rows(loaded, targets, a, b) for a, b in zip(bounds, bounds[1:])]
+    for field in ("knn_density", "nn_similarity", "nn_index"):
+        assert np.array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field)), field
+    assert sum(p.searched_exactly for p in parts) == whole.searched_exactly
+
+
+def test_many_lists_are_trained_by_two_level_k_means_and_keep_the_recall(monkeypatch):
+    """Above TWO_LEVEL_TRAINING_FROM lists the quantiser comes from faiss's two-level clustering
+    (the 10M-sample setting, here at 1,024 lists on 60,000 samples)."""
+    monkeypatch.setattr(scores_module, "TWO_LEVEL_TRAINING_FROM", 256)
+    targets = clustered(60_000, 32, 50, seed=6)
+    scores = knn_scores(targets, k=10, dims=0, use_gpu=False, index="ivf", seed=0)
+    assert scores.index["training"] == "two-level k-means" and scores.index["nlist"] == 1024
+    assert scores.index["recall_at_k"] >= TARGET_RECALL and scores.index["lost_queries"] == 0
+    rows = np.random.default_rng(1).choice(len(targets), 300, replace=False)
+    exact_s, _ = exact_neighbours(targets, rows, 32, 10)
+    assert np.abs(scores.knn_density[rows] - exact_s.mean(axis=1)).mean() < 0.01

@@ -51,16 +51,18 @@ from ..fileio import (
 )
 from ..imagefolder import ImageFolderIndex, scan_image_folder
 from ..priors import PreprocessedImages, Prior, load_prior
-from ..runtime import autocast_for, resolve_device
-from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES, knn_scores
+from ..distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
+from ..runtime import autocast_for
+from ..scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES, RowScores, ScoreSearch, build_score_search, score_rows
 from ..shards.format import (
-    EMBEDDINGS_NAME, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, SCORES_NAME, SHARD_GLOB,
+    EMBEDDINGS_NAME, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, SCORES_NAME, SHARD_GLOB, SHARD_PATTERN,
     TARGET_DTYPES, TARGET_FIELD, TRANSPORT_NAME, encode_sample,
 )
 from ..shards.manifest import read_manifest
 from ..shards.writer import ShardInfo, ShardSetWriter
 from ..transport import LinearTransport, fit_linear_transport
-from .embed_journal import EmbedJournal, first_difference, journal_path
+from .embed_journal import EmbedJournal, RankProgress, first_difference, journal_path
+from .embed_plan import missing_batches, rank_row_range, rank_rows_to_embed, rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ LOCK_NAME = ".rela-embed.lock"
 
 #: :class:`EmbedConfig` fields that control how a run goes, not what it writes: left out of the
 #: manifest's ``settings`` and of the identity a resumed run must match.
-RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds")
+RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds", "dist_timeout_s")
 
 
 @dataclass
@@ -105,6 +107,7 @@ class EmbedConfig:
         progress: show tqdm progress bars.
         checkpoint_seconds: wall-clock seconds between journal records of embedded rows (the most
             embedding work a crash loses).
+        dist_timeout_s: under torchrun, seconds a rank waits for the others before the job fails.
     """
 
     data_dir: Path
@@ -127,6 +130,7 @@ class EmbedConfig:
     keep_embeddings: bool = False
     progress: bool = True
     checkpoint_seconds: float = 60.0
+    dist_timeout_s: float = 600.0
 
     def validate(self) -> None:
         """Raise :class:`RelaError` on out-of-range settings."""
@@ -146,6 +150,8 @@ class EmbedConfig:
             raise RelaError("--resume and --overwrite exclude each other: continue the run in OUT, or replace it")
         if not self.checkpoint_seconds > 0:
             raise RelaError(f"--checkpoint-seconds must be > 0, got {self.checkpoint_seconds}")
+        if not self.dist_timeout_s > 0:
+            raise RelaError(f"--dist-timeout must be > 0, got {self.dist_timeout_s}")
 
 
 @dataclass
@@ -205,6 +211,7 @@ def embed_images(
     embeddings: np.ndarray,
     *,
     start_row: int = 0,
+    stop_row: int | None = None,
     batch_size: int = 256,
     num_workers: int = 2,
     device: torch.device = torch.device("cpu"),
@@ -213,7 +220,7 @@ def embed_images(
     on_checkpoint: Callable[[int, int, dict[int, str]], None] | None = None,
     checkpoint_seconds: float = 60.0,
 ) -> EmbeddingResult:
-    """Embed images ``start_row ..`` of ``index`` with ``prior`` into rows of ``embeddings``.
+    """Embed images ``start_row .. stop_row - 1`` of ``index`` with ``prior`` into rows of ``embeddings``.
 
     Decoding, resizing and cropping run in DataLoader workers on uint8 tensors; normalisation and
     the forward pass (under autocast on CUDA) run on ``device``. Results are copied back
@@ -224,14 +231,15 @@ def embed_images(
     Args:
         embeddings: float32 ``(N, D)`` writable array, typically a memory-map (see
             :func:`rela_pipeline.fileio.create_npy_memmap`); host memory stays O(batch).
-        start_row: first row to embed (rows before it are left as they are).
+        start_row: first row to embed (other rows are left as they are).
+        stop_row: one past the last row to embed (None: N).
         on_checkpoint: called as ``on_checkpoint(start, stop, failures)`` once rows
             ``[start, stop)`` are written (and msync-ed), every ``checkpoint_seconds`` of
             wall-clock and at the end; ``failures`` are those rows' entries of the result's.
         checkpoint_seconds: seconds between checkpoints.
 
     Returns:
-        :class:`EmbeddingResult` for rows ``[start_row, N)``.
+        :class:`EmbeddingResult` for rows ``[start_row, stop_row)``.
 
     Raises:
         RelaError: the prior does not return ``(B, D)`` embeddings (D from ``embeddings``; size the
@@ -241,13 +249,14 @@ def embed_images(
     n = len(index.files)
     if embeddings.ndim != 2 or embeddings.shape[0] != n:
         raise ValueError(f"expected an ({n}, D) embeddings array, got {embeddings.shape}")
+    stop_row = n if stop_row is None else stop_row
     dim = embeddings.shape[1]
     model = prior.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     failures: dict[int, str] = {}
     loader = DataLoader(
-        PreprocessedImages(index.root, index.files[start_row:], prior.preprocessing),
+        PreprocessedImages(index.root, index.files[start_row:stop_row], prior.preprocessing),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -277,7 +286,7 @@ def embed_images(
 
     start = time.perf_counter()
     # Deterministic cuDNN kernels, so a rerun or a resumed run computes the same embeddings.
-    with _deterministic_cudnn(), torch.inference_mode(), tqdm(total=n, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+    with _deterministic_cudnn(), torch.inference_mode(), tqdm(total=stop_row, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
         for rows, images, decoded, reasons in loader:
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -308,7 +317,11 @@ def embed_images(
             flush(pending)
     seconds = time.perf_counter() - start
     checkpoint()
-    return EmbeddingResult(failures, n - start_row, seconds)
+    return EmbeddingResult(failures, stop_row - start_row, seconds)
+
+
+#: Rows transported per chunk (the unit ranks share: :mod:`rela_pipeline.stages.embed_plan`).
+TRANSPORT_CHUNK_ROWS = 65536
 
 
 def transport_targets(
@@ -318,7 +331,7 @@ def transport_targets(
     out_path: Path,
     dtype: str,
     device: torch.device,
-    chunk_rows: int = 65536,
+    chunk_rows: int = TRANSPORT_CHUNK_ROWS,
 ) -> np.ndarray:
     """Transport ``embeddings[rows]`` into a ``(len(rows), K)`` memory-map of ``dtype`` at ``out_path``.
 
@@ -329,11 +342,28 @@ def transport_targets(
         OSError: the file cannot be created (``ENOSPC`` when the disk is full).
     """
     targets = create_npy_memmap(out_path, dtype, (len(rows), transport.output_dim))
-    for start in range(0, len(rows), chunk_rows):
-        block = torch.from_numpy(np.asarray(embeddings[rows[start : start + chunk_rows]])).to(device)
-        targets[start : start + len(block)] = transport.apply(block).cpu().numpy().astype(dtype)
+    transport_rows(embeddings, rows, transport, targets, device, 0, len(rows), chunk_rows)
     targets.flush()
     return targets
+
+
+def transport_rows(
+    embeddings: np.ndarray,
+    rows: np.ndarray,
+    transport: LinearTransport,
+    targets: np.ndarray,
+    device: torch.device,
+    start: int,
+    stop: int,
+    chunk_rows: int = TRANSPORT_CHUNK_ROWS,
+) -> None:
+    """Write ``targets[i] = transport(embeddings[rows[i]])`` for ``start <= i < stop`` in chunks of
+    ``chunk_rows`` from ``start`` (float32 on ``device``, stored in ``targets``' dtype). A rank
+    whose ``start`` is a multiple of ``chunk_rows`` transports the chunks one process would."""
+    for first in range(start, stop, chunk_rows):
+        last = min(stop, first + chunk_rows)
+        block = torch.from_numpy(np.asarray(embeddings[rows[first:last]])).to(device)
+        targets[first:last] = transport.apply(block).cpu().numpy().astype(targets.dtype)
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -463,71 +493,165 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     ``config.resume`` every finished piece that still matches its checksum is kept and the rest is
     redone, giving the same bytes as an uninterrupted run.
 
+    Under ``torchrun`` (several processes; see :mod:`rela_pipeline.distributed`) every rank runs
+    this function: each embeds its share of the batches into the shared embeddings map, rank 0
+    fits the transport, the ranks share the transport, the scoring and the shard writing
+    (:mod:`rela_pipeline.stages.embed_plan`), and rank 0 alone holds the lock, writes the journal
+    and writes the manifest, last. OUT must be on a filesystem every rank sees.
+
     Args:
         config: the run's settings.
-        on_phase: optional callback receiving a one-line status for each phase.
+        on_phase: optional callback receiving a one-line status for each phase (rank 0's).
 
     Returns:
-        The manifest dict (also written to ``OUT/manifest.json``, last and atomically).
+        The manifest dict (also written to ``OUT/manifest.json``, last and atomically); every rank
+        returns it.
 
     Raises:
         RelaError: any bad input (see :class:`EmbedConfig`, :func:`scan_image_folder`,
             :func:`rela_pipeline.priors.load_prior`, :func:`make_output_dir`,
             :func:`prepare_output_dir`, :func:`_open_run`); no decodable image; another ``embed``
             writing into the same OUT (it holds ``OUT/.rela-embed.lock``; the refused run touches
-            nothing); an I/O error such as a full disk (the message names the file). On these, on
+            nothing); an I/O error such as a full disk (the message names the file); under
+            torchrun, ranks that disagree on the dataset or the prior, or a lost rank. On these, on
             ``KeyboardInterrupt`` and on any other error no manifest is written, partial files are
             removed, and the finished work stays in OUT for ``--resume``.
     """
     say = on_phase or logger.info
     config.validate()
+    distribution, device = init_distribution(config.device, config.dist_timeout_s)
+    try:
+        with quiet_unless_main(distribution), collective_failures(distribution):
+            return _run_embed(config, distribution, device, lambda message: say(message) if distribution.is_main else None)
+    finally:
+        distribution.close()
+
+
+@dataclass
+class _EmbedRun:
+    """One rank's view of a run: settings, inputs, where it writes, and rank 0's journal."""
+
+    config: EmbedConfig
+    index: ImageFolderIndex
+    prior: Prior
+    device: torch.device
+    distribution: Distribution
+    out_dir: Path
+    timings: dict[str, float]
+    say: Callable[[str], None]
+    journal: EmbedJournal | None = None  # rank 0's; None on the other ranks
+
+    @property
+    def work(self) -> Path:
+        return self.out_dir / WORK_DIR_NAME
+
+    @property
+    def gpu_id(self) -> int | None:
+        """The CUDA device faiss uses on this rank (None on the CPU)."""
+        return (self.device.index or 0) if self.device.type == "cuda" else None
+
+    def recorder(self) -> EmbedJournal | RankProgress:
+        """Where this rank records finished work: the journal on rank 0, its own file elsewhere."""
+        if self.distribution.is_main:
+            return self.journal
+        return RankProgress.at(self.work, self.distribution.rank, self.distribution.world_size)
+
+
+def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.device, say: Callable[[str], None]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out_dir = Path(config.out_dir)
+    if distribution.enabled:
+        config = dataclasses.replace(config, progress=config.progress and distribution.is_main)
     index = scan_image_folder(config.data_dir)
     timings["scan"] = time.perf_counter() - t0
-    say(f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes under {index.root}")
+    say(f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes under {index.root}"
+        + (f"; {distribution.world_size} ranks ({distribution.backend})" if distribution.enabled else ""))
 
     t = time.perf_counter()
     prior = load_prior(config.prior, seed=config.seed, image_size=config.image_size)
-    device = resolve_device(config.device)
     if config.batch_size is None:  # resolved here so the manifest records the size used
         config = dataclasses.replace(config, batch_size=default_batch_size(device))
     timings["load_prior"] = time.perf_counter() - t
     say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
 
-    make_output_dir(out_dir)
     identity = run_identity(config, index, prior)
-    with exclusive_lock(out_dir / LOCK_NAME, f"embed into {out_dir}"):
-        opened = _open_run(config, out_dir, identity, say)
-        if not isinstance(opened, EmbedJournal):
+    if distribution.enabled:  # every rank must see the same images and build the same prior
+        values = distribution.gather(json.dumps(identity, sort_keys=True))
+        if any(v != values[0] for v in values):
+            raise RelaError(f"the ranks disagree on the dataset, the prior or the settings ({first_difference(json.loads(values[0]), json.loads(next(v for v in values if v != values[0])))}): "
+                            "every rank must see the same DATA and OUT")
+    run = _EmbedRun(config, index, prior, device, distribution, out_dir, timings, say)
+    with contextlib.ExitStack() as stack:
+
+        def open_on_main() -> dict[str, Any] | None:
+            make_output_dir(out_dir)
+            stack.enter_context(exclusive_lock(out_dir / LOCK_NAME, f"embed into {out_dir}"))
+            opened = _open_run(config, out_dir, identity, say)
+            if isinstance(opened, EmbedJournal):
+                run.journal = opened
+                return None
             say(f"{out_dir} already holds this shard set, complete; nothing to resume")
             return opened
+
+        complete = distribution.on_main(open_on_main)
+        if complete is not None:
+            return complete
         try:
-            manifest = _run_stages(config, index, prior, device, out_dir, opened, timings, say)
-            timings["total"] = time.perf_counter() - t0
-            manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-            write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+            manifest = _run_stages(run)
+            if distribution.is_main:
+                timings["total"] = time.perf_counter() - t0
+                manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+                write_json_atomic(out_dir / MANIFEST_NAME, manifest)
         except OSError as error:
             where = f": {error.filename}" if error.filename else ""
             raise RelaError(
                 f"I/O error ({error.strerror or error}{where}); no manifest written, finished work kept in {out_dir}: "
                 "fix the cause (e.g. free disk space) and rerun with --resume"
             ) from None
-        _remove(out_dir / WORK_DIR_NAME)
-        return manifest
+        distribution.barrier()  # no rank is still reading OUT/.work
+        if distribution.is_main:
+            _remove(run.work)
+        return distribution.broadcast(manifest if distribution.is_main else None)
 
 
-def _reuse_or_redo(journal: EmbedJournal, phase: str, path: Path, redo: Callable[[], dict[str, Any] | None]) -> bool:
-    """Keep a finished ``phase`` whose file still has the journal's SHA-256, or run ``redo`` (which
-    writes ``path`` and may return JSON-ready info on how), drop every later phase and record this
-    one. Returns True when kept."""
+def _phase_done(journal: EmbedJournal, phase: str, path: Path) -> bool:
+    """Whether a finished ``phase``'s file still has the journal's SHA-256."""
     expected = journal.phase_sha256(phase)
-    if expected is not None and path.is_file() and sha256_file(path) == expected:
+    return expected is not None and path.is_file() and sha256_file(path) == expected
+
+
+def _shared_phase(
+    run: _EmbedRun,
+    phase: str,
+    path: Path,
+    *,
+    prepare: Callable[[], None] = lambda: None,
+    work: Callable[[], None] = lambda: None,
+    finish: Callable[[], dict[str, Any] | None] = lambda: None,
+) -> bool:
+    """Keep a finished ``phase`` whose file ``path`` still has the journal's SHA-256, or redo it:
+    rank 0 drops every later phase and runs ``prepare`` (e.g. creates the shared output), every
+    rank runs ``work`` (its share), then rank 0 runs ``finish`` (which may return JSON-ready info
+    on how the phase ran) and records the file's SHA-256. Returns True when kept."""
+
+    def decide() -> bool:
+        if _phase_done(run.journal, phase, path):
+            return True
+        run.journal.invalidate_after(phase)
+        prepare()
+        return False
+
+    if run.distribution.on_main(decide):
         return True
-    journal.invalidate_after(phase)
-    info = redo()
-    journal.record_phase(phase, sha256_file(path), info)
+    work()
+    run.distribution.barrier()
+
+    def record() -> None:
+        info = finish()  # may write the file
+        run.journal.record_phase(phase, sha256_file(path), info)
+
+    run.distribution.on_main(record)
     return False
 
 
@@ -535,53 +659,79 @@ def _rows_sha256(array: np.ndarray, start: int, stop: int) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array[start:stop])).cast("B")).hexdigest()
 
 
-def _embed_phase(config, index, prior, device, work: Path, journal: EmbedJournal, timings, say) -> tuple[np.ndarray, dict[int, str], EmbeddingResult | None]:
-    """Embed every image not yet embedded (checking the finished chunks' checksums first)."""
-    prior.model.to(device)
-    shape = (len(index.files), embedding_dim(prior, device))
-    path = work / EMBEDDINGS_NAME
+def _embedding_to_do(run: _EmbedRun, path: Path, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """On rank 0: fold in the ranks' records, check the finished row ranges against their checksums
+    (dropping those that no longer match), create the embeddings map if there is none; return
+    the finished ranges."""
+    journal = run.journal
+    journal.absorb_rank_progress()
     chunks = journal.embedded_chunks
     embeddings = open_npy_memmap(path, np.float32, shape) if chunks else None
     if embeddings is None:
         if chunks:
-            say(f"{path} is missing or malformed: embedding every image again")
-            journal.truncate_embedded(0)
-        embeddings = create_npy_memmap(path, np.float32, shape)
-        start = 0
-    else:
-        good = next((i for i, (a, b, sha) in enumerate(chunks) if _rows_sha256(embeddings, a, b) != sha), len(chunks))
-        start = chunks[good - 1][1] if good else 0
-        if good < len(chunks):
-            say(f"embeddings from row {start} on do not match their checksums: embedding them again")
-            journal.truncate_embedded(good)
+            run.say(f"{path} is missing or malformed: embedding every image again")
+            journal.keep_embedded([])
             journal.save()
-        say(f"resuming: {start} of {shape[0]} images already embedded (checksums match)")
+        create_npy_memmap(path, np.float32, shape)
+        return []
+    good = [chunk for chunk in chunks if _rows_sha256(embeddings, chunk[0], chunk[1]) == chunk[2]]
+    if len(good) < len(chunks):
+        run.say(f"{len(chunks) - len(good)} embedded row ranges do not match their checksums: embedding them again")
+        journal.keep_embedded(good)
+        journal.save()
+    run.say(f"resuming: {sum(b - a for a, b, _ in good)} of {shape[0]} images already embedded (checksums match)")
+    return [(a, b) for a, b, _ in good]
+
+
+def _embed_phase(run: _EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingResult | None]:
+    """Embed every image not yet embedded, each rank its share of the missing batches; return the
+    embeddings map (read-only), the failed rows and the run's throughput (None when nothing was
+    embedded)."""
+    config, distribution = run.config, run.distribution
+    run.prior.model.to(run.device)
+    shape = (len(run.index.files), embedding_dim(run.prior, run.device))
+    path = run.work / EMBEDDINGS_NAME
+    done = distribution.on_main(lambda: _embedding_to_do(run, path, shape))
+    if len(missing_batches(shape[0], config.batch_size, done)):
+        distribution.on_main(lambda: (run.journal.invalidate_after("embed"), run.journal.save()))
+    mine = rank_rows_to_embed(shape[0], config.batch_size, done, distribution.rank, distribution.world_size)
+    images, seconds = 0, 0.0
+    if mine:
+        embeddings = open_npy_memmap(path, np.float32, shape, mode="r+")
+        recorder = run.recorder()
+        for start, stop in mine:
+            result = embed_images(
+                run.index, run.prior, embeddings, start_row=start, stop_row=stop, batch_size=config.batch_size, num_workers=config.num_workers,
+                device=run.device, amp=config.amp, progress=config.progress, checkpoint_seconds=config.checkpoint_seconds,
+                on_checkpoint=lambda a, b, failed: recorder.record_embedded(a, b, _rows_sha256(embeddings, a, b), failed),
+            )
+            images, seconds = images + result.images, seconds + result.seconds
+        embeddings.flush()
+        del embeddings  # closed before the barrier, so every rank's rows are on disk for the next phases
+    counts = distribution.gather((images, seconds))
+    images, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+
+    def finished() -> dict[int, str]:
+        run.journal.absorb_rank_progress()
+        missing = missing_batches(shape[0], config.batch_size, [(a, b) for a, b, _ in run.journal.embedded_chunks])
+        if len(missing):  # every rank finished its share, so this is a bug, not bad input
+            raise RelaError(f"{len(missing)} batches (first rows {int(missing[0]) * config.batch_size}..) were embedded by no rank; rerun with --resume")
+        return run.journal.embed_failures
+
+    failures = distribution.on_main(finished)
     result = None
-    if start < shape[0]:
-        journal.invalidate_after("embed")
-        result = embed_images(
-            index, prior, embeddings, start_row=start, batch_size=config.batch_size, num_workers=config.num_workers,
-            device=device, amp=config.amp, progress=config.progress, checkpoint_seconds=config.checkpoint_seconds,
-            on_checkpoint=lambda a, b, failed: journal.record_embedded(a, b, _rows_sha256(embeddings, a, b), failed),
-        )
-        timings["embed"] = result.seconds
-        say(f"embedded {result.images} images in {result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
-    return embeddings, journal.embed_failures, result
+    if images:
+        result = EmbeddingResult({}, images, seconds)
+        run.timings["embed"] = seconds
+        run.say(f"embedded {images} images in {seconds:.1f}s ({result.images_per_second:.0f} img/s"
+                + (f" over {distribution.world_size} ranks)" if distribution.enabled else ")"))
+    return open_npy_memmap(path, np.float32, shape, mode="r"), failures, result
 
 
-def _run_stages(
-    config: EmbedConfig,
-    index: ImageFolderIndex,
-    prior: Prior,
-    device: torch.device,
-    out_dir: Path,
-    journal: EmbedJournal,
-    timings: dict[str, float],
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    work = journal.path.parent
-    resumed = bool(journal.embedded_chunks)
-    embeddings, failures, result = _embed_phase(config, index, prior, device, work, journal, timings, say)
+def _run_stages(run: _EmbedRun) -> dict[str, Any]:
+    config, index, distribution = run.config, run.index, run.distribution
+    resumed = distribution.on_main(lambda: bool(run.journal.embedded_chunks))
+    embeddings, failures, result = _embed_phase(run)
     ok = np.ones(len(index.files), dtype=bool)
     ok[list(failures)] = False
     kept = np.flatnonzero(ok)
@@ -589,62 +739,114 @@ def _run_stages(
         raise RelaError(f"only {len(kept)} of {len(index.files)} images could be decoded; nothing to transport (first failure: {next(iter(failures.values()), '-')})")
 
     t = time.perf_counter()
-    transport_path, targets_path = out_dir / TRANSPORT_NAME, work / "targets.npy"
+    transport_path, targets_path = run.out_dir / TRANSPORT_NAME, run.work / "targets.npy"
     reference = reference_sample_indices(len(kept))
 
-    def fit_transport() -> None:
-        fitted = fit_linear_transport(embeddings, ok, device)
+    def fit_transport() -> None:  # rank 0, from the map in its fixed chunk order: the same for any world size
+        fitted = fit_linear_transport(embeddings, ok, run.device)
         fitted.save(transport_path, reference=(reference, np.asarray(embeddings[kept[reference]])))
 
-    _reuse_or_redo(journal, "transport", transport_path, fit_transport)
+    _shared_phase(run, "transport", transport_path, prepare=fit_transport)
     transport = LinearTransport.load(transport_path)
     targets_shape = (len(kept), transport.output_dim)
-    def write_targets() -> None:
-        transport_targets(embeddings, kept, transport, targets_path, config.target_dtype, device)
 
-    _reuse_or_redo(journal, "targets", targets_path, write_targets)
+    def transport_share() -> None:
+        targets = open_npy_memmap(targets_path, config.target_dtype, targets_shape, mode="r+")
+        start, stop = rank_row_range(len(kept), TRANSPORT_CHUNK_ROWS, distribution.rank, distribution.world_size)
+        transport_rows(embeddings, kept, transport, targets, run.device, start, stop)
+        targets.flush()
+
+    _shared_phase(run, "targets", targets_path, prepare=lambda: create_npy_memmap(targets_path, config.target_dtype, targets_shape).flush(), work=transport_share)
     targets = open_npy_memmap(targets_path, config.target_dtype, targets_shape, mode="r")
     if targets is None:
         raise RelaError(f"{targets_path} does not hold ({targets_shape[0]}, {targets_shape[1]}) {config.target_dtype} targets; start over with --overwrite")
-    timings["transport"] = time.perf_counter() - t
+    run.timings["transport"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores_path = out_dir / SCORES_NAME
+    scores_path = run.out_dir / SCORES_NAME
     labels = index.labels[kept] if index.labels is not None else None
-
-    def compute_scores() -> dict[str, Any]:
-        scores = knn_scores(targets, k=config.score_k, dims=config.score_dims, use_gpu=device.type == "cuda", index=config.score_index, seed=config.seed)
-        write_npz_atomic(scores_path, {
-            "knn_density": scores.knn_density,
-            "nn_similarity": scores.nn_similarity,
-            "nn_index": scores.nn_index,
-            "label": labels if labels is not None else np.full(len(kept), -1, dtype=np.int64),
-        })
-        return {"search": scores.index, "device": scores.device}
-
-    _reuse_or_redo(journal, "scores", scores_path, compute_scores)
+    _score_phase(run, targets, labels, scores_path)
     scores = load_npz(scores_path)
-    timings["scores"] = time.perf_counter() - t
+    run.timings["scores"] = time.perf_counter() - t
     score_dims = min(config.score_dims, transport.output_dim) if config.score_dims else transport.output_dim
     score_k = min(config.score_k, len(kept) - 1)
-    scores_info = journal.phase_info("scores") or {}  # the search (index, recall) and where it ran
+    scores_info = distribution.on_main(lambda: run.journal.phase_info("scores") or {})  # the search (index, recall) and where it ran
     search = scores_info.get("search", {"kind": "exact"})
     recall = f", recall@{score_k} {search['recall_at_k']:.3f}" if "recall_at_k" in search else ""
-    say(f"transport: {transport.input_dim} -> {transport.output_dim} dims; scores with k={score_k} on {score_dims} dims ({search['kind']} search{recall})")
+    run.say(f"transport: {transport.input_dim} -> {transport.output_dim} dims; scores with k={score_k} on {score_dims} dims ({search['kind']} search{recall})")
 
     t = time.perf_counter()
-    reused = _shards_to_keep(journal, out_dir)
-    shards_reused = len(reused)
-    shards = _write_shards(config, index, kept, targets, scores, labels, out_dir, journal, reused)
-    if config.keep_embeddings:
-        _write_rows_npy(embeddings, kept, out_dir / EMBEDDINGS_NAME)
-    timings["write_shards"] = time.perf_counter() - t
-    say(f"wrote {len(shards)} shards ({sum(s.bytes for s in shards) / 1e6:.1f} MB) to {out_dir}")
-    run = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused}
-    file_sha256 = {TRANSPORT_NAME: journal.phase_sha256("transport"), SCORES_NAME: journal.phase_sha256("scores")}
-    manifest = _build_manifest(config, index, prior, device, result, failures, kept, transport, len(reference), score_k, score_dims, labels, shards, out_dir, file_sha256, run)
+    shards, shards_reused = _write_shards(run, kept, targets, scores, labels)
+    if config.keep_embeddings and distribution.is_main:
+        _write_rows_npy(embeddings, kept, run.out_dir / EMBEDDINGS_NAME)
+    run.timings["write_shards"] = time.perf_counter() - t
+    run.say(f"wrote {len(shards)} shards ({sum(s.bytes for s in shards) / 1e6:.1f} MB) to {run.out_dir}")
+    if not distribution.is_main:
+        return {}
+    run_record = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused, "world_size": distribution.world_size}
+    files = {TRANSPORT_NAME: run.journal.phase_sha256("transport"), SCORES_NAME: run.journal.phase_sha256("scores")}
+    manifest = _build_manifest(run, result=result, failures=failures, kept=kept, transport=transport, reference_samples=len(reference),
+                               score_k=score_k, score_dims=score_dims, labels=labels, shards=shards, files=files, run_record=run_record)
     manifest["scores"].update(scores_info)
     return manifest
+
+
+#: The score index rank 0 builds and the other ranks load (``OUT/.work``; with a ``.json`` description).
+SCORE_INDEX_NAME = "score-index.faiss"
+
+
+def _score_phase(run: _EmbedRun, targets: np.ndarray, labels: np.ndarray | None, scores_path: Path) -> None:
+    """Score every sample: rank 0 builds (and tunes) the index, every rank searches its share of
+    the query blocks, rank 0 assembles ``scores.npz``."""
+    config, distribution = run.config, run.distribution
+    index_path = run.work / SCORE_INDEX_NAME
+    held: dict[str, Any] = {}
+
+    def build() -> None:
+        held["search"] = build_score_search(targets, k=config.score_k, dims=config.score_dims, gpu_id=run.gpu_id, index=config.score_index, seed=config.seed)
+        if distribution.enabled:
+            held["search"].save(index_path)
+
+    def search_share() -> None:
+        search = held.get("search") or ScoreSearch.load(index_path, run.gpu_id)
+        start, stop = rank_row_range(len(targets), search.rows_per_call, distribution.rank, distribution.world_size)
+        part = score_rows(search, targets, start, stop)
+        held["kind"], held["device"] = search.kind, search.device
+        if distribution.enabled:
+            write_npz_atomic(run.work / f"scores-rank-{distribution.rank}.npz", {
+                "rows": np.array([part.start, part.stop, part.searched_exactly], dtype=np.int64),
+                "knn_density": part.knn_density, "nn_similarity": part.nn_similarity, "nn_index": part.nn_index,
+            })
+        else:
+            held["parts"] = [part]
+
+    def assemble() -> dict[str, Any]:
+        search = held["search"]
+        if distribution.enabled:
+            parts = []
+            for rank in range(distribution.world_size):
+                saved = load_npz(run.work / f"scores-rank-{rank}.npz")
+                start, stop, exact = (int(v) for v in saved["rows"])
+                parts.append(RowScores(start, stop, saved["knn_density"], saved["nn_similarity"], saved["nn_index"], exact))
+        else:
+            parts = held["parts"]
+        n = len(targets)
+        if [(p.start, p.stop) for p in parts] != [rank_row_range(n, search.rows_per_call, r, distribution.world_size) for r in range(distribution.world_size)]:
+            raise RelaError("the ranks' score parts do not cover every sample once; rerun with --resume")
+        write_npz_atomic(scores_path, {
+            "knn_density": np.concatenate([p.knn_density for p in parts]),
+            "nn_similarity": np.concatenate([p.nn_similarity for p in parts]),
+            "nn_index": np.concatenate([p.nn_index for p in parts]),
+            "label": labels if labels is not None else np.full(n, -1, dtype=np.int64),
+        })
+        for stale in [index_path, index_path.with_name(index_path.name + ".json"), *run.work.glob("scores-rank-*.npz")]:
+            stale.unlink(missing_ok=True)
+        settings = dict(search.settings)
+        if search.kind != "exact":
+            settings["searched_exactly"] = sum(p.searched_exactly for p in parts)
+        return {"search": settings, "device": search.device}
+
+    _shared_phase(run, "scores", scores_path, prepare=build, work=search_share, finish=assemble)
 
 
 def _shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
@@ -665,12 +867,102 @@ def _shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
     return kept
 
 
-def _write_shards(config, index, kept, targets, scores: dict[str, np.ndarray], labels, out_dir: Path, journal: EmbedJournal, done: list[ShardInfo]) -> list[ShardInfo]:
-    position = sum(s.samples for s in done)
+def _write_shards(run: _EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[list[ShardInfo], int]:
+    """Write the shard set; return its shards (rank 0; ``[]`` elsewhere) and how many were reused.
+
+    One process writes the samples in :func:`shard_write_order` straight into OUT. W ranks cut the
+    order into blocks of ``shard_size`` samples and each writes its :func:`rank_share` of the
+    blocks into ``.work/shards-W-R/``; rank 0 then moves them into OUT, numbered in order. A shard
+    closed early by ``max_shard_bytes`` adds one shard, wherever it falls. Either way the shards
+    hold the samples in the same order."""
+    config, distribution = run.config, run.distribution
     order = shard_write_order(len(kept), config.seed)
-    on_shard = lambda shards: journal.record_shards([s.to_dict() for s in shards])  # noqa: E731
-    with ShardSetWriter(out_dir, config.shard_size, config.max_shard_bytes, finished=done, on_shard=on_shard) as writer, tqdm(
-        total=len(kept), initial=position, unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True
+    reused = distribution.on_main(lambda: _shards_to_keep(run.journal, run.out_dir))
+    if sum(s.samples for s in reused) == len(kept):  # finished, by this world size or another
+        return (reused if distribution.is_main else []), len(reused)
+    if not distribution.enabled:
+        shards = _write_samples(run, kept, targets, scores, labels, order, run.out_dir, reused, lambda shards: run.journal.record_shards([s.to_dict() for s in shards]))
+        return shards, len(reused)
+
+    world, rank = distribution.world_size, distribution.rank
+
+    def parts_to_keep() -> dict[int, list[dict[str, Any]]]:
+        if reused:  # a prefix of a one-process run's shards: W ranks write other shards
+            _shards_to_keep(_EmptyShards(run.journal), run.out_dir)
+            run.journal.record_shards([])
+        for stale in run.work.glob("shards-*"):
+            if stale.name.rsplit("-", 1)[0] != f"shards-{world}":
+                _remove(stale)
+        return run.journal.shard_parts(world)
+
+    parts = distribution.on_main(parts_to_keep)
+    part_dir = run.work / f"shards-{world}-{rank}"
+    part_dir.mkdir(exist_ok=True)
+    finished = _part_prefix(part_dir, parts.get(rank, []))
+    share = rank_share(-(-len(kept) // config.shard_size), rank, world)
+    first, last = share.start * config.shard_size, min(share.stop * config.shard_size, len(kept))
+    recorder = run.recorder()
+    _write_samples(run, kept, targets, scores, labels, order[first:last], part_dir, finished,
+                   lambda shards: recorder.record_shard_part(rank, world, [s.to_dict() for s in shards]))
+    distribution.barrier()
+    reused_parts = distribution.gather(len(finished))
+    shards = distribution.on_main(lambda: _publish_parts(run, world))
+    return (shards if distribution.is_main else []), sum(reused_parts)
+
+
+class _EmptyShards:
+    """A journal view with no finished shards (for :func:`_shards_to_keep` to clear OUT)."""
+
+    def __init__(self, journal: EmbedJournal) -> None:
+        self.shards: list[dict[str, Any]] = []
+        self._journal = journal
+
+    def record_shards(self, shards: list[dict[str, Any]]) -> None:
+        self._journal.record_shards(shards)
+
+
+def _part_prefix(part_dir: Path, records: list[dict[str, Any]]) -> list[ShardInfo]:
+    """The recorded shards of a rank's part up to the first missing or altered one; every other
+    file in the part's directory is removed."""
+    kept: list[ShardInfo] = []
+    for record in records:
+        path = part_dir / record["name"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            break
+        kept.append(ShardInfo(**record))
+    names = {s.name for s in kept}
+    for path in part_dir.iterdir():
+        if path.name not in names:
+            path.unlink()
+    return kept
+
+
+def _publish_parts(run: _EmbedRun, world: int) -> list[ShardInfo]:
+    """On rank 0, once every rank has written its part: move the parts' shards into OUT as
+    ``shard-NNNNNN.tar`` in rank order and record them as the finished shards."""
+    journal = run.journal
+    journal.absorb_rank_progress()
+    parts = journal.shard_parts(world)
+    shards: list[ShardInfo] = []
+    for rank in range(world):
+        for record in parts.get(rank, []):
+            info = ShardInfo(**record)
+            name = SHARD_PATTERN % len(shards)
+            os.replace(run.work / f"shards-{world}-{rank}" / info.name, run.out_dir / name)
+            shards.append(dataclasses.replace(info, name=name))
+    journal.drop_shard_parts()
+    journal.record_shards([s.to_dict() for s in shards])
+    return shards
+
+
+def _write_samples(run: _EmbedRun, kept, targets, scores: dict[str, np.ndarray], labels, order: np.ndarray, directory: Path,
+                   done: list[ShardInfo], on_shard: Callable[[list[ShardInfo]], None]) -> list[ShardInfo]:
+    """Write the samples ``order[len(done's samples):]`` (indices into ``kept``) into shards in
+    ``directory``, after the finished shards ``done``."""
+    config, index = run.config, run.index
+    position = sum(s.samples for s in done)
+    with ShardSetWriter(directory, config.shard_size, config.max_shard_bytes, finished=done, on_shard=on_shard) as writer, tqdm(
+        total=len(order), initial=position, unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True
     ) as bar:
         # Shards hold samples in a seeded random order: an ImageFolder scan is sorted by class, and
         # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
@@ -718,7 +1010,10 @@ def _write_rows_npy(source: np.ndarray, rows: np.ndarray, path: Path, chunk_rows
     os.replace(partial, path)
 
 
-def _build_manifest(config, index, prior, device, result, failures, kept, transport, reference_samples, score_k, score_dims, labels, shards, out_dir, files, run) -> dict[str, Any]:
+def _build_manifest(run: _EmbedRun, *, result: EmbeddingResult | None, failures: dict[int, str], kept: np.ndarray, transport: LinearTransport,
+                    reference_samples: int, score_k: int, score_dims: int, labels: np.ndarray | None, shards: list[ShardInfo],
+                    files: dict[str, str], run_record: dict[str, Any]) -> dict[str, Any]:
+    config, index, prior, device, out_dir = run.config, run.index, run.prior, run.device, run.out_dir
     class_counts = np.bincount(labels, minlength=len(index.class_names)) if labels is not None else []
     manifest = {
         "schema": SCHEMA,
@@ -771,7 +1066,7 @@ def _build_manifest(config, index, prior, device, result, failures, kept, transp
             "out_dir": str(config.out_dir),
             "num_workers": config.num_workers,
             "checkpoint_seconds": config.checkpoint_seconds,
-            **run,
+            **run_record,
         },
         "host": {
             "hostname": platform.node(),

@@ -15,6 +15,13 @@ phase           recorded when finished                                          
 ``shards``      each shard, with its sample count                                      ``OUT/shard-NNNNNN.tar``
 ==============  =====================================================================  ===========================
 
+Under torchrun every rank embeds (and writes shards) at once. Rank 0 alone writes the journal;
+rank r > 0 records its finished rows and shards in ``OUT/.work/rank-R.json`` (:class:`RankProgress`),
+which rank 0 folds into the journal when the phase ends, and at the start of a resumed run, whatever
+the world size (:meth:`EmbedJournal.absorb_rank_progress`). Embedded row ranges are units of the
+fixed batch grid, so a run resumed with another world size keeps every finished range; shards
+written in parts by W ranks (``.work/shards-W-R/``) are kept by a resume with the same W only.
+
 Phases run in this order and each depends only on the ones before it, so a phase that is redone
 drops the record of every later phase (:meth:`EmbedJournal.invalidate_after`). The journal also
 holds the run's *identity* (settings that decide the output's bytes, the dataset fingerprint, the
@@ -107,20 +114,58 @@ class EmbedJournal:
         self.state["embed"]["failures"].update({str(row): reason for row, reason in failures.items()})
         self.save()
 
-    def truncate_embedded(self, keep_chunks: int) -> int:
-        """Keep the first ``keep_chunks`` chunks (and their failures); drop later phases.
-
-        Returns:
-            The first row not covered any more.
-        """
-        chunks = self.state["embed"]["chunks"][:keep_chunks]
-        stop = int(chunks[-1][1]) if chunks else 0
+    def keep_embedded(self, chunks: list[tuple[int, int, str]]) -> None:
+        """Keep only these finished chunks (and the failures inside them); drop later phases. Does not save."""
+        inside = lambda row: any(a <= row < b for a, b, _ in chunks)  # noqa: E731
         self.state["embed"] = {
-            "chunks": chunks,
-            "failures": {row: reason for row, reason in self.state["embed"]["failures"].items() if int(row) < stop},
+            "chunks": [[int(a), int(b), sha] for a, b, sha in chunks],
+            "failures": {row: reason for row, reason in self.state["embed"]["failures"].items() if inside(int(row))},
         }
         self.invalidate_after("embed")
-        return stop
+
+    def absorb_rank_progress(self) -> int:
+        """Fold every ``rank-R.json`` next to the journal (:class:`RankProgress`) into it: their
+        embedded chunks (kept in row order) and failures, and their shard parts; delete them and
+        save. Returns how many files were folded in.
+
+        Raises:
+            RelaError: a file that is not a rank's progress record.
+        """
+        paths = sorted(self.path.parent.glob(RANK_PROGRESS_GLOB))
+        for path in paths:
+            progress = RankProgress.load(path)
+            self.state["embed"]["chunks"].extend(progress.state["embed"]["chunks"])
+            self.state["embed"]["failures"].update(progress.state["embed"]["failures"])
+            if progress.state.get("shard_part") is not None:
+                parts = self.state.setdefault("shard_parts", {"world_size": progress.state["world_size"], "parts": {}})
+                if parts["world_size"] == progress.state["world_size"]:
+                    parts["parts"][str(progress.rank)] = progress.state["shard_part"]
+        self.state["embed"]["chunks"].sort(key=lambda chunk: int(chunk[0]))
+        self.save()
+        for path in paths:
+            path.unlink()
+        return len(paths)
+
+    # -- shards written in parts by several ranks ----------------------------------------------
+    def shard_parts(self, world_size: int) -> dict[int, list[dict[str, Any]]]:
+        """Finished shards of each rank's part, ``{rank: [shard dicts]}``, when the parts were
+        written by a run of ``world_size`` ranks; ``{}`` otherwise."""
+        parts = self.state.get("shard_parts")
+        if not parts or parts["world_size"] != world_size:
+            return {}
+        return {int(rank): list(shards) for rank, shards in parts["parts"].items()}
+
+    def record_shard_part(self, rank: int, world_size: int, shards: list[dict[str, Any]]) -> None:
+        """Record rank ``rank``'s finished part shards (rank 0's own, or a folded-in rank's) and save."""
+        parts = self.state.get("shard_parts")
+        if not parts or parts["world_size"] != world_size:
+            parts = self.state["shard_parts"] = {"world_size": world_size, "parts": {}}
+        parts["parts"][str(rank)] = list(shards)
+        self.save()
+
+    def drop_shard_parts(self) -> None:
+        """Forget the part shards (they have been published, or another world size writes them). Does not save."""
+        self.state.pop("shard_parts", None)
 
     # -- later phases -------------------------------------------------------------------------
     def phase_sha256(self, phase: str) -> str | None:
@@ -154,8 +199,61 @@ class EmbedJournal:
         for later in PHASES[PHASES.index(phase) + 1 :]:
             if later == "shards":
                 self.state["shards"] = []
+                self.drop_shard_parts()
             else:
                 self.state.pop(later, None)
+
+
+#: Progress files of ranks other than 0, next to the journal.
+RANK_PROGRESS_GLOB = "rank-*.json"
+
+
+class RankProgress:
+    """What rank ``rank`` (> 0) of a torchrun job has finished, in ``OUT/.work/rank-R.json``
+    (rewritten atomically after each record; folded into the journal by rank 0).
+
+    Attributes:
+        state: ``{"world_size": W, "embed": {"chunks": [...], "failures": {...}},
+            "shard_part": [shard dicts] or None}`` (chunks as in :class:`EmbedJournal`).
+    """
+
+    def __init__(self, path: Path, rank: int, world_size: int, state: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.rank = rank
+        self.state = state or {"world_size": world_size, "embed": {"chunks": [], "failures": {}}, "shard_part": None}
+
+    @classmethod
+    def at(cls, work_dir: Path, rank: int, world_size: int) -> "RankProgress":
+        """A new, empty record for ``rank`` in ``work_dir`` (written on its first record)."""
+        return cls(Path(work_dir) / f"rank-{rank}.json", rank, world_size)
+
+    @classmethod
+    def load(cls, path: Path) -> "RankProgress":
+        """Read a rank's record.
+
+        Raises:
+            RelaError: it is not one.
+        """
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return cls(path, int(record["rank"]), int(record["state"]["world_size"]), record["state"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RelaError(f"cannot read the rank progress record {path} ({error}); start over with --overwrite") from None
+
+    def save(self) -> None:
+        """Write the record atomically."""
+        write_json_atomic(self.path, {"version": JOURNAL_VERSION, "rank": self.rank, "state": self.state})
+
+    def record_embedded(self, start: int, stop: int, sha256: str, failures: dict[int, str]) -> None:
+        """As :meth:`EmbedJournal.record_embedded`."""
+        self.state["embed"]["chunks"].append([int(start), int(stop), sha256])
+        self.state["embed"]["failures"].update({str(row): reason for row, reason in failures.items()})
+        self.save()
+
+    def record_shard_part(self, rank: int, world_size: int, shards: list[dict[str, Any]]) -> None:
+        """As :meth:`EmbedJournal.record_shard_part` (for this rank)."""
+        self.state["shard_part"] = list(shards)
+        self.save()
 
 
 def journal_path(work_dir: str | os.PathLike) -> Path:

@@ -22,10 +22,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,42 +85,3 @@ def agreed(distribution: Distribution, value: Any, what: str) -> list[Any]:
     return values
 
 
-@contextlib.contextmanager
-def collective_failures(distribution: Distribution) -> Iterator[None]:
-    """Turn a failed collective (another rank died, or the group's timeout passed) into one line.
-
-    Raises:
-        RelaError: for :class:`torch.distributed.DistError` and the gloo/NCCL runtime errors a
-            collective raises when a peer goes away, in a distributed run.
-    """
-    try:
-        yield
-    except RuntimeError as error:
-        text = str(error)
-        lost = isinstance(error, torch.distributed.DistError) or any(mark in text for mark in ("gloo", "NCCL", "Connection closed", "Connection reset"))
-        if not distribution.enabled or not lost:
-            raise
-        raise RelaError(f"lost contact with the other ranks (another rank failed or the collective timed out: {_gist(text) or type(error).__name__}); "
-                        "torchrun names the failed rank") from None
-
-
-def _gist(message: str) -> str:
-    """The first sentence of a backend error, without its source-location prefix
-    (``[.../pair.cc:537] Read error ...: Connection reset by peer. This is ...`` -> ``Read error ...: Connection reset by peer``)."""
-    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
-    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
-    return first.split(". ")[0][:160]
-
-
-@contextlib.contextmanager
-def quiet_unless_main(distribution: Distribution) -> Iterator[None]:
-    """Log only warnings and errors on ranks other than 0 while the block runs (rank 0 speaks for the job)."""
-    if distribution.is_main:
-        yield
-        return
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

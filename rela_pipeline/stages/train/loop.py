@@ -31,7 +31,7 @@ from ...fileio import write_json_atomic
 from ...methods import build_method
 from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
-from ...distributed import Distribution, init_distribution
+from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...runtime import resolve_precision
 from ...shards.batches import ShardBatches
 from ...shards.reader import open_shard_set
@@ -41,7 +41,7 @@ from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_N
 from .config import Budget, TrainConfig
 from ...shards.reader import verified
 from .data import PilShardBatches, build_training_data
-from .distribution import agreed, check_distributed_settings, collective_failures, quiet_unless_main
+from .distribution import agreed, check_distributed_settings
 from .metrics import Interval, MetricsLog, finite_or_none
 from .step import TrainStep
 
