@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 _API = {
     "RelaError": "rela_pipeline.errors",
-    "EmbedConfig": "rela_pipeline.stages.embed",
-    "run_embed": "rela_pipeline.stages.embed",
-    "embed_images": "rela_pipeline.stages.embed",
+    "EmbedConfig": "rela_pipeline.stages.embed.config",
+    "run_embed": "rela_pipeline.stages.embed.run",
+    "embed_images": "rela_pipeline.stages.embed.images",
     "prepare_fashion_mnist": "rela_pipeline.stages.prepare",
     "Prior": "rela_pipeline.priors",
     "Preprocessing": "rela_pipeline.priors",
@@ -30,6 +30,9 @@ _API = {
     "fit_linear_transport": "rela_pipeline.transport",
     "SubsetScores": "rela_pipeline.scores",
     "knn_scores": "rela_pipeline.scores",
+    "build_score_search": "rela_pipeline.scores",
+    "score_rows": "rela_pipeline.scores",
+    "ScoreSearch": "rela_pipeline.scores",
     "read_manifest": "rela_pipeline.shards.manifest",
     "verify_shard_set": "rela_pipeline.shards.manifest",
     "describe_shard_set": "rela_pipeline.shards.manifest",

@@ -17,10 +17,12 @@ The search (``index=``, :data:`SCORE_INDEXES`). Exact search costs ``O(N^2 d)``:
 samples on 2 CPU cores. Above :data:`EXACT_MAX_SAMPLES` (``auto``) an approximate index replaces
 it, following faiss's guidelines ("Guidelines to choose an index", faiss wiki):
 
-* ``ivf``: an inverted file with ``nlist = 4 sqrt(N)`` lists (a power of two in [64, 65536]; the
-  guidelines give 4 to 16 sqrt(N)), k-means trained on ``39 nlist`` sampled rows, a flat coarse
-  quantiser up to 1M samples and an HNSW32 one above (``IVF..._HNSW32``); on the GPU when faiss
-  sees one (flat quantiser there).
+* ``ivf``: an inverted file with ``nlist = 4 sqrt(N)`` lists up to 1M samples and ``16 sqrt(N)``
+  above (a power of two in [64, 65536]; the guidelines give 4 to 16 sqrt(N) below 1M and
+  ``IVF65536_HNSW32`` from 1M to 10M), k-means trained on ``39 nlist`` sampled rows (faiss's
+  two-level k-means above :data:`TWO_LEVEL_TRAINING_FROM` lists), a flat coarse quantiser up to 1M
+  samples and an HNSW32 one above (``IVF..._HNSW32``); on the GPU when faiss sees one (flat
+  quantiser there).
 * ``hnsw``: a graph (``HNSW32``), CPU only.
 
 Either is tuned, not guessed: the search breadth (``nprobe`` or ``efSearch``) starts small and
@@ -36,10 +38,17 @@ them). Recall@k is the fraction of each query's k exact nearest other samples fo
 approximate ones. An exact duplicate of a sample is its nearest neighbour under any of these indexes
 (it falls in the same list and the same graph neighbourhood), so the ``dedup`` rule keeps finding
 true duplicate pairs (tested with planted duplicates).
+
+Under torchrun (``embed``), rank 0 builds and tunes the search once and saves it
+(:meth:`ScoreSearch.save`); every rank loads it and scores its block of query rows
+(:func:`score_rows`), cut at multiples of :attr:`ScoreSearch.rows_per_call` so that each block is
+the one a single process searches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -281,12 +290,21 @@ class ScoreSearch:
     settings: dict
 
     @property
+    def grouped(self) -> bool:
+        """Whether the full pass groups queries by inverted list (:func:`_grouped_search`): IVF on the CPU."""
+        return self.kind == "ivf" and self.device == "cpu"
+
+    @property
     def rows_per_call(self) -> int:
-        """Queries per faiss search call (bounded by :data:`SEARCH_BUFFER_ENTRIES` / breadth)."""
+        """Queries per faiss search call: :data:`SEARCH_CHUNK_ROWS` for exact search; for an
+        approximate one bounded by :data:`SEARCH_BUFFER_ENTRIES` / breadth (the grouped IVF pass:
+        :data:`GROUPED_SEARCH_ENTRIES` / nprobe, at least :data:`SEARCH_CHUNK_ROWS`)."""
         if self.kind == "exact":
             return SEARCH_CHUNK_ROWS
-        breadth = self.settings.get("nprobe", self.settings.get("ef_search", 1))
-        return max(1024, min(SEARCH_CHUNK_ROWS, SEARCH_BUFFER_ENTRIES // max(breadth, 1)))
+        breadth = max(int(self.settings.get("nprobe", self.settings.get("ef_search", 1))), 1)
+        if self.grouped:
+            return max(SEARCH_CHUNK_ROWS, GROUPED_SEARCH_ENTRIES // breadth)
+        return max(1024, min(SEARCH_CHUNK_ROWS, SEARCH_BUFFER_ENTRIES // breadth))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index (moved to the CPU) to ``path`` with ``faiss.write_index``, and its
@@ -329,6 +347,21 @@ class ScoreSearch:
 
 #: Rows per add call and (exact search) per search call.
 SEARCH_CHUNK_ROWS = 65536
+#: Bound on ``queries x nprobe`` per grouped IVF call (its coarse assignment: 4 bytes each, 512 MiB).
+GROUPED_SEARCH_ENTRIES = 1 << 27
+
+
+def _grouped_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries, k)`` for a CPU ``IndexIVFFlat`` and a large query batch, with the
+    queries grouped by the inverted lists they probe and each list's group searched with one BLAS
+    product (``faiss.contrib.big_batch_search``, method ``knn_function``; the faiss wiki's advice for
+    huge query batches). Same lists probed, so the same candidates; on 2 CPU cores 2x the
+    throughput of ``search`` (29-37 against 15.5 GFLOP/s for 4,000 queries against a list of 600
+    at 64 dims). faiss's helper prints progress on stdout whatever its ``verbose``: kept quiet."""
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return big_batch_search(faiss.downcast_index(index), queries, k, method="knn_function", verbose=1, threaded=1)
 
 
 def build_score_search(
@@ -433,7 +466,8 @@ def score_rows(search: ScoreSearch, targets: np.ndarray, start: int = 0, stop: i
     for first in range(start, stop, step):
         last = min(stop, first + step)
         own = np.arange(first, last)
-        found_s, found_i = search.index.search(_normalised_rows(targets, first, last, dims), k + 1)
+        queries = _normalised_rows(targets, first, last, dims)
+        found_s, found_i = _grouped_search(search.index, queries, k + 1) if search.grouped else search.index.search(queries, k + 1)
         similarities, neighbours = _without_self(found_s, found_i, own, k)
         if search.kind != "exact":
             # A search that did not find the sample itself (cosine 1) was trapped away from its

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rela_pipeline.stages.embed_plan import batch_row_ranges, missing_batches, rank_row_range, rank_rows_to_embed, rank_share
+from rela_pipeline.stages.embed.plan import batch_row_ranges, missing_batches, rank_row_range, rank_rows_to_embed, rank_share
 
 
 @pytest.mark.parametrize("count,world", [(0, 3), (7, 1), (7, 3), (8, 8), (5, 8), (1000, 7)])

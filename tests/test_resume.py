@@ -17,7 +17,7 @@ import pytest
 from rela_pipeline.fileio import HashingFile
 from rela_pipeline.shards.format import MANIFEST_NAME
 from rela_pipeline.shards.manifest import VARYING_FIELDS, read_manifest, reproducible_part, verify_shard_set
-from rela_pipeline.stages import embed as embed_stage
+from rela_pipeline.shards.writer import ShardSetWriter
 from tests.conftest import TRAIN_DIR, assert_one_line_error, journal_rows, run_cli
 
 REPO = Path(__file__).parent.parent
@@ -93,7 +93,7 @@ def test_kill_9_while_embedding_then_resume_gives_the_uninterrupted_shard_set(sl
 def interrupt_at_sample(monkeypatch, count: int, error: BaseException) -> None:
     """Make the shard writer raise ``error`` instead of writing the ``count``-th sample (0-based)."""
     written = []
-    original = embed_stage.ShardSetWriter.write
+    original = ShardSetWriter.write
 
     def write(self, sample):
         if len(written) == count:
@@ -101,7 +101,7 @@ def interrupt_at_sample(monkeypatch, count: int, error: BaseException) -> None:
         written.append(sample["__key__"])
         original(self, sample)
 
-    monkeypatch.setattr(embed_stage.ShardSetWriter, "write", write)
+    monkeypatch.setattr(ShardSetWriter, "write", write)
 
 
 def test_ctrl_c_while_writing_shards_keeps_finished_shards_and_resume_completes(fast_reference, tmp_path, monkeypatch):

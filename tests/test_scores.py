@@ -121,6 +121,7 @@ def test_a_saved_search_scores_row_ranges_as_one_search_of_every_row(kind, tmp_p
     cut at multiples of ``rows_per_call``; the parts put together are the one-process scores, bit
     for bit (exact search cut elsewhere may differ in the last bit: BLAS blocks differently)."""
     monkeypatch.setattr(scores_module, "SEARCH_CHUNK_ROWS", 2048)  # three query blocks
+    monkeypatch.setattr(scores_module, "GROUPED_SEARCH_ENTRIES", 1)  # (the grouped IVF pass's blocks too)
     targets = clustered(6000, 32, 40, seed=5)
     search = build_score_search(targets, k=10, dims=0, gpu_id=None, index=kind, seed=0)
     whole = score_rows(search, targets)

@@ -35,8 +35,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import RelaError
-from ..fileio import write_json_atomic
+from ...errors import RelaError
+from ...fileio import write_json_atomic
 
 JOURNAL_NAME = "journal.json"
 JOURNAL_VERSION = 1

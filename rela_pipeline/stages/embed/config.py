@@ -1,0 +1,101 @@
+"""Settings of an ``embed`` run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...errors import RelaError
+from ...scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES
+from ...shards.format import TARGET_DTYPES
+
+
+#: :class:`EmbedConfig` fields that control how a run goes, not what it writes: left out of the
+#: manifest's ``settings`` and of the identity a resumed run must match.
+RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds", "dist_timeout_s")
+
+
+@dataclass
+class EmbedConfig:
+    """Settings of one ``embed`` run (the CLI options, one to one).
+
+    Attributes:
+        data_dir: ImageFolder root.
+        prior: prior spec (see :mod:`rela_pipeline.priors`).
+        out_dir: output directory of the shard set.
+        batch_size: images per forward pass; None: 256 on CUDA, 32 on CPU (large batches are
+            slower on CPU: memory traffic, see the README's benchmarks).
+        num_workers: DataLoader worker processes decoding images (0: decode in the main process).
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        amp: autocast (bfloat16, float16 where bf16 is unsupported) on CUDA; ignored on CPU.
+        image_size: resize whole images to this many pixels instead of the prior's preprocessing.
+        seed: seed of random priors and of the order samples are written into shards.
+        shard_size: samples per shard.
+        max_shard_bytes: bytes per shard at most (a shard closes once it passes this size).
+        target_dtype: "float16" or "float32".
+        score_k: neighbours for ``knn_density``.
+        score_dims: leading transported components used for scores (0: all).
+        score_index: how neighbours are searched, one of :data:`rela_pipeline.scores.SCORE_INDEXES`
+            (``auto``: exact up to 200,000 samples on CPU, 2M on GPU, else IVF tuned to recall@k
+            >= 0.95; the search and its measured recall go into the manifest).
+        overwrite: replace a previous shard set (or interrupted run) in ``out_dir``.
+        resume: continue the interrupted run in ``out_dir`` (see :func:`run_embed`); on an empty
+            ``out_dir`` a new run starts; on a complete set with the same identity nothing is done.
+        keep_embeddings: also write the raw prior embeddings (``embeddings.npy``, float32 (N, D)).
+        progress: show tqdm progress bars.
+        checkpoint_seconds: wall-clock seconds between journal records of embedded rows (the most
+            embedding work a crash loses).
+        dist_timeout_s: under torchrun, seconds a rank waits for the others before the job fails.
+    """
+
+    data_dir: Path
+    prior: str
+    out_dir: Path
+    batch_size: int | None = None
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    device: str = "auto"
+    amp: bool = True
+    image_size: int | None = None
+    seed: int = 0
+    shard_size: int = 10_000
+    max_shard_bytes: float = 3e9
+    target_dtype: str = "float16"
+    score_k: int = DEFAULT_K
+    score_dims: int = DEFAULT_SCORE_DIMS
+    score_index: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    keep_embeddings: bool = False
+    progress: bool = True
+    checkpoint_seconds: float = 60.0
+    dist_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        """Raise :class:`RelaError` on out-of-range settings."""
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RelaError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.shard_size < 1:
+            raise RelaError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.target_dtype not in TARGET_DTYPES:
+            raise RelaError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, got {self.target_dtype}")
+        if self.score_dims < 0:
+            raise RelaError(f"--score-dims must be >= 0, got {self.score_dims}")
+        if self.score_index not in SCORE_INDEXES:
+            raise RelaError(f"--score-index must be one of {', '.join(SCORE_INDEXES)}, got {self.score_index!r}")
+        if self.resume and self.overwrite:
+            raise RelaError("--resume and --overwrite exclude each other: continue the run in OUT, or replace it")
+        if not self.checkpoint_seconds > 0:
+            raise RelaError(f"--checkpoint-seconds must be > 0, got {self.checkpoint_seconds}")
+        if not self.dist_timeout_s > 0:
+            raise RelaError(f"--dist-timeout must be > 0, got {self.dist_timeout_s}")
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass when none is given: 256 on CUDA, 32 on CPU (larger batches are
+    memory-bound and slower on CPU; see the README's benchmarks)."""
+    return 256 if device.type == "cuda" else 32

@@ -1,0 +1,170 @@
+"""Writing the shards: in one process straight into OUT, or in parts by the ranks and then moved into OUT in order."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ...fileio import PARTIAL_SUFFIX, create_npy_memmap, sha256_file
+from ...shards.format import SHARD_GLOB, SHARD_PATTERN, encode_sample
+from ...shards.writer import ShardInfo, ShardSetWriter
+from .context import EmbedRun
+from .journal import EmbedJournal
+from .output import remove_path
+from .plan import rank_share
+
+
+def shard_write_order(num_samples: int, seed: int) -> np.ndarray:
+    """The order in which sample indices are written into shards: a permutation of
+    ``range(num_samples)`` (int64, ``(num_samples,)``) from ``numpy.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).permutation(num_samples)
+
+
+def shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
+    """The journal's finished shards up to the first one missing or altered; every other shard
+    file (and partial file) in OUT is removed."""
+    kept: list[ShardInfo] = []
+    for record in journal.shards:
+        path = out_dir / record["name"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            break
+        kept.append(ShardInfo(**record))
+    names = {s.name for s in kept}
+    for path in list(out_dir.glob(SHARD_GLOB)) + list(out_dir.glob("*" + PARTIAL_SUFFIX)):
+        if path.name not in names:
+            path.unlink()
+    if len(kept) != len(journal.shards):
+        journal.record_shards([s.to_dict() for s in kept])
+    return kept
+
+
+def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[list[ShardInfo], int]:
+    """Write the shard set; return its shards (rank 0; ``[]`` elsewhere) and how many were reused.
+
+    One process writes the samples in :func:`shard_write_order` straight into OUT. W ranks cut the
+    order into blocks of ``shard_size`` samples and each writes its :func:`rank_share` of the
+    blocks into ``.work/shards-W-R/``; rank 0 then moves them into OUT, numbered in order. A shard
+    closed early by ``max_shard_bytes`` adds one shard, wherever it falls. Either way the shards
+    hold the samples in the same order."""
+    config, distribution = run.config, run.distribution
+    order = shard_write_order(len(kept), config.seed)
+    reused = distribution.on_main(lambda: shards_to_keep(run.journal, run.out_dir))
+    if sum(s.samples for s in reused) == len(kept):  # finished, by this world size or another
+        return (reused if distribution.is_main else []), len(reused)
+    if not distribution.enabled:
+        shards = _write_samples(run, kept, targets, scores, labels, order, run.out_dir, reused, lambda shards: run.journal.record_shards([s.to_dict() for s in shards]))
+        return shards, len(reused)
+
+    world, rank = distribution.world_size, distribution.rank
+
+    def parts_to_keep() -> dict[int, list[dict[str, Any]]]:
+        if reused:  # a prefix of a one-process run's shards: W ranks write other shards
+            shards_to_keep(_EmptyShards(run.journal), run.out_dir)
+            run.journal.record_shards([])
+        for stale in run.work.glob("shards-*"):
+            if stale.name.rsplit("-", 1)[0] != f"shards-{world}":
+                remove_path(stale)
+        return run.journal.shard_parts(world)
+
+    parts = distribution.on_main(parts_to_keep)
+    part_dir = run.work / f"shards-{world}-{rank}"
+    part_dir.mkdir(exist_ok=True)
+    finished = _part_prefix(part_dir, parts.get(rank, []))
+    share = rank_share(-(-len(kept) // config.shard_size), rank, world)
+    first, last = share.start * config.shard_size, min(share.stop * config.shard_size, len(kept))
+    recorder = run.recorder()
+    _write_samples(run, kept, targets, scores, labels, order[first:last], part_dir, finished,
+                   lambda shards: recorder.record_shard_part(rank, world, [s.to_dict() for s in shards]))
+    distribution.barrier()
+    reused_parts = distribution.gather(len(finished))
+    shards = distribution.on_main(lambda: _publish_parts(run, world))
+    return (shards if distribution.is_main else []), sum(reused_parts)
+
+
+class _EmptyShards:
+    """A journal view with no finished shards (for :func:`shards_to_keep` to clear OUT)."""
+
+    def __init__(self, journal: EmbedJournal) -> None:
+        self.shards: list[dict[str, Any]] = []
+        self._journal = journal
+
+    def record_shards(self, shards: list[dict[str, Any]]) -> None:
+        self._journal.record_shards(shards)
+
+
+def _part_prefix(part_dir: Path, records: list[dict[str, Any]]) -> list[ShardInfo]:
+    """The recorded shards of a rank's part up to the first missing or altered one; every other
+    file in the part's directory is removed."""
+    kept: list[ShardInfo] = []
+    for record in records:
+        path = part_dir / record["name"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            break
+        kept.append(ShardInfo(**record))
+    names = {s.name for s in kept}
+    for path in part_dir.iterdir():
+        if path.name not in names:
+            path.unlink()
+    return kept
+
+
+def _publish_parts(run: EmbedRun, world: int) -> list[ShardInfo]:
+    """On rank 0, once every rank has written its part: move the parts' shards into OUT as
+    ``shard-NNNNNN.tar`` in rank order and record them as the finished shards."""
+    journal = run.journal
+    journal.absorb_rank_progress()
+    parts = journal.shard_parts(world)
+    shards: list[ShardInfo] = []
+    for rank in range(world):
+        for record in parts.get(rank, []):
+            info = ShardInfo(**record)
+            name = SHARD_PATTERN % len(shards)
+            os.replace(run.work / f"shards-{world}-{rank}" / info.name, run.out_dir / name)
+            shards.append(dataclasses.replace(info, name=name))
+    journal.drop_shard_parts()
+    journal.record_shards([s.to_dict() for s in shards])
+    return shards
+
+
+def _write_samples(run: EmbedRun, kept, targets, scores: dict[str, np.ndarray], labels, order: np.ndarray, directory: Path,
+                   done: list[ShardInfo], on_shard: Callable[[list[ShardInfo]], None]) -> list[ShardInfo]:
+    """Write the samples ``order[len(done's samples):]`` (indices into ``kept``) into shards in
+    ``directory``, after the finished shards ``done``."""
+    config, index = run.config, run.index
+    position = sum(s.samples for s in done)
+    with ShardSetWriter(directory, config.shard_size, config.max_shard_bytes, finished=done, on_shard=on_shard) as writer, tqdm(
+        total=len(order), initial=position, unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True
+    ) as bar:
+        # Shards hold samples in a seeded random order: an ImageFolder scan is sorted by class, and
+        # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
+        # of one or two classes. Keys stay the sample indices, so nothing else depends on the order.
+        for i in order[position:].tolist():
+            row = kept[i]
+            relative = index.files[row]
+            label = int(labels[i]) if labels is not None else None
+            metadata = {
+                "label": label,
+                "class_name": index.class_names[label] if label is not None else None,
+                "knn_density": float(scores["knn_density"][i]),
+                "nn_similarity": float(scores["nn_similarity"][i]),
+                "nn_index": int(scores["nn_index"][i]),
+            }
+            image_bytes = (index.root / relative).read_bytes()
+            writer.write(encode_sample(i, relative, image_bytes, np.asarray(targets[i]), metadata, label))
+            bar.update(1)
+    return writer.shards
+
+
+def write_rows_npy(source: np.ndarray, rows: np.ndarray, path: Path, chunk_rows: int = 65536) -> None:
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    out = create_npy_memmap(partial, source.dtype, (len(rows), source.shape[1]))
+    for start in range(0, len(rows), chunk_rows):
+        out[start : start + chunk_rows] = source[rows[start : start + chunk_rows]]
+    out.flush()
+    del out
+    os.replace(partial, path)
