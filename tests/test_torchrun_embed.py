@@ -21,6 +21,7 @@ from tests.conftest import TRAIN_DIR
 from tests.test_torchrun import _children, _environ
 
 CLI = str(Path(sys.executable).parent / "rela-pipeline")
+INTERRUPTING_CLI = str(Path(__file__).parent / "interrupting_cli.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per rank; the one-process runs match it
 # 300 images: 10 batches of 32, 8 shard blocks of 40 (each rank writes 4).
 FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "32", "--shard-size", "40",
@@ -107,3 +108,27 @@ def test_a_rank_killed_while_embedding_then_resume_completes_the_set(tmp_path):
     assert np.array_equal(*embeddings)  # each row from the batch it has in one process
     for key in expected:
         assert np.array_equal(got[key]["target"], expected[key]["target"]), key
+
+
+def test_a_rank_stopped_while_writing_shards_then_resume_with_the_same_world_size(tmp_path):
+    """Rank 1 stops after two of its four shards (webdataset closes a shard when the next sample comes);
+    rank 0 is stopped by torchrun wherever it was. A
+    two-rank --resume keeps every finished part shard and writes the one-process set."""
+    one, out = tmp_path / "one", tmp_path / "out"
+    assert one_process(one, *FAST).returncode == 0
+    stopped = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", INTERRUPTING_CLI,
+         "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST],
+        capture_output=True, text=True, timeout=600, env={**ONE_THREAD, "INTERRUPT_RANK": "1", "INTERRUPT_AT_SAMPLE": "81"},
+    )
+    assert stopped.returncode != 0 and not (out / MANIFEST_NAME).exists()
+    part = json.loads((out / ".work" / "rank-1.json").read_text())["state"]["shard_part"]
+    assert [s["samples"] for s in part] == [40, 40]
+    done = subprocess.run(torchrun_command(out, *FAST, "--resume"), capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = read_manifest(out)["run"]
+    assert run["images_embedded"] == 0 and run["shards_reused"] >= 2
+    for name in sorted(p.name for p in one.iterdir()):
+        if name != MANIFEST_NAME:
+            assert (out / name).read_bytes() == (one / name).read_bytes(), name
+    assert verify_shard_set(out).ok

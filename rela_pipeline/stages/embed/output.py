@@ -1,4 +1,5 @@
-"""The output directory: its lock, what a new, overwritten or resumed run finds there, and the run's identity."""
+"""The output directory: its lock, what a new, overwritten or resumed run finds there, and the
+run's identity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The run, top to bottom: open OUT, then embed, transport, targets, scores, shards, manifest; each phase shared by the ranks under torchrun."""
+"""The run, top to bottom: open OUT, then embed, transport, targets, scores, shards, manifest;
+under torchrun each phase shared by the ranks (:mod:`.plan`)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,10 @@ def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.de
     identity = run_identity(config, index, prior)
     if distribution.enabled:  # every rank must see the same images and build the same prior
         values = distribution.gather(json.dumps(identity, sort_keys=True))
-        if any(v != values[0] for v in values):
-            raise RelaError(f"the ranks disagree on the dataset, the prior or the settings ({first_difference(json.loads(values[0]), json.loads(next(v for v in values if v != values[0])))}): "
-                            "every rank must see the same DATA and OUT")
+        other = next((v for v in values if v != values[0]), None)
+        if other is not None:
+            difference = first_difference(json.loads(values[0]), json.loads(other))
+            raise RelaError(f"the ranks disagree on the dataset, the prior or the settings ({difference}): every rank must see the same DATA and OUT")
     run = EmbedRun(config, index, prior, device, distribution, out_dir, timings, say)
     with contextlib.ExitStack() as stack:
 
@@ -180,8 +182,16 @@ def _rows_sha256(array: np.ndarray, start: int, stop: int) -> str:
 
 def _embedding_to_do(run: EmbedRun, path: Path, shape: tuple[int, int]) -> list[tuple[int, int]]:
     """On rank 0: fold in the ranks' records, check the finished row ranges against their checksums
-    (dropping those that no longer match), create the embeddings map if there is none; return
-    the finished ranges."""
+    (dropping those that no longer match), create the embeddings map if there is none, and when
+    rows are left to embed drop every later phase; return the finished ranges."""
+    done = _verified_embedding(run, path, shape)
+    if len(missing_batches(shape[0], run.config.batch_size, done)):
+        run.journal.invalidate_after("embed")
+        run.journal.save()
+    return done
+
+
+def _verified_embedding(run: EmbedRun, path: Path, shape: tuple[int, int]) -> list[tuple[int, int]]:
     journal = run.journal
     journal.absorb_rank_progress()
     chunks = journal.embedded_chunks
@@ -202,17 +212,15 @@ def _embedding_to_do(run: EmbedRun, path: Path, shape: tuple[int, int]) -> list[
     return [(a, b) for a, b, _ in good]
 
 
-def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingResult | None]:
+def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingResult | None, bool]:
     """Embed every image not yet embedded, each rank its share of the missing batches; return the
-    embeddings map (read-only), the failed rows and the run's throughput (None when nothing was
-    embedded)."""
+    embeddings map (read-only), the failed rows, the run's throughput (None when nothing was
+    embedded) and whether finished embeddings were found (a resumed run)."""
     config, distribution = run.config, run.distribution
     run.prior.model.to(run.device)
     shape = (len(run.index.files), embedding_dim(run.prior, run.device))
     path = run.work / EMBEDDINGS_NAME
     done = distribution.on_main(lambda: _embedding_to_do(run, path, shape))
-    if len(missing_batches(shape[0], config.batch_size, done)):
-        distribution.on_main(lambda: (run.journal.invalidate_after("embed"), run.journal.save()))
     mine = rank_rows_to_embed(shape[0], config.batch_size, done, distribution.rank, distribution.world_size)
     images, seconds = 0, 0.0
     if mine:
@@ -244,13 +252,12 @@ def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingRe
         run.timings["embed"] = seconds
         run.say(f"embedded {images} images in {seconds:.1f}s ({result.images_per_second:.0f} img/s"
                 + (f" over {distribution.world_size} ranks)" if distribution.enabled else ")"))
-    return open_npy_memmap(path, np.float32, shape, mode="r"), failures, result
+    return open_npy_memmap(path, np.float32, shape, mode="r"), failures, result, bool(done)
 
 
 def _run_stages(run: EmbedRun) -> dict[str, Any]:
     config, index, distribution = run.config, run.index, run.distribution
-    resumed = distribution.on_main(lambda: bool(run.journal.embedded_chunks))
-    embeddings, failures, result = _embed_phase(run)
+    embeddings, failures, result, resumed = _embed_phase(run)
     ok = np.ones(len(index.files), dtype=bool)
     ok[list(failures)] = False
     kept = np.flatnonzero(ok)

@@ -1,4 +1,5 @@
-"""Representation targets: the transport applied to the embeddings, chunk by chunk, and the reference sample."""
+"""Representation targets: the transport applied to the embeddings, chunk by chunk, and the
+reference sample that ``verify`` recomputes."""
 
 from __future__ import annotations
 

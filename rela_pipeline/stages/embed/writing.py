@@ -1,4 +1,5 @@
-"""Writing the shards: in one process straight into OUT, or in parts by the ranks and then moved into OUT in order."""
+"""Writing the shards: in one process straight into OUT, or in parts by the ranks and then moved
+into OUT in order."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ...errors import RelaError
 from ...fileio import PARTIAL_SUFFIX, create_npy_memmap, sha256_file
 from ...shards.format import SHARD_GLOB, SHARD_PATTERN, encode_sample
 from ...shards.writer import ShardInfo, ShardSetWriter
@@ -34,13 +36,17 @@ def shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
         if not path.is_file() or sha256_file(path) != record["sha256"]:
             break
         kept.append(ShardInfo(**record))
-    names = {s.name for s in kept}
-    for path in list(out_dir.glob(SHARD_GLOB)) + list(out_dir.glob("*" + PARTIAL_SUFFIX)):
-        if path.name not in names:
-            path.unlink()
+    remove_shard_files(out_dir, keep={s.name for s in kept})
     if len(kept) != len(journal.shards):
         journal.record_shards([s.to_dict() for s in kept])
     return kept
+
+
+def remove_shard_files(out_dir: Path, keep: set[str]) -> None:
+    """Delete every shard file and partial file in ``out_dir`` whose name is not in ``keep``."""
+    for path in list(out_dir.glob(SHARD_GLOB)) + list(out_dir.glob("*" + PARTIAL_SUFFIX)):
+        if path.name not in keep:
+            path.unlink()
 
 
 def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[list[ShardInfo], int]:
@@ -64,7 +70,7 @@ def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: d
 
     def parts_to_keep() -> dict[int, list[dict[str, Any]]]:
         if reused:  # a prefix of a one-process run's shards: W ranks write other shards
-            shards_to_keep(_EmptyShards(run.journal), run.out_dir)
+            remove_shard_files(run.out_dir, keep=set())
             run.journal.record_shards([])
         for stale in run.work.glob("shards-*"):
             if stale.name.rsplit("-", 1)[0] != f"shards-{world}":
@@ -82,19 +88,8 @@ def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: d
                    lambda shards: recorder.record_shard_part(rank, world, [s.to_dict() for s in shards]))
     distribution.barrier()
     reused_parts = distribution.gather(len(finished))
-    shards = distribution.on_main(lambda: _publish_parts(run, world))
+    shards = distribution.on_main(lambda: _publish_parts(run, world, len(kept)))
     return (shards if distribution.is_main else []), sum(reused_parts)
-
-
-class _EmptyShards:
-    """A journal view with no finished shards (for :func:`shards_to_keep` to clear OUT)."""
-
-    def __init__(self, journal: EmbedJournal) -> None:
-        self.shards: list[dict[str, Any]] = []
-        self._journal = journal
-
-    def record_shards(self, shards: list[dict[str, Any]]) -> None:
-        self._journal.record_shards(shards)
 
 
 def _part_prefix(part_dir: Path, records: list[dict[str, Any]]) -> list[ShardInfo]:
@@ -113,12 +108,19 @@ def _part_prefix(part_dir: Path, records: list[dict[str, Any]]) -> list[ShardInf
     return kept
 
 
-def _publish_parts(run: EmbedRun, world: int) -> list[ShardInfo]:
+def _publish_parts(run: EmbedRun, world: int, num_samples: int) -> list[ShardInfo]:
     """On rank 0, once every rank has written its part: move the parts' shards into OUT as
-    ``shard-NNNNNN.tar`` in rank order and record them as the finished shards."""
+    ``shard-NNNNNN.tar`` in rank order and record them as the finished shards.
+
+    Raises:
+        RelaError: the parts do not hold ``num_samples`` samples (nothing is moved).
+    """
     journal = run.journal
     journal.absorb_rank_progress()
     parts = journal.shard_parts(world)
+    recorded = sum(record["samples"] for shards in parts.values() for record in shards)
+    if recorded != num_samples:
+        raise RelaError(f"the ranks' shard parts hold {recorded} of {num_samples} samples; rerun with --resume")
     shards: list[ShardInfo] = []
     for rank in range(world):
         for record in parts.get(rank, []):
