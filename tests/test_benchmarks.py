@@ -113,3 +113,22 @@ def test_scale_stage_one_reports_the_approximate_search_and_its_recall(tmp_path)
     assert set(report["phases"]) == {"fit", "transport", "scores"} and report["scores"]["finite"]
     assert json.loads((tmp_path / "scale.json").read_text())["scores"]["search"] == search
     assert not (tmp_path / "work").exists()  # the memory-maps are removed
+
+
+def test_embed_distributed_compares_one_and_two_processes_and_their_outputs(tmp_path):
+    import embed_distributed
+    from conftest import TRAIN_DIR
+
+    out = tmp_path / "embed.json"
+    assert embed_distributed.main(["--data", str(TRAIN_DIR), "--processes", "2", "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, two = (result["runs"][f"{p} process(es)"][0] for p in (1, 2))
+    assert one["samples"] == two["samples"] == 300 and one["shards"] == two["shards"]
+    cores = result["machine"]["cores"]
+    assert (one["threads_per_process"], two["threads_per_process"]) == (cores, max(cores // 2, 1))  # the machine split two ways
+    assert abs(result["embed_speedup"] - two["embed_images_per_s"] / one["embed_images_per_s"]) < 1e-3
+    difference = result["output_difference"]
+    # Float16 rounding of float32 targets that differ, if at all, in their last bits (the transport
+    # fitted with another thread count): at most one float16 step at magnitude 1 (2^-10).
+    assert difference["targets_max_abs_difference"] <= 2**-10
+    assert difference["files_identical"] == (difference["files_differing"] == [])
