@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from rela_pipeline.fileio import write_json_atomic
+from torchrun_cli import machine, run_cli
 from rela_pipeline.transport import LinearTransport
 
 
@@ -48,13 +47,7 @@ def cli_embed(data: str, out: Path, processes: int, options: list[str], threads:
     Raises:
         SystemExit: the run failed (its last stderr lines are printed).
     """
-    cli = str(Path(sys.executable).parent / "rela-pipeline")
-    command = [cli, "-q", "embed", "--data", data, "--out", str(out), "--overwrite", "--keep-embeddings", *options]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "--no-python", *command]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if done.returncode != 0:
-        sys.exit(f"{processes} process(es) failed:\n{done.stderr[-2000:]}")
+    run_cli(processes, ["embed", "--data", data, "--out", str(out), "--overwrite", "--keep-embeddings", *options], threads)
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -106,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = {p: statistics.median(r["embed_images_per_s"] for r in rs) for p, rs in runs.items()}
     total = {p: statistics.median(r["timings_s"]["total"] for r in rs) for p, rs in runs.items()}
     payload = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine(),
         "settings": vars(args) | {"out": str(args.out)},
         "median_embed_images_per_s": {f"{p} process(es)": round(v, 1) for p, v in rate.items()},
         "median_total_s": {f"{p} process(es)": round(v, 2) for p, v in total.items()},

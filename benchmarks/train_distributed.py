@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 from rela_pipeline.fileio import write_json_atomic
+from torchrun_cli import machine, run_cli
 
 
 def cli_train(shards: str, out: Path, processes: int, options: list[str], threads: int) -> dict:
@@ -37,14 +35,7 @@ def cli_train(shards: str, out: Path, processes: int, options: list[str], thread
     Raises:
         SystemExit: the run failed (its last stderr lines are printed).
     """
-    cli = str(Path(sys.executable).parent / "rela-pipeline")
-    command = [cli, "-q", "train", "--shards", shards, "--out", str(out), "--overwrite", *options]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "--no-python", *command]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.exit(f"{processes} process(es) failed:\n{done.stderr[-2000:]}")
+    run_cli(processes, ["train", "--shards", shards, "--out", str(out), "--overwrite", *options], threads)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
     summary = json.loads((out / "summary.json").read_text())
@@ -84,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_}: {phase}, {processes} process(es) x {threads} threads: {result['images_per_s']:.0f} img/s", flush=True)
     median = {key: statistics.median(r["images_per_s"] for r in runs) for key, runs in results.items()}
     payload = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine(),
         "settings": vars(args) | {"out": str(args.out)},
         "median_images_per_s": {f"{phase}, {p} process(es)": round(v, 1) for (phase, p), v in median.items()},
         "speedup": {phase: round(median[(phase, args.processes)] / median[(phase, 1)], 3) for phase in phases},

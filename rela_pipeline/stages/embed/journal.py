@@ -110,8 +110,7 @@ class EmbedJournal:
 
     def record_embedded(self, start: int, stop: int, sha256: str, failures: dict[int, str]) -> None:
         """Record rows ``[start, stop)`` as embedded (``failures``: those rows that were not) and save."""
-        self.state["embed"]["chunks"].append([int(start), int(stop), sha256])
-        self.state["embed"]["failures"].update({str(row): reason for row, reason in failures.items()})
+        _add_chunk(self.state["embed"], start, stop, sha256, failures)
         self.save()
 
     def keep_embedded(self, chunks: list[tuple[int, int, str]]) -> None:
@@ -204,6 +203,12 @@ class EmbedJournal:
                 self.state.pop(later, None)
 
 
+def _add_chunk(embed_state: dict[str, Any], start: int, stop: int, sha256: str, failures: dict[int, str]) -> None:
+    """Append a finished row range and its failed rows to an ``embed`` state (journal or rank record)."""
+    embed_state["chunks"].append([int(start), int(stop), sha256])
+    embed_state["failures"].update({str(row): reason for row, reason in failures.items()})
+
+
 #: Progress files of ranks other than 0, next to the journal.
 RANK_PROGRESS_GLOB = "rank-*.json"
 
@@ -246,8 +251,7 @@ class RankProgress:
 
     def record_embedded(self, start: int, stop: int, sha256: str, failures: dict[int, str]) -> None:
         """As :meth:`EmbedJournal.record_embedded`."""
-        self.state["embed"]["chunks"].append([int(start), int(stop), sha256])
-        self.state["embed"]["failures"].update({str(row): reason for row, reason in failures.items()})
+        _add_chunk(self.state["embed"], start, stop, sha256, failures)
         self.save()
 
     def record_shard_part(self, rank: int, world_size: int, shards: list[dict[str, Any]]) -> None:

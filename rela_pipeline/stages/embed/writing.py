@@ -30,15 +30,21 @@ def shard_write_order(num_samples: int, seed: int) -> np.ndarray:
 def shards_to_keep(journal: EmbedJournal, out_dir: Path) -> list[ShardInfo]:
     """The journal's finished shards up to the first one missing or altered; every other shard
     file (and partial file) in OUT is removed."""
-    kept: list[ShardInfo] = []
-    for record in journal.shards:
-        path = out_dir / record["name"]
-        if not path.is_file() or sha256_file(path) != record["sha256"]:
-            break
-        kept.append(ShardInfo(**record))
+    kept = _verified_prefix(out_dir, journal.shards)
     remove_shard_files(out_dir, keep={s.name for s in kept})
     if len(kept) != len(journal.shards):
         journal.record_shards([s.to_dict() for s in kept])
+    return kept
+
+
+def _verified_prefix(directory: Path, records: list[dict[str, Any]]) -> list[ShardInfo]:
+    """The recorded shards up to the first one missing from ``directory`` or whose SHA-256 differs."""
+    kept: list[ShardInfo] = []
+    for record in records:
+        path = directory / record["name"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            break
+        kept.append(ShardInfo(**record))
     return kept
 
 
@@ -95,12 +101,7 @@ def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: d
 def _part_prefix(part_dir: Path, records: list[dict[str, Any]]) -> list[ShardInfo]:
     """The recorded shards of a rank's part up to the first missing or altered one; every other
     file in the part's directory is removed."""
-    kept: list[ShardInfo] = []
-    for record in records:
-        path = part_dir / record["name"]
-        if not path.is_file() or sha256_file(path) != record["sha256"]:
-            break
-        kept.append(ShardInfo(**record))
+    kept = _verified_prefix(part_dir, records)
     names = {s.name for s in kept}
     for path in part_dir.iterdir():
         if path.name not in names:
