@@ -186,3 +186,10 @@ def test_unlabelled_folder_gives_shards_without_cls(tmp_path):
     assert suffixes == {"png", "target.npy", "json"}
     code, stdout, _ = run_cli("verify", str(out))
     assert code == 0 and "20 samples verified" in stdout
+
+
+def test_a_non_positive_dist_timeout_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--prior", "random:resnet18", "--out", str(out), "--dist-timeout", "0")
+    assert_one_line_error(code, stderr, "--dist-timeout must be > 0")
+    assert not out.exists()
