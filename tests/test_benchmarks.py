@@ -132,3 +132,16 @@ def test_embed_distributed_compares_one_and_two_processes_and_their_outputs(tmp_
     # fitted with another thread count): at most one float16 step at magnitude 1 (2^-10).
     assert difference["targets_max_abs_difference"] <= 2**-10
     assert difference["files_identical"] == (difference["files_differing"] == [])
+
+
+def test_grouped_list_search_times_both_passes_and_finds_the_same_neighbours(tmp_path):
+    import grouped_list_search
+
+    out = tmp_path / "grouped.json"
+    assert grouped_list_search.main(["--lists", "16", "--members-per-list", "50", "--queries-per-list", "200", "--nprobe", "4",
+                                     "--rounds", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["shapes"] == {"members": 800, "queries": 800, "mean_queries_per_list": 200.0}
+    assert all(len(values) == 2 for values in report["seconds"].values())
+    assert report["speedup"] == round(min(report["seconds"]["knn"]) / min(report["seconds"]["products"]), 2)
+    assert report["same_neighbour_ids"] > 0.999 and report["max_abs_similarity_difference"] < 1e-5
