@@ -25,7 +25,6 @@ process with 2 threads against 2 processes with 1 thread each need not give it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from rela_pipeline.fileio import write_json_atomic
-from torchrun_cli import machine, run_cli
+from torchrun_cli import comparison_parser, machine, run_cli
 from rela_pipeline.transport import LinearTransport
 
 
@@ -72,15 +71,11 @@ def compare(one: Path, many: Path, manifests: tuple[dict, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (argv: the command line's arguments); return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = comparison_parser(__doc__)
     parser.add_argument("--data", required=True, help="an ImageFolder (e.g. data/fashion-mnist/train)")
-    parser.add_argument("--processes", type=int, default=2, help="N, the ranks of the distributed run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
     parser.add_argument("--prior", default="random:resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", required=True, type=Path, help="JSON result")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     options = ["--prior", args.prior, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device, "--num-workers", "0"]

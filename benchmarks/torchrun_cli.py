@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -32,3 +33,14 @@ def machine() -> dict:
     """The machine a benchmark ran on: CPU, cores, torch version, GPU name (None without one)."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count() or 1, "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def comparison_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every 1-against-N comparison takes: ``--processes`` (N),
+    ``--device``, ``--rounds`` and ``--out`` (the JSON result); the benchmark adds its own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2, help="N, the ranks of the distributed run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", required=True, type=Path, help="JSON result")
+    return parser

@@ -16,7 +16,6 @@ GPU per rank. Example (the README's CPU numbers)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 
 from rela_pipeline.fileio import write_json_atomic
-from torchrun_cli import machine, run_cli
+from torchrun_cli import comparison_parser, machine, run_cli
 
 
 def cli_train(shards: str, out: Path, processes: int, options: list[str], threads: int) -> dict:
@@ -47,18 +46,14 @@ def cli_train(shards: str, out: Path, processes: int, options: list[str], thread
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (argv: the command line's arguments); return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = comparison_parser(__doc__)
     parser.add_argument("--shards", required=True, help="a shard set (e.g. runs/demo/shards)")
-    parser.add_argument("--processes", type=int, default=2, help="N, the ranks of the distributed run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
     parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-ratio", type=float, default=0.25)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=5, help="steps per rate interval")
-    parser.add_argument("--out", required=True, type=Path, help="JSON result")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     options = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
