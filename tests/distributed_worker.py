@@ -5,18 +5,28 @@ tests/distributed_worker.py SHARDS OUT``: BYOL + ReLA for the whole run (``const
 BatchNorm-free student (the ConvNet's BatchNorm layers replaced by GroupNorm in the method
 factory; the ReLA phase never runs the heads), in fp32, so one process and two processes at the
 same global batch compute the same thing up to the order of float reductions.
+
+Rank 0 also saves ``OUT/first-step-gradients.pt``: the gradient of every optimised parameter at
+the first optimiser step (in the optimiser's parameter order), as the optimiser sees it. Under
+DDP that is the gradient averaged over the ranks, which DDP guarantees equals the one-process
+gradient of the same global batch up to float32 summation order.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rela_pipeline.batched_views import batched_method_views
 from rela_pipeline.methods import BYOL
 from rela_pipeline.stages.train import TrainConfig, run_train
+
+FIRST_STEP_GRADIENTS = "first-step-gradients.pt"
 
 
 def without_batchnorm(module: nn.Module) -> nn.Module:
@@ -35,7 +45,19 @@ def main(shards: str, out: str) -> None:
         rela_schedule="constant:1", precision="fp32", data_path="memory", device="cpu", num_workers=0,
         verify=False, progress=False, log_every=3,
     )
-    run_train(config, method_factory=lambda backbone: BYOL(without_batchnorm(backbone)), ssl_views=batched_method_views("byol", 32))
+    first: list[torch.Tensor] = []
+
+    def keep_first_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if not first:
+            first.extend(p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+
+    hook = register_optimizer_step_pre_hook(keep_first_gradients)
+    try:
+        run_train(config, method_factory=lambda backbone: BYOL(without_batchnorm(backbone)), ssl_views=batched_method_views("byol", 32))
+    finally:
+        hook.remove()
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(first, Path(out) / FIRST_STEP_GRADIENTS)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from conftest import run_cli
+from distributed_worker import FIRST_STEP_GRADIENTS
 
 CLI = str(Path(sys.executable).parent / "rela-pipeline")
 WORKER = str(Path(__file__).parent / "distributed_worker.py")
@@ -80,31 +82,34 @@ def test_the_switch_from_rela_to_simclr_under_ddp(shard_set, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["data_path"] == "stream"
 
 
+#: float32 unit roundoff.
+EPS32 = float(torch.finfo(torch.float32).eps)
+#: The longest reduction in the step's gradients: a 3x3 convolution's weight gradient sums over
+#: the batch and every output position, B x H x W = 32 x 32 x 32 terms.
+LONGEST_REDUCTION = 32 * 32 * 32
+
+
 def test_two_processes_compute_what_one_process_computes(shard_set, tmp_path):
-    """A BatchNorm-free student at the same global batch: the weights after 18 steps agree to
-    within a small fraction of how far training moved them."""
+    """What DDP guarantees: at the same global batch the gradient the optimiser sees, averaged over
+    the two ranks, equals the one-process gradient up to float32 summation order. Blocked and
+    pairwise float32 sums of n terms in two orders differ by about log2(n) roundoffs relative to
+    the sum; the tolerance allows 8 times that for the longest reduction (1.4e-5; about 2e-7 is
+    measured on AVX-512 and AVX2 kernels alike). After the first step the runs are compared by
+    their budgets only: AdamW turns a rounding-sized gradient difference into a full-size step of
+    either sign, so later weights differ by an amount that depends on the machine's kernels."""
     shards, _ = shard_set
     alone = subprocess.run([sys.executable, WORKER, str(shards), str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
     done = torchrun(WORKER, str(shards), str(tmp_path / "two"), python=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    weights = [torch.load(tmp_path / run / "backbone.pt", weights_only=True)["state_dict"] for run in ("one", "two")]
     assert summary(tmp_path / "two")["budget"] == summary(tmp_path / "one")["budget"]
-    start = _initial_backbone()  # the student before training: the seed's initialisation
-    moved = max((weights[0][k].float() - start[k].float()).abs().max().item() for k in weights[0])
-    apart = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
-    assert moved > 1e-3
-    assert apart < 0.01 * moved, (apart, moved)
-
-
-def _initial_backbone() -> dict:
-    """The worker's student before its first step (``run_train`` seeds, then builds it)."""
-    from distributed_worker import without_batchnorm
-
-    from rela_pipeline.models import build_backbone
-
-    torch.manual_seed(0)
-    return without_batchnorm(build_backbone("convnet", cifar_stem=True)).state_dict()
+    one, two = (torch.load(tmp_path / run / FIRST_STEP_GRADIENTS, weights_only=True) for run in ("one", "two"))
+    assert len(one) == len(two) > 10  # backbone, transfer layer and probe parameters
+    tolerance = 8 * math.log2(LONGEST_REDUCTION) * EPS32
+    for index, (alone_grad, ddp_grad) in enumerate(zip(one, two)):
+        assert alone_grad.shape == ddp_grad.shape and alone_grad.norm() > 0
+        relative = ((alone_grad - ddp_grad).norm() / alone_grad.norm()).item()
+        assert relative < tolerance, (index, relative, tolerance)
 
 
 def test_a_killed_rank_ends_the_job_and_resume_finishes_it(shard_set, tmp_path):
