@@ -17,7 +17,9 @@ Design
   image); ``kornia.augmentation.ColorJitter`` would use one order for the whole batch.
 * **Generator-only randomness.** All draws come from ONE ``torch.rand((V, B, 36))`` call on the
   given generator (:data:`_N_UNIFORMS` uniforms per sample and view); no global RNG (torch,
-  numpy, random) is touched, so a seeded generator gives identical views on CPU and on CUDA.
+  numpy, random) is touched, so a generator seeded the same way on the same device gives the same
+  views on every run and on resume. The CPU and CUDA generators are different streams (Mersenne
+  Twister and Philox): the same seed gives other views on the two devices.
   :meth:`BatchedViews.sample_parameters` makes the draws, :meth:`BatchedViews.apply` uses them,
   and ``__call__`` is exactly ``apply(images, sample_parameters(B, H, W, generator))``.
 * **Vectorised.** No Python loop over samples. The Python loops run over view groups (views with

@@ -134,7 +134,9 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")
 @click.option("--num-workers", default=None, type=int, help="DataLoader decode workers [default: min(8, CPU count)].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--no-amp", is_flag=True, help="Disable autocast (bf16/fp16) on CUDA.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="The prior's forward pass; auto = fp32 (bf16 decorrelates the trailing transported components; see the docs).")
+@click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]), help="Where JPEGs are decoded, resized and cropped: in the CPU workers, or batched on the device (nvJPEG); auto = gpu on CUDA.")
 @click.option("--image-size", type=int, default=None, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random priors and of the sample order in shards.")
 @click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per shard.")
@@ -148,13 +150,14 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
 @click.option("--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses).")
 @click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
+@click.option("--dist-wait-timeout", "dist_wait_timeout_s", default=14400.0, show_default=True, type=float, help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).")
 @click.pass_context
-def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, no_amp: bool, **options) -> None:
+def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
     score every sample, and write WebDataset shards with a manifest."""
     from .stages.embed import EmbedConfig, run_embed
 
-    config = EmbedConfig(data_dir=data_dir, prior=prior, out_dir=out_dir, amp=not no_amp, progress=not ctx.obj["quiet"], **options)
+    config = EmbedConfig(data_dir=data_dir, prior=prior, out_dir=out_dir, precision="fp32" if no_amp else precision, progress=not ctx.obj["quiet"], **options)
     if num_workers is not None:
         config.num_workers = num_workers
     manifest = run_embed(config)
@@ -235,6 +238,7 @@ def verify(location: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.option("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
 @click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
+@click.option("--dist-wait-timeout", "dist_wait_timeout_s", default=14400.0, show_default=True, type=float, help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).")
 @click.pass_context
 def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, precision: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,

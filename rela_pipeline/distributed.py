@@ -11,7 +11,15 @@ and gloo on CPU, and each rank trains on ``cuda:LOCAL_RANK`` (or the CPU).
 Faults: a rank that raises exits non-zero with its one-line error prefixed by its rank
 (:func:`rank_prefix`), and torchrun then stops the other ranks and exits non-zero; a rank that
 dies (``kill -9``, the OOM killer) is seen by torchrun the same way. A collective that waits for
-a rank that neither finishes nor dies fails after the group's timeout.
+a rank that neither finishes nor dies fails after a timeout, of which there are two:
+
+* ``timeout_s`` (``--dist-timeout``) for collectives between ranks doing the same work: the
+  training step's all-reduce, the barrier after every rank's share of a phase;
+* ``wait_timeout_s`` (``--dist-wait-timeout``) for the other ranks while rank 0 works alone
+  (:meth:`Distribution.on_main`: verifying a shard set, fitting the transport, building and tuning
+  the score index: about 7 minutes at 10M samples on 2 CPU cores, longer than a collective
+  timeout should be). That wait runs on a separate gloo group with its own timeout, on the CPU,
+  so no NCCL collective is pending and NCCL's watchdog has nothing to abort.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ logger = logging.getLogger("rela_pipeline")
 
 #: Seconds a collective waits for the other ranks before the job fails (the process group's timeout).
 DEFAULT_TIMEOUT_S = 600.0
+
+#: Seconds the other ranks wait while rank 0 runs a phase alone (:meth:`Distribution.on_main`).
+DEFAULT_WAIT_TIMEOUT_S = 4 * 3600.0
 
 
 def torchrun_world() -> tuple[int, int] | None:
@@ -74,6 +85,8 @@ class Distribution:
         backend: ``"nccl"``, ``"gloo"`` or None (one process).
         owns_group: whether :func:`init_distribution` created the process group (and
             :meth:`close` destroys it); False when the caller had already made one.
+        wait_group: the gloo group :meth:`on_main` waits on (its timeout is the wait timeout);
+            None in one process.
     """
 
     rank: int = 0
@@ -82,6 +95,7 @@ class Distribution:
     local_world_size: int = 1
     backend: str | None = None
     owns_group: bool = False
+    wait_group: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -127,7 +141,8 @@ class Distribution:
         return box[0]
 
     def on_main(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on rank 0 only and give its result to every rank.
+        """Run ``work`` on rank 0 only and give its result to every rank. The other ranks wait
+        on :attr:`wait_group`, i.e. up to the wait timeout, however long ``work`` takes.
 
         Raises:
             RelaError: ``work`` raised one on rank 0 (every rank raises it, with rank 0's message
@@ -141,19 +156,29 @@ class Distribution:
                 if not self.enabled:
                     raise
                 outcome = ("error", (str(error), error.exit_code))
-        kind, value = self.broadcast(outcome)
+        if self.enabled:
+            box = [outcome if self.is_main else None]
+            dist.broadcast_object_list(box, src=0, group=self.wait_group)
+            outcome = box[0]
+        kind, value = outcome
         if kind == "error":
             message, code = value
             raise RelaError(message if self.is_main else f"stopped with rank 0: {message}", exit_code=code)
         return value
 
     def close(self) -> None:
-        """Leave the process group (after the last collective) if this module created it."""
-        if self.owns_group and dist.is_initialized():
+        """Leave the process group (after the last collective) if this module created it, else
+        only the wait group it added."""
+        if not dist.is_initialized():
+            return
+        if self.owns_group:
             dist.destroy_process_group()
+        elif self.wait_group is not None:
+            dist.destroy_process_group(self.wait_group)
+        self.wait_group = None
 
 
-def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Distribution, torch.device]:
+def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> tuple[Distribution, torch.device]:
     """Join torchrun's process group if there is one, and choose this process's device. A process
     group the caller already initialised (their own DDP script) is used as it is.
 
@@ -161,6 +186,8 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` in one process only); under
             torchrun ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK`` when CUDA is available.
         timeout_s: how long a collective waits for the other ranks (seconds).
+        wait_timeout_s: how long the other ranks wait while rank 0 works alone (seconds; at
+            least ``timeout_s`` is used).
 
     Returns:
         ``(Distribution, device)``; one process: ``(Distribution(), resolve_device(device))``.
@@ -176,6 +203,8 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         return Distribution(), resolve_device(device)
     if timeout_s <= 0:
         raise RelaError(f"--dist-timeout must be positive, got {timeout_s}")
+    if wait_timeout_s <= 0:
+        raise RelaError(f"--dist-wait-timeout must be positive, got {wait_timeout_s}")
     rank, size = world
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -190,15 +219,18 @@ def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
             raise RelaError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs (--nproc-per-node at most the GPU count)")
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
-    if dist.is_initialized():
-        return Distribution(rank, size, local_rank, local_size, str(dist.get_backend())), resolved
+    owns_group = not dist.is_initialized()
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     try:
-        options: dict[str, Any] = {"device_id": resolved} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
+        if owns_group:
+            options: dict[str, Any] = {"device_id": resolved} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
+        else:
+            backend = str(dist.get_backend())
+        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, wait_timeout_s)))
     except (RuntimeError, ValueError) as error:
         raise RelaError(f"the process group ({backend}) did not form: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    return Distribution(rank, size, local_rank, local_size, backend, owns_group=True), resolved
+    return Distribution(rank, size, local_rank, local_size, backend, owns_group=owns_group, wait_group=wait_group), resolved
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -72,10 +73,16 @@ class Preprocessing:
     resize_mode: str = "shortest"
 
     def to_uint8_transform(self) -> T.Compose:
-        """Return the CPU part (PIL RGB image -> uint8 tensor ``(3, crop, crop)``), run in workers."""
+        """Return the CPU part (PIL RGB image -> uint8 tensor ``(3, crop, crop)``), run in workers:
+        ``PILToTensor`` then :meth:`tensor_transform`."""
+        return T.Compose([T.PILToTensor(), self.tensor_transform()])
+
+    def tensor_transform(self) -> T.Compose:
+        """Resize and centre crop of uint8 ``(..., 3, H, W)`` tensors on any device, to
+        ``(..., 3, crop, crop)`` (torchvision v2 ``Resize`` with antialiasing + ``CenterCrop``)."""
         interpolation = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[self.interpolation]
         size = self.resize_size if self.resize_mode == "shortest" else (self.resize_size, self.resize_size)
-        return T.Compose([T.PILToTensor(), T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(self.crop_size)])
+        return T.Compose([T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(self.crop_size)])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Map uint8 ``(B, 3, H, W)`` to normalised float32 on the same device."""
@@ -272,6 +279,35 @@ def _load_torchvision(arch: str, weights_file: str | None) -> tuple[nn.Module, d
     return _drop_final_linear(model), record
 
 
+def _load_open_clip_file(clip_model: nn.Module, model_name: str, path: str) -> None:
+    """Load a local open_clip checkpoint into ``clip_model`` with the weights-only loader
+    (:func:`rela_pipeline.models.safe_torch_load`), whatever open_clip's own loader does in the
+    installed version (older ones unpickled files in full, which can run code).
+
+    Accepts a state dict, or a training checkpoint holding one under ``state_dict`` (keys may
+    carry DDP's ``module.`` prefix); the positional embedding is resized to the model's grid as
+    open_clip's loader does (``open_clip.model.resize_pos_embed``).
+
+    Raises:
+        RelaError: the file is not a plain weights file, or its keys or shapes do not fit.
+    """
+    state = safe_torch_load(path, f"open_clip weights file for {model_name}")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RelaError(f"open_clip weights file {path} does not hold a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = clip_model.state_dict()
+    for key in [k for k in state if k.endswith("position_ids") and k not in expected]:
+        del state[key]  # older text towers stored them
+    if "logit_scale" in state and "logit_scale" in expected and isinstance(state["logit_scale"], torch.Tensor):
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
+    resize = getattr(importlib.import_module("open_clip.model"), "resize_pos_embed", None)
+    if callable(resize):
+        resize(state, clip_model)
+    load_state_dict_strict(clip_model, state, f"weights file {path} for open_clip {model_name}")
+
+
 def _load_open_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Preprocessing, dict[str, Any]]:
     import open_clip
 
@@ -283,10 +319,8 @@ def _load_open_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Prepro
     if pretrained == "random":
         clip_model, record = open_clip.create_model(model_name, pretrained=None), {"source": "random init (open_clip)", "path": None, "sha256": None}
     elif is_file:
-        try:
-            clip_model = open_clip.create_model(model_name, pretrained=pretrained)
-        except Exception as error:  # open_clip raises RuntimeError/KeyError/UnpicklingError for bad files
-            raise RelaError(f"weights file {pretrained} does not load into open_clip {model_name}: {str(error).splitlines()[0][:200]}") from None
+        clip_model = open_clip.create_model(model_name, pretrained=None)
+        _load_open_clip_file(clip_model, model_name, pretrained)
         record = _file_record(pretrained, "local file")
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RelaError
+from .runtime import HostScalar
 
 #: Accepted ``--rela-schedule`` forms.
 SCHEDULE_FORMS = ("adaptive", "constant:<fraction of steps in (0, 1]>", "none")
@@ -65,7 +66,9 @@ class RelaSchedule(Protocol):
 
     ``start(step, total_steps)`` is called once before training (or resuming) at ``step``;
     ``active`` is read before each step; ``update(rela_loss, step, total_steps)`` is called after
-    it with the step's ReLA loss (a float, or None when the ReLA loss was not computed).
+    it with the step's ReLA loss: a detached scalar tensor on the training device (``float()`` of
+    it waits for the device; :class:`AdaptiveSchedule` reads it one step late instead), or None
+    when the ReLA loss was not computed.
     """
 
     active: bool
@@ -73,7 +76,7 @@ class RelaSchedule(Protocol):
 
     def start(self, step: int, total_steps: int) -> None: ...
 
-    def update(self, rela_loss: float | None, step: int, total_steps: int) -> None: ...
+    def update(self, rela_loss: torch.Tensor | None, step: int, total_steps: int) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -81,7 +84,7 @@ class RelaSchedule(Protocol):
 
 
 class AdaptiveSchedule:
-    """The authors' plateau switch (MISSION.md item 4; the released code's default).
+    """The authors' plateau switch (paper section 4; the released code's default schedule).
 
     Per step, with ``cur`` the step's ReLA loss::
 
@@ -94,9 +97,18 @@ class AdaptiveSchedule:
     switch: once in the SSL phase the ReLA loss is no longer computed, so ``rho`` stays put).
     ``rho`` is computed from the averages *before* this step's update, as in the released code.
 
+    No host sync per step: the decision after step ``j`` needs ``rho_j``, which depends on the
+    losses of steps ``0 .. j-1`` only. So step ``j``'s loss starts its copy to the host
+    (:class:`rela_pipeline.runtime.HostScalar`) and is folded into the averages one step later,
+    when the device has long computed it; the averages see the same float64 operations in the same
+    order as an immediate update, so ``rho`` and the switch step are exactly those of the rule
+    above. The one blocking read is at the switch (to fold in the last ReLA loss) and whenever the
+    averages are read (:attr:`l_fast`, :attr:`l_slow`, :meth:`state_dict`: checkpoints).
+
     Attributes:
         rho: the current value (float in ``[0, 1]``).
-        l_fast, l_slow: the two running averages of the ReLA loss.
+        l_fast, l_slow: the two running averages of the ReLA loss (reading them folds in the
+            pending loss).
         switch_step: the first step (0-based) trained with the SSL loss, or None before the switch.
     """
 
@@ -111,8 +123,9 @@ class AdaptiveSchedule:
         self.threshold = threshold
         self.fast_momentum = fast_momentum
         self.slow_momentum = slow_momentum
-        self.l_fast = initial_fast
-        self.l_slow = initial_slow
+        self._l_fast = initial_fast
+        self._l_slow = initial_slow
+        self._pending: HostScalar | None = None  # the last ReLA loss, not yet folded into the averages
         self.rho = 0.0
         self.switch_step: int | None = None
 
@@ -121,18 +134,41 @@ class AdaptiveSchedule:
         """True while training uses the ReLA loss."""
         return self.switch_step is None
 
+    @property
+    def l_fast(self) -> float:
+        """The fast average (after every ReLA loss so far)."""
+        self._fold_pending()
+        return self._l_fast
+
+    @property
+    def l_slow(self) -> float:
+        """The slow average (after every ReLA loss so far)."""
+        self._fold_pending()
+        return self._l_slow
+
     def start(self, step: int, total_steps: int) -> None:
         """Nothing to do: the state lives in the averages (restored by :meth:`load_state_dict`)."""
 
-    def update(self, rela_loss: float | None, step: int, total_steps: int) -> None:
-        """Advance the averages with step ``step``'s ReLA loss; switch when ``rho >= threshold``."""
+    def _fold(self, loss: float) -> None:
+        self._l_fast = self.fast_momentum * self._l_fast + (1.0 - self.fast_momentum) * loss
+        self._l_slow = self.slow_momentum * self._l_slow + (1.0 - self.slow_momentum) * self._l_fast
+
+    def _fold_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._fold(pending.value())
+
+    def update(self, rela_loss: torch.Tensor | float | None, step: int, total_steps: int) -> None:
+        """Advance the averages with step ``step``'s ReLA loss (a scalar tensor on any device, or a
+        float); switch when ``rho >= threshold``."""
         if not self.active or rela_loss is None:
             return
-        self.rho = math.exp(-max(self.l_slow - self.l_fast, 0.0))
-        self.l_fast = self.fast_momentum * self.l_fast + (1.0 - self.fast_momentum) * rela_loss
-        self.l_slow = self.slow_momentum * self.l_slow + (1.0 - self.slow_momentum) * self.l_fast
+        self._fold_pending()  # the previous step's loss: rho_j needs the losses before step j only
+        self.rho = math.exp(-max(self._l_slow - self._l_fast, 0.0))
+        self._pending = HostScalar(rela_loss)
         if self.rho >= self.threshold:
             self.switch_step = step + 1
+            self._fold_pending()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain floats/ints, for checkpoints."""
@@ -140,7 +176,8 @@ class AdaptiveSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
-        self.l_fast, self.l_slow, self.rho = float(state["l_fast"]), float(state["l_slow"]), float(state["rho"])
+        self._pending = None
+        self._l_fast, self._l_slow, self.rho = float(state["l_fast"]), float(state["l_slow"]), float(state["rho"])
         self.switch_step = None if state["switch_step"] is None else int(state["switch_step"])
 
     def __repr__(self) -> str:
@@ -334,10 +371,9 @@ class ReLA(nn.Module):
     @torch.no_grad()
     def step_end(self, output: StepOutput, step: int, total_steps: int) -> None:
         """After the optimiser step ``step`` (0-based) of ``total_steps``: update the schedule with
-        the step's ReLA loss (one host sync per step in the ReLA phase) and run the method's
-        momentum update if it has one."""
-        rela_loss = float(output.rela_loss) if output.rela_loss is not None else None
-        self.schedule.update(rela_loss, step, total_steps)
+        the step's ReLA loss (a device tensor: no host sync here) and run the method's momentum
+        update if it has one."""
+        self.schedule.update(output.rela_loss, step, total_steps)
         update = getattr(self.method, "update_momentum", None)
         if callable(update):
             update(step, total_steps)

@@ -112,8 +112,59 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
     return Precision(spec, device.type)
 
 
+def resolve_prior_precision(spec: str, device: torch.device) -> Precision:
+    """Resolve stage one's ``--precision`` for the prior's forward pass on ``device``.
+
+    ``auto`` is fp32 on every device: the transport standardises every kept component to unit
+    variance, and in bf16 the trailing components of a prior's embeddings are rounding noise
+    (measured per component against fp32 by ``benchmarks/prior_precision.py``; the docs' results
+    page). ``bf16``/``fp16`` are honoured when asked for, for speed.
+
+    Raises:
+        RelaError: as :func:`resolve_precision`.
+    """
+    return resolve_precision("fp32" if spec == "auto" else spec, device)
+
+
 def uses_channels_last(module: torch.nn.Module) -> bool:
     """Whether a student benefits from the channels-last memory format: it has 2-D convolutions
     (measured on the 2-core CPU: the ConvNet's BYOL step 1.6x faster in fp32, 2.7x with bf16;
     the usual advice for convolutions on GPUs with tensor cores)."""
     return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` has finished (a no-op on CPU), so that a clock read
+    next measures finished work rather than queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HostScalar:
+    """A scalar tensor's value on its way to the host, without stalling the device queue.
+
+    On CUDA the value is copied into pinned host memory with ``non_blocking=True`` and a CUDA
+    event is recorded behind the copy; :meth:`value` then waits for that event only, i.e. for the
+    work queued *before* the copy, not for everything queued since. On CPU the tensor is kept as
+    it is and read when asked.
+
+    Args:
+        tensor: a 0-dim (or one-element) tensor on any device, or a Python number.
+    """
+
+    def __init__(self, tensor: torch.Tensor | float) -> None:
+        self._event = None
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+            self._host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor.detach().reshape(()), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def value(self) -> float:
+        """The value as a Python float (waits for the copy on CUDA: a partial sync)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return float(self._host)

@@ -1,4 +1,11 @@
-"""Shared fixtures: the committed Fashion-MNIST sample and one small shard set built from it."""
+"""Shared fixtures: the committed Fashion-MNIST sample and one small shard set built from it.
+
+Every test runs on the CPU, whatever the machine has, except those marked ``gpu``: for the others
+CUDA is hidden (``torch.cuda.is_available()`` is False in the process and
+``CUDA_VISIBLE_DEVICES`` is empty for the processes it starts), so ``--device auto`` means the CPU
+and a result compared with a CPU computation is computed on the CPU. Tests marked ``gpu`` see
+CUDA and are skipped where there is none.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from rela_pipeline.cli import main
@@ -18,6 +26,28 @@ TRAIN_DIR = FIXTURE_ROOT / "train"
 TEST_DIR = FIXTURE_ROOT / "test"
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+#: Whether this machine has a CUDA device (read once, before any test hides it).
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` where there is no CUDA device."""
+    if CUDA_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Pin every test not marked ``gpu`` to the CPU (see the module docstring)."""
+    if "gpu" in request.keywords:
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

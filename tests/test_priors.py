@@ -133,3 +133,29 @@ def test_open_clip_random_image_tower(images):
     assert prior.preprocessing.crop_size == 224 and prior.preprocessing.interpolation == "bicubic"
     resized = torch.nn.functional.interpolate(images.float(), size=224).to(torch.uint8)
     assert forward(prior, resized).shape == (3, 512)
+
+
+def test_open_clip_weights_file_loads_with_the_weights_only_loader(images, tmp_path):
+    """A training checkpoint (``state_dict`` under DDP's ``module.`` prefix) gives the model it
+    was saved from; a pickle that would run code is refused before anything runs, whatever the
+    installed open_clip's own loader would do."""
+    saved = load_prior("open_clip:ViT-S-32:random", seed=1)
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in saved.model.clip_model.state_dict().items()}}, path)
+    loaded = load_prior(f"open_clip:ViT-S-32:{path}")
+    assert loaded.weights["sha256"] and loaded.weights["source"] == "local file"
+    resized = torch.nn.functional.interpolate(images.float(), size=224).to(torch.uint8)
+    assert torch.equal(forward(loaded, resized), forward(saved, resized))
+    assert not torch.equal(forward(load_prior("open_clip:ViT-S-32:random", seed=2), resized), forward(saved, resized))
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"state_dict": RunsCode()}, hostile)
+    with pytest.raises(RelaError, match="not a plain weights file"):
+        load_prior(f"open_clip:ViT-S-32:{hostile}")
+    assert not marker.exists()

@@ -71,6 +71,43 @@ def test_adaptive_switch_fires_on_a_plateau_and_not_on_a_falling_loss():
     assert not fall_then_flat.active and fall_then_flat.switch_step > 3500
 
 
+class _ImmediateRule:
+    """The plateau rule as this package computed it before the lagged read (the same float64
+    expressions): every step reads its loss at once (``float(loss)``, a host sync) and updates
+    the averages before the next step."""
+
+    def __init__(self) -> None:
+        self.l_fast, self.l_slow, self.rho, self.switch_step = 1.0, 2.0, 0.0, None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        self.rho = math.exp(-max(self.l_slow - self.l_fast, 0.0))
+        self.l_fast = 0.999 * self.l_fast + (1.0 - 0.999) * float(loss)
+        self.l_slow = 0.99 * self.l_slow + (1.0 - 0.99) * self.l_fast
+        if self.rho >= 0.995:
+            self.switch_step = step + 1
+
+
+def test_adaptive_schedule_reading_losses_one_step_late_switches_on_the_same_step():
+    """Scalar float32 tensors, as the training step gives them: the lagged read folds them into
+    the averages later, and rho, the averages and the switch step are bit-identical to the rule
+    that reads every loss at once; mid-run state reads (checkpoints) change nothing."""
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(6000, generator=generator)
+    losses = [torch.tensor(max(0.35, 1.0 - 2.5e-4 * t), dtype=torch.float32) + noise[t] for t in range(6000)]
+    reference, lagged = _ImmediateRule(), AdaptiveSchedule()
+    for step, loss in enumerate(losses):
+        reference.update(loss, step)
+        lagged.update(loss, step, len(losses))
+        if step % 997 == 0:  # a checkpoint reads the state mid-run
+            assert lagged.state_dict() == {"l_fast": reference.l_fast, "l_slow": reference.l_slow, "rho": reference.rho, "switch_step": None}
+        assert lagged.rho == reference.rho
+        if reference.switch_step is not None:
+            break
+    assert reference.switch_step is not None and 2600 < reference.switch_step < len(losses)  # the plateau after step 2600 fires it
+    assert lagged.switch_step == reference.switch_step and not lagged.active
+    assert (lagged.l_fast, lagged.l_slow) == (reference.l_fast, reference.l_slow)  # the last ReLA loss folded in at the switch
+
+
 def test_adaptive_schedule_round_trips_through_state_dict():
     first = AdaptiveSchedule()
     _run(first, [0.9] * 50)

@@ -4,6 +4,7 @@ the very bytes an uninterrupted run writes; and two runs write the same bytes.""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -215,6 +216,25 @@ def test_resume_refuses_other_settings_and_touches_nothing(tmp_path, monkeypatch
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     code, _, stderr = embed(out, *FAST, "--resume", "--overwrite")
     assert_one_line_error(code, stderr, "--resume and --overwrite exclude each other")
+
+
+def test_resume_refuses_rows_of_another_resolved_device_or_precision(tmp_path, monkeypatch):
+    """The identity records what ``--device`` and ``--precision`` resolved to, not what was given:
+    a run started with ``auto`` on a GPU and resumed with ``auto`` on the CPU would otherwise mix
+    rows of two devices. The GPU start is the journal's record, rewritten as a GPU run writes it."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 100, KeyboardInterrupt())
+        embed(out, *FAST)
+    journal = out / ".work" / "journal.json"
+    record = json.loads(journal.read_text())
+    assert record["identity"]["resolved"] == {"device": "cpu", "precision": "fp32", "decode": "cpu"}
+    code, _, stderr = embed(out, *FAST, "--resume", "--precision", "bf16")
+    assert_one_line_error(code, stderr, "was started differently (resolved.precision: 'fp32' -> 'bf16')")
+    record["identity"]["resolved"]["device"] = "cuda"
+    journal.write_text(json.dumps(record))
+    code, _, stderr = embed(out, *[a if a != "cpu" else "auto" for a in FAST], "--resume")
+    assert_one_line_error(code, stderr, "was started differently (resolved.device: 'cuda' -> 'cpu')")
 
 
 def test_resume_on_a_complete_set_does_nothing_and_on_an_empty_out_starts_fresh(fast_reference, tmp_path):

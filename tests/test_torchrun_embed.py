@@ -22,6 +22,7 @@ from tests.test_torchrun import _children, _environ
 
 CLI = str(Path(sys.executable).parent / "rela-pipeline")
 INTERRUPTING_CLI = str(Path(__file__).parent / "interrupting_cli.py")
+SLOW_PHASE_CLI = str(Path(__file__).parent / "slow_phase_cli.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per rank; the one-process runs match it
 # 300 images: 10 batches of 32, 8 shard blocks of 40 (each rank writes 4).
 FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "32", "--shard-size", "40",
@@ -132,3 +133,23 @@ def test_a_rank_stopped_while_writing_shards_then_resume_with_the_same_world_siz
         if name != MANIFEST_NAME:
             assert (out / name).read_bytes() == (one / name).read_bytes(), name
     assert verify_shard_set(out).ok
+
+
+def test_the_other_ranks_wait_out_a_phase_rank_0_runs_alone(tmp_path):
+    """Rank 0 fits the transport alone for 12 s (planted) while rank 1 waits: with a 4 s collective
+    timeout the job still finishes, because the wait is bounded by --dist-wait-timeout; with a
+    4 s wait timeout it fails with one line per rank, naming the lost contact."""
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SLOW_PHASE_CLI,
+                   "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST, "--dist-timeout", "4", *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**ONE_THREAD, "SLOW_PHASE_S": "12"})
+
+    started = time.monotonic()
+    done = run(tmp_path / "waited")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started > 12 and verify_shard_set(tmp_path / "waited").ok
+    done = run(tmp_path / "timed-out", "--dist-wait-timeout", "4")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: rank 1 of 2")]
+    assert len(errors) == 1 and "lost contact with the other ranks" in errors[0], done.stderr[-3000:]
+    assert not (tmp_path / "timed-out" / MANIFEST_NAME).exists()

@@ -12,7 +12,8 @@ last and atomically by ``embed``; its presence marks a complete run. Fields (sch
 * ``samples``: scanned, written, skipped, per_class
 * ``skipped`` / ``ignored``: ``[{"path", "reason"}]``
 * ``shards``: ``[{"name", "samples", "bytes", "sha256"}]``
-* ``settings`` (those that decide the bytes), ``software`` (package versions)
+* ``settings`` (those that decide the bytes), ``resolved`` (what ``--device`` and ``--precision``
+  resolved to: device type and the prior's forward-pass precision), ``software`` (package versions)
 * ``run`` (out_dir, num_workers, checkpoint_seconds, resumed, images_embedded, shards_reused: what
   this invocation did), ``host``, ``timings_s``, ``throughput``
 
@@ -45,7 +46,7 @@ REQUIRED_FIELDS = (
     "dataset", "samples", "skipped", "shards", "software", "timings_s",
 )
 #: Top-level fields a manifest may have besides the required ones; any other field is refused.
-OPTIONAL_FIELDS = ("ignored", "settings", "shard_order", "run", "host", "throughput", "embeddings")
+OPTIONAL_FIELDS = ("ignored", "settings", "resolved", "shard_order", "run", "host", "throughput", "embeddings")
 #: Keys each section must have (readers rely on them); extra keys in these sections are refused
 #: too, except the ones listed in :data:`OPTIONAL_SECTION_KEYS`.
 SECTION_KEYS = {

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import torch
 
+from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
+from ...runtime import PRECISIONS
+from .decoding import DECODE_MODES
 from ...scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES
 from ...shards.format import TARGET_DTYPES
 
 
 #: :class:`EmbedConfig` fields that control how a run goes, not what it writes: left out of the
 #: manifest's ``settings`` and of the identity a resumed run must match.
-RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds", "dist_timeout_s")
+#: ``device``, ``precision`` and ``decode`` are here as given (``auto``): what they resolved to is recorded
+#: instead (the manifest's and the identity's ``resolved``).
+RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds", "dist_timeout_s", "dist_wait_timeout_s",
+                      "device", "precision", "decode")
 
 
 @dataclass
@@ -30,7 +36,11 @@ class EmbedConfig:
             slower on CPU: memory traffic, see the README's benchmarks).
         num_workers: DataLoader worker processes decoding images (0: decode in the main process).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        amp: autocast (bfloat16, float16 where bf16 is unsupported) on CUDA; ignored on CPU.
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``: the prior's forward pass
+            (:func:`rela_pipeline.runtime.resolve_prior_precision`; the resolved value is part of
+            the run's identity, so a resume on another device or precision is refused).
+        decode: ``auto`` | ``cpu`` | ``gpu``: where JPEGs are decoded, resized and cropped
+            (:mod:`rela_pipeline.stages.embed.decoding`; ``auto``: on the device on CUDA).
         image_size: resize whole images to this many pixels instead of the prior's preprocessing.
         seed: seed of random priors and of the order samples are written into shards.
         shard_size: samples per shard.
@@ -49,6 +59,8 @@ class EmbedConfig:
         checkpoint_seconds: wall-clock seconds between journal records of embedded rows (the most
             embedding work a crash loses).
         dist_timeout_s: under torchrun, seconds a rank waits for the others before the job fails.
+        dist_wait_timeout_s: under torchrun, seconds the other ranks wait while rank 0 works alone
+            (fitting the transport, building the score index; :mod:`rela_pipeline.distributed`).
     """
 
     data_dir: Path
@@ -57,7 +69,8 @@ class EmbedConfig:
     batch_size: int | None = None
     num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     device: str = "auto"
-    amp: bool = True
+    precision: str = "auto"
+    decode: str = "auto"
     image_size: int | None = None
     seed: int = 0
     shard_size: int = 10_000
@@ -71,7 +84,8 @@ class EmbedConfig:
     keep_embeddings: bool = False
     progress: bool = True
     checkpoint_seconds: float = 60.0
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
+    dist_wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
 
     def validate(self) -> None:
         """Raise :class:`RelaError` on out-of-range settings."""
@@ -93,6 +107,12 @@ class EmbedConfig:
             raise RelaError(f"--checkpoint-seconds must be > 0, got {self.checkpoint_seconds}")
         if not self.dist_timeout_s > 0:
             raise RelaError(f"--dist-timeout must be > 0, got {self.dist_timeout_s}")
+        if not self.dist_wait_timeout_s > 0:
+            raise RelaError(f"--dist-wait-timeout must be > 0, got {self.dist_wait_timeout_s}")
+        if self.decode not in DECODE_MODES:
+            raise RelaError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.precision not in PRECISIONS:
+            raise RelaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def default_batch_size(device: torch.device) -> int:

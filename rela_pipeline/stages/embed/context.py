@@ -11,6 +11,7 @@ import torch
 from ...distributed import Distribution
 from ...imagefolder import ImageFolderIndex
 from ...priors import Prior
+from ...runtime import Precision
 from .config import EmbedConfig
 from .journal import EmbedJournal, RankProgress
 from .output import WORK_DIR_NAME
@@ -25,6 +26,8 @@ class EmbedRun:
         index: the scanned ImageFolder (every rank scans; the ranks check they agree).
         prior: the prior model and its preprocessing.
         device: this rank's device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+        precision: the prior's resolved forward-pass precision.
+        decode: where images are decoded, resolved: ``cpu`` or ``gpu`` (:mod:`.decoding`).
         distribution: this rank's place in the job (one process: rank 0 of 1).
         out_dir: OUT, on a filesystem every rank sees.
         timings: wall-clock seconds per phase, for the manifest (rank 0's).
@@ -36,11 +39,18 @@ class EmbedRun:
     index: ImageFolderIndex
     prior: Prior
     device: torch.device
+    precision: Precision
+    decode: str
     distribution: Distribution
     out_dir: Path
     timings: dict[str, float]
     say: Callable[[str], None]
     journal: EmbedJournal | None = None  # rank 0's; None on the other ranks
+
+    @property
+    def resolved(self) -> dict[str, str]:
+        """What ``auto`` resolved to, as the identity and the manifest record it."""
+        return {"device": self.device.type, "precision": self.precision.name, "decode": self.decode}
 
     @property
     def work(self) -> Path:

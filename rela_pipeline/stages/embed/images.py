@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from ...errors import RelaError
 from ...imagefolder import ImageFolderIndex
 from ...priors import PreprocessedImages, Prior
-from ...runtime import autocast_for
+from ...runtime import Precision
+from .decoding import DecodeCounts, EncodedImages, collate_encoded, decode_on_device
 
 
 @dataclass
@@ -27,11 +28,14 @@ class EmbeddingResult:
             finite (their rows in the memory-map are zero).
         images: rows embedded by this call (``N - start_row``).
         seconds: wall-clock of the embedding loop.
+        decoded_by: on the ``gpu`` decode path, images per decoder (``{"device", "cpu",
+            "failed"}``, :class:`.decoding.DecodeCounts`); None on the CPU path.
     """
 
     failures: dict[int, str]
     images: int
     seconds: float
+    decoded_by: dict[str, int] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -73,7 +77,8 @@ def embed_images(
     batch_size: int = 256,
     num_workers: int = 2,
     device: torch.device = torch.device("cpu"),
-    amp: bool = True,
+    precision: Precision | None = None,
+    decode: str = "cpu",
     progress: bool = True,
     on_checkpoint: Callable[[int, int, dict[int, str]], None] | None = None,
     checkpoint_seconds: float = 60.0,
@@ -81,7 +86,7 @@ def embed_images(
     """Embed images ``start_row .. stop_row - 1`` of ``index`` with ``prior`` into rows of ``embeddings``.
 
     Decoding, resizing and cropping run in DataLoader workers on uint8 tensors; normalisation and
-    the forward pass (under autocast on CUDA) run on ``device``. Results are copied back
+    the forward pass (under ``precision``'s autocast) run on ``device``. Results are copied back
     asynchronously into pinned memory and written one batch later, so the device does not wait for
     the host. Batches are ``[start_row + j * batch_size, ...)``: a run resumed at a batch boundary
     embeds exactly the batches an uninterrupted run would.
@@ -89,6 +94,10 @@ def embed_images(
     Args:
         embeddings: float32 ``(N, D)`` writable array, typically a memory-map (see
             :func:`rela_pipeline.fileio.create_npy_memmap`); host memory stays O(batch).
+        decode: ``cpu`` (decode, resize and crop in the workers) or ``gpu`` (JPEGs decoded,
+            resized and cropped on ``device``; :mod:`rela_pipeline.stages.embed.decoding`).
+        precision: the forward pass's numeric precision (:func:`rela_pipeline.runtime.resolve_precision`;
+            None: fp32); the embeddings are stored as float32 either way.
         start_row: first row to embed (other rows are left as they are).
         stop_row: one past the last row to embed (None: N).
         on_checkpoint: called as ``on_checkpoint(start, stop, failures)`` once rows
@@ -105,6 +114,7 @@ def embed_images(
         ValueError: ``embeddings`` is not ``(N, D)``.
     """
     n = len(index.files)
+    precision = precision or Precision("fp32", device.type)
     if embeddings.ndim != 2 or embeddings.shape[0] != n:
         raise ValueError(f"expected an ({n}, D) embeddings array, got {embeddings.shape}")
     stop_row = n if stop_row is None else stop_row
@@ -113,14 +123,30 @@ def embed_images(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     failures: dict[int, str] = {}
+    on_device = decode == "gpu"
+    files = index.files[start_row:stop_row]
+    dataset = EncodedImages(index.root, files, prior.preprocessing) if on_device else PreprocessedImages(index.root, files, prior.preprocessing)
     loader = DataLoader(
-        PreprocessedImages(index.root, index.files[start_row:stop_row], prior.preprocessing),
+        dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_encoded if on_device else None,
+        pin_memory=device.type == "cuda" and not on_device,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    counts = DecodeCounts()
+
+    def device_batches():
+        """``(first row, uint8 (B, 3, S, S) on the device, bool (B,) on the device, reasons)``."""
+        for batch in loader:
+            if on_device:
+                images, decoded, reasons = decode_on_device(batch, prior.preprocessing, device, counts)
+                yield batch[0].row, images, decoded, reasons
+            else:
+                rows, images, decoded, reasons = batch
+                yield int(rows[0]), images.to(device, non_blocking=True), decoded.to(device, non_blocking=True), list(reasons)
+
     pending: tuple[int, torch.Tensor, torch.Tensor, Any, list[str]] | None = None
     checkpoint_start, flushed, last_checkpoint = start_row, start_row, time.monotonic()
 
@@ -145,16 +171,15 @@ def embed_images(
     start = time.perf_counter()
     # Deterministic cuDNN kernels, so a rerun or a resumed run computes the same embeddings.
     with _deterministic_cudnn(), torch.inference_mode(), tqdm(total=stop_row, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
-        for rows, images, decoded, reasons in loader:
-            images = images.to(device, non_blocking=True)
+        for first, images, decoded, reasons in device_batches():
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, amp):
+            with precision.autocast():
                 out = model(prior.preprocessing.normalise(images))
             if out.ndim != 2 or out.shape[1] != dim:  # shapes only: no host-device synchronisation
                 raise RelaError(f"prior {prior.spec} returns {tuple(out.shape)} for a batch, expected (batch, {dim}) embeddings")
             out = out.float()
-            valid = decoded.to(device, non_blocking=True) & torch.isfinite(out).all(dim=1)
+            valid = decoded & torch.isfinite(out).all(dim=1)
             out = torch.where(valid[:, None], out, torch.zeros_like(out))
             if device.type == "cuda":
                 host_out = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
@@ -169,10 +194,10 @@ def embed_images(
                 flush(pending)
                 if time.monotonic() - last_checkpoint >= checkpoint_seconds:
                     checkpoint()
-            pending = (start_row + int(rows[0]), host_out, host_valid, event, list(reasons))
-            bar.update(len(rows))
+            pending = (start_row + first, host_out, host_valid, event, reasons)
+            bar.update(len(reasons))
         if pending is not None:
             flush(pending)
     seconds = time.perf_counter() - start
     checkpoint()
-    return EmbeddingResult(failures, stop_row - start_row, seconds)
+    return EmbeddingResult(failures, stop_row - start_row, seconds, counts.to_dict() if on_device else None)

@@ -70,6 +70,7 @@ def build_manifest(run: EmbedRun, *, result: EmbeddingResult | None, failures: d
         "shards": [s.to_dict() for s in shards],
         "shard_order": {"kind": "permutation", "seed": config.seed},
         "settings": identity_settings(config),
+        "resolved": run.resolved,
         "software": package_versions(),
         "run": {
             "out_dir": str(config.out_dir),
@@ -84,7 +85,8 @@ def build_manifest(run: EmbedRun, *, result: EmbeddingResult | None, failures: d
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_count": os.cpu_count(),
         },
-        "throughput": {"embed_images_per_s": round(result.images_per_second, 2) if result is not None else None},
+        "throughput": {"embed_images_per_s": round(result.images_per_second, 2) if result is not None else None,
+                       **({"decoded_by": result.decoded_by} if result is not None and result.decoded_by else {})},
         "timings_s": {},
     }
     if config.keep_embeddings:

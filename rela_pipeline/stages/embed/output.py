@@ -97,11 +97,14 @@ def identity_settings(config: EmbedConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in RUN_CONTROL_FIELDS}
 
 
-def run_identity(config: EmbedConfig, index: ImageFolderIndex, prior: Prior) -> dict[str, Any]:
+def run_identity(config: EmbedConfig, index: ImageFolderIndex, prior: Prior, resolved: dict[str, str]) -> dict[str, Any]:
     """What must match for ``--resume`` to continue a run, or for two runs to give the same bytes:
-    identity settings, dataset fingerprint, prior spec and weights provenance, software versions."""
+    identity settings, what ``auto`` resolved to (``resolved``: the device type, the prior's
+    precision and where images are decoded, so a resume never mixes rows computed differently),
+    dataset fingerprint, prior spec and weights provenance, software versions."""
     identity = {
         "settings": identity_settings(config),
+        "resolved": dict(resolved),
         "dataset": index.fingerprint(),
         "prior": {"spec": prior.spec, "weights": prior.weights},
         "software": package_versions(),
@@ -113,6 +116,7 @@ def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """The :func:`run_identity` of the run that wrote ``manifest``."""
     return {
         "settings": manifest.get("settings"),
+        "resolved": manifest.get("resolved"),
         "dataset": manifest["dataset"]["fingerprint"],
         "prior": {"spec": manifest["prior"]["spec"], "weights": manifest["prior"]["weights"]},
         "software": manifest["software"],

@@ -3,6 +3,7 @@ under torchrun each phase shared by the ranks (:mod:`.plan`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -20,10 +21,12 @@ from ...errors import RelaError
 from ...fileio import create_npy_memmap, exclusive_lock, load_npz, open_npy_memmap, sha256_file, write_json_atomic, write_npz_atomic
 from ...imagefolder import scan_image_folder
 from ...priors import load_prior
+from ...runtime import resolve_prior_precision
 from ...scores import RowScores, ScoreSearch, build_score_search, score_rows
 from ...shards.format import EMBEDDINGS_NAME, MANIFEST_NAME, SCORES_NAME, TRANSPORT_NAME
 from ...transport import LinearTransport, fit_linear_transport
 from .config import EmbedConfig, default_batch_size
+from .decoding import resolve_decode
 from .context import EmbedRun
 from .images import EmbeddingResult, embed_images, embedding_dim
 from .journal import EmbedJournal, first_difference
@@ -69,7 +72,7 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
     """
     say = on_phase or logger.info
     config.validate()
-    distribution, device = init_distribution(config.device, config.dist_timeout_s)
+    distribution, device = init_distribution(config.device, config.dist_timeout_s, config.dist_wait_timeout_s)
     try:
         with quiet_unless_main(distribution), collective_failures(distribution):
             return _run_embed(config, distribution, device, lambda message: say(message) if distribution.is_main else None)
@@ -93,16 +96,18 @@ def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.de
     if config.batch_size is None:  # resolved here so the manifest records the size used
         config = dataclasses.replace(config, batch_size=default_batch_size(device))
     timings["load_prior"] = time.perf_counter() - t
-    say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px")
+    say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px, {resolve_prior_precision(config.precision, device).name}, "
+        f"decoding on the {'device' if resolve_decode(config.decode, device) == 'gpu' else 'CPU'}")
 
-    identity = run_identity(config, index, prior)
+    precision, decode = resolve_prior_precision(config.precision, device), resolve_decode(config.decode, device)
+    run = EmbedRun(config, index, prior, device, precision, decode, distribution, out_dir, timings, say)
+    identity = run_identity(config, index, prior, run.resolved)
     if distribution.enabled:  # every rank must see the same images and build the same prior
         values = distribution.gather(json.dumps(identity, sort_keys=True))
         other = next((v for v in values if v != values[0]), None)
         if other is not None:
             difference = first_difference(json.loads(values[0]), json.loads(other))
             raise RelaError(f"the ranks disagree on the dataset, the prior or the settings ({difference}): every rank must see the same DATA and OUT")
-    run = EmbedRun(config, index, prior, device, distribution, out_dir, timings, say)
     with contextlib.ExitStack() as stack:
 
         def open_on_main() -> dict[str, Any] | None:
@@ -222,21 +227,23 @@ def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingRe
     path = run.work / EMBEDDINGS_NAME
     done = distribution.on_main(lambda: _embedding_to_do(run, path, shape))
     mine = rank_rows_to_embed(shape[0], config.batch_size, done, distribution.rank, distribution.world_size)
-    images, seconds = 0, 0.0
+    images, seconds, decoded_by = 0, 0.0, collections.Counter()
     if mine:
         embeddings = open_npy_memmap(path, np.float32, shape, mode="r+")
         recorder = run.recorder()
         for start, stop in mine:
             result = embed_images(
                 run.index, run.prior, embeddings, start_row=start, stop_row=stop, batch_size=config.batch_size, num_workers=config.num_workers,
-                device=run.device, amp=config.amp, progress=config.progress, checkpoint_seconds=config.checkpoint_seconds,
+                device=run.device, precision=run.precision, decode=run.decode, progress=config.progress, checkpoint_seconds=config.checkpoint_seconds,
                 on_checkpoint=lambda a, b, failed: recorder.record_embedded(a, b, _rows_sha256(embeddings, a, b), failed),
             )
             images, seconds = images + result.images, seconds + result.seconds
+            decoded_by.update(result.decoded_by or {})
         embeddings.flush()
         del embeddings  # closed before the barrier, so every rank's rows are on disk for the next phases
-    counts = distribution.gather((images, seconds))
+    counts = distribution.gather((images, seconds, dict(decoded_by)))
     images, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+    decoded_by = sum((collections.Counter(c[2]) for c in counts), collections.Counter())
 
     def finished() -> dict[int, str]:
         run.journal.absorb_rank_progress()
@@ -248,7 +255,7 @@ def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingRe
     failures = distribution.on_main(finished)
     result = None
     if images:
-        result = EmbeddingResult({}, images, seconds)
+        result = EmbeddingResult({}, images, seconds, {k: decoded_by[k] for k in ("device", "cpu", "failed")} if run.decode == "gpu" else None)
         run.timings["embed"] = seconds
         run.say(f"embedded {images} images in {seconds:.1f}s ({result.images_per_second:.0f} img/s"
                 + (f" over {distribution.world_size} ranks)" if distribution.enabled else ")"))

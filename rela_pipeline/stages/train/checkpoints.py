@@ -10,6 +10,10 @@ Run directory::
     RUN/summary.json           at the end: budget used, wall-clock, final metrics
 
 Every file is written atomically (a ``.partial`` name, then a rename).
+
+A resumed run replays the uninterrupted run's subsets, batches and views (all functions of
+``(seed, epoch)``). On the CPU it also gives the same weights, bit for bit; on CUDA only up to
+rounding, since training leaves cuDNN free to pick non-deterministic kernels (for speed).
 """
 
 from __future__ import annotations

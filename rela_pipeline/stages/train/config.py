@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ...distributed import DEFAULT_TIMEOUT_S
+from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
 from ...methods import METHODS, MOMENTUM_SCHEDULES
 from ...models import BACKBONES
@@ -23,7 +23,7 @@ AUGMENT_PATHS = ("device", "pil")
 #: stream data paths give the same batches and views).
 RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards", "verify",
-    "data_path", "cache_bytes", "sync_batchnorm", "dist_timeout_s",
+    "data_path", "cache_bytes", "sync_batchnorm", "dist_timeout_s", "dist_wait_timeout_s",
 })
 
 
@@ -81,6 +81,8 @@ class TrainConfig:
             (:class:`torch.nn.SyncBatchNorm`); a no-op in one process.
         dist_timeout_s: under torchrun, seconds a collective waits for the other ranks before the
             job fails (a rank that hangs without dying).
+        dist_wait_timeout_s: under torchrun, seconds the other ranks wait while rank 0 works
+            alone (verifying the shard set, preparing the run directory).
     """
 
     shards: str
@@ -119,6 +121,7 @@ class TrainConfig:
     progress: bool = True
     sync_batchnorm: bool = False
     dist_timeout_s: float = DEFAULT_TIMEOUT_S
+    dist_wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
 
     def validate(self, custom_method: bool = False) -> None:
         """Check values before anything is read or written.
@@ -166,6 +169,8 @@ class TrainConfig:
             raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.dist_timeout_s <= 0:
             raise RelaError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
+        if self.dist_wait_timeout_s <= 0:
+            raise RelaError(f"--dist-wait-timeout must be positive, got {self.dist_wait_timeout_s}")
         if self.resume and self.overwrite:
             raise RelaError("--resume and --overwrite exclude each other")
 

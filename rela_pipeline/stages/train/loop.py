@@ -89,7 +89,7 @@ def run_train(
     config.validate(custom_method=custom)
     if custom and ssl_views is None:
         raise RelaError("a custom method needs its view transform (ssl_views=)")
-    distribution, device = init_distribution(config.device, config.dist_timeout_s)
+    distribution, device = init_distribution(config.device, config.dist_timeout_s, config.dist_wait_timeout_s)
     try:
         with quiet_unless_main(distribution):
             check_distributed_settings(config, distribution, device)
@@ -177,7 +177,7 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
     metrics = MetricsLog(out / METRICS_NAME if main else None, budget.steps if resuming else None)
     method_name = config.method
     rela.train()
-    interval = Interval()
+    interval = Interval(device)
     samples_trained = 0  # by this rank, in this invocation
     bar = tqdm(total=total_steps, initial=budget.steps, unit="step", desc="train", disable=not (config.progress and main), dynamic_ncols=True)
     try:

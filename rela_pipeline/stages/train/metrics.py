@@ -12,6 +12,7 @@ import torch
 
 from ...fileio import atomic_write
 from ...distributed import Distribution
+from ...runtime import synchronize
 from .config import Budget
 from .step import StepResult
 
@@ -60,12 +61,17 @@ def finite_or_none(value: Any) -> float | None:
 class Interval:
     """Accumulates one logging interval on the device (no host sync until the record is made).
 
+    Args:
+        device: the training device; the clock is read after its queue has drained, so
+            ``images_per_s`` counts finished steps (on CUDA the host runs ahead of the GPU).
+
     Attributes:
         last_record: the last record made.
         first_rela_loss, last_rela_loss: the ReLA loss of the first and last intervals that had one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
         self.last_record: dict[str, Any] = {}
         self.first_rela_loss: float | None = None
         self.last_rela_loss: float | None = None
@@ -102,6 +108,7 @@ class Interval:
         ranks; probe accuracy over every rank's images; images per second of the whole job) and a
         new interval. In a distributed run every rank must call it at the same step (one
         all-reduce)."""
+        synchronize(self.device)  # the interval's steps have finished, not just been queued
         seconds = time.perf_counter() - self.started
         if distribution is not None and distribution.enabled and self.sums:
             names = sorted(self.sums)
