@@ -6,7 +6,7 @@ CLI := .venv/bin/rela-pipeline
 DATA := data/fashion-mnist
 RUN := runs/demo
 
-.PHONY: setup test demo bench budget-table clean
+.PHONY: setup test demo bench gpu-check budget-table clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,13 @@ bench: setup
 	@[ -f $(RUN)/shards/manifest.json ] || $(CLI) embed --data $(DATA)/train --prior random:resnet18 --image-size 64 --out $(RUN)/shards --overwrite
 	$(PY) benchmarks/views_cost.py --out $(RUN)/views_cost.json
 	$(PY) benchmarks/train_throughput.py --shards $(RUN)/shards --backbone convnet --image-size 32 --batch-size 128 --out $(RUN)/train_throughput.json
+
+# The GPU check (benchmarks/gpu_check.py): every CUDA path of both stages, under 8 minutes on one GPU.
+# For a machine with CUDA, torch and the dependencies already installed and no network: no set-up,
+# the package is imported from this checkout.
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out runs/gpu-check.json
 
 # The accuracy-against-budget table with floors and the convergence study (README "Evidence"); about 2 hours on 2 CPU cores, resumable.
 # Rerunning resumes: finished runs are kept.

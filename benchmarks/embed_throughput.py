@@ -43,7 +43,7 @@ import torch
 from rela_pipeline.fileio import create_npy_memmap, write_json_atomic
 from rela_pipeline.imagefolder import ImageFolderIndex, decode_rgb, scan_image_folder
 from rela_pipeline.priors import Prior, load_prior
-from rela_pipeline.runtime import autocast_for, resolve_device
+from rela_pipeline.runtime import Precision, resolve_device, resolve_prior_precision
 from rela_pipeline.stages.embed import EmbedConfig, default_batch_size, embed_images, embedding_dim, run_embed
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fashion_mnist_mini" / "train"
@@ -76,14 +76,14 @@ def make_subset(data: Path, count: int, root: Path) -> ImageFolderIndex:
     return scan_image_folder(root)
 
 
-def bench_naive(index: ImageFolderIndex, prior: Prior, device: torch.device, count: int) -> float:
+def bench_naive(index: ImageFolderIndex, prior: Prior, device: torch.device, count: int, precision: Precision) -> float:
     """Seconds for the per-image loop over the first ``count`` images (2 warm-up images excluded)."""
     transform, pre = prior.preprocessing.to_uint8_transform(), prior.preprocessing
     paths = [index.root / f for f in index.files[:count]]
 
     def one(path: Path) -> torch.Tensor:
         x = transform(decode_rgb(path)).to(device)
-        with autocast_for(device, True):
+        with precision.autocast():
             return prior.model(pre.normalise(x[None])).cpu()
 
     with torch.inference_mode():
@@ -95,8 +95,9 @@ def bench_naive(index: ImageFolderIndex, prior: Prior, device: torch.device, cou
     return time.perf_counter() - start
 
 
-def bench_forward(index: ImageFolderIndex, prior: Prior, device: torch.device, count: int, batch: int) -> float:
-    """Seconds for ``ceil(count / batch)`` forward passes on one pre-loaded batch (warm-up excluded)."""
+def bench_forward(index: ImageFolderIndex, prior: Prior, device: torch.device, count: int, batch: int, precision: Precision) -> float:
+    """Seconds for ``ceil(count / batch)`` forward passes at ``precision`` on one pre-loaded batch
+    (warm-up excluded; the device synchronised before the clock stops)."""
     transform, pre = prior.preprocessing.to_uint8_transform(), prior.preprocessing
     files = [index.files[i % len(index.files)] for i in range(batch)]
     images = torch.stack([transform(decode_rgb(index.root / f)) for f in files]).to(device)
@@ -105,7 +106,7 @@ def bench_forward(index: ImageFolderIndex, prior: Prior, device: torch.device, c
     sizes = [batch] * (count // batch) + ([count % batch] if count % batch else [])
 
     def run(size: int) -> None:
-        with autocast_for(device, True):
+        with precision.autocast():
             prior.model(pre.normalise(images[:size]))
 
     with torch.inference_mode():
@@ -134,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default: the stage's (256 on CUDA, 32 on CPU)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="the prior's forward pass (embed --precision)")
     p.add_argument("--images", type=int, default=8192, help="N for forward_only, embed_loop and full_stage")
     p.add_argument("--naive-images", type=int, default=512)
     p.add_argument("--repeats", type=int, default=1, help="runs per mode; the median is reported")
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if args.batch_size is None:
         args.batch_size = default_batch_size(device)
+    precision = resolve_prior_precision(args.precision, device)
     prior = load_prior(args.prior, image_size=args.image_size)
     prior.model.to(device)
     if device.type == "cuda":  # as embed_images does
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = {
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
         "python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "precision": precision.name,
     }
     size = prior.preprocessing.crop_size
     print(f"# embed throughput: {machine['device_name']} ({device}), torch {torch.__version__}, prior {args.prior}, "
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         def stage() -> float:
             out = Path(tmp) / "out"
             config = EmbedConfig(data_dir=index.root, prior=args.prior, out_dir=out, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, device=args.device, image_size=args.image_size, progress=False)
+                                 num_workers=args.num_workers, device=args.device, precision=args.precision, image_size=args.image_size, progress=False)
             timings = run_embed(config)["timings_s"]
             stage_timings.append(timings)
             shutil.rmtree(out)
@@ -179,11 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         def loop() -> float:
             embeddings = create_npy_memmap(Path(tmp) / "embeddings.npy", "float32", (n, embedding_dim(prior, device)))
             return embed_images(index, prior, embeddings, batch_size=args.batch_size, num_workers=args.num_workers,
-                                device=device, progress=False, on_checkpoint=lambda *_: embeddings.flush()).seconds
+                                device=device, precision=precision, progress=False, on_checkpoint=lambda *_: embeddings.flush()).seconds
 
         measures = {
-            "forward_only": (n, lambda: bench_forward(index, prior, device, n, args.batch_size)),
-            "naive": (n_naive, lambda: bench_naive(index, prior, device, n_naive)),
+            "forward_only": (n, lambda: bench_forward(index, prior, device, n, args.batch_size, precision)),
+            "naive": (n_naive, lambda: bench_naive(index, prior, device, n_naive, precision)),
             "embed_loop": (n, loop),
             "full_stage": (n, stage),
         }

@@ -145,3 +145,41 @@ def test_grouped_list_search_times_both_passes_and_finds_the_same_neighbours(tmp
     assert all(len(values) == 2 for values in report["seconds"].values())
     assert report["speedup"] == round(min(report["seconds"]["knn"]) / min(report["seconds"]["products"]), 2)
     assert report["same_neighbour_ids"] > 0.999 and report["max_abs_similarity_difference"] < 1e-5
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
+    """``--tiny`` on the CPU, as a user would start it: every section present and error-free,
+    with numbers that hang together; without CUDA and without ``--tiny`` it is one line, exit 2."""
+    import subprocess
+
+    out = tmp_path / "tiny.json"
+    done = subprocess.run([sys.executable, str(GPU_CHECK), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    for section in ("environment", "embed", "train", "scores", "eval"):
+        assert section in record and "error" not in record[section], (section, record.get(section, {}).get("error"))
+    assert record["environment"]["faiss"]["version"] and record["environment"]["resolved_precision"]["embed_auto"] == "fp32"
+    images = record["data"]["train_images"]
+    for spec, entry in record["embed"]["priors"].items():
+        runs = entry["runs"]
+        assert {row["resolved"]["decode"] for row in runs.values()} == {"cpu", "gpu"}
+        gpu_run = runs["gpu-decode bf16"]
+        assert gpu_run["resolved"]["precision"] == "bf16" and sum(gpu_run["decoded_by"].values()) == images
+        assert gpu_run["decoded_by"]["device"] == images  # every synthetic JPEG went through the device decoder
+        assert all(row["embed_images_per_s"] > 0 and row["embed_over_forward_only"] > 0 for row in runs.values())
+        assert entry["where_the_time_goes"]["forward_ms"] > 0
+        assert entry["gpu_decode_against_cpu_decode"]["components"] >= 1
+    for student in record["train"]["students"].values():
+        assert student["rela"]["model_alone_images_per_s"] > 0 and student["byol"]["model_alone_images_per_s"] > 0
+    assert record["train"]["fp16"]["resolved"]["precision"] == "fp16" and record["train"]["fp16"]["loss_scale"] > 0
+    assert record["scores"]["device"] == "cpu" and record["scores"]["why_cpu"] == "no CUDA device"
+    assert record["scores"]["ivf"]["settings"]["recall_at_k"] >= 0.95
+    assert 0.0 <= record["eval"]["knn_top1"] <= 1.0 and record["eval"]["test_samples"] == record["data"]["test_images"]
+    assert "| prior | run |" in done.stdout  # the table
+
+    refused = subprocess.run([sys.executable, str(GPU_CHECK), "--out", str(tmp_path / "full.json")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and refused.stderr.startswith("error: no CUDA device")
+    assert not (tmp_path / "full.json").exists()
