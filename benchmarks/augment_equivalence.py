@@ -3,8 +3,9 @@
 Trains BYOL and BYOL + ReLA (adaptive schedule) on one shard set at one budget, with several seeds,
 on two data paths, and evaluates every run with ``eval``'s linear probe and k-NN:
 
-* ``pil`` (before): ``--augment pil --precision fp32``: per-sample PIL views (lightly's transforms)
-  in DataLoader workers, webdataset streaming, fp32 NCHW;
+* ``pil`` (before): ``--augment pil --precision fp32``: per-image PIL views (lightly's transforms;
+  made in the DataLoader workers when the committed results were measured, in the main process
+  from the stream path's decoded batches since the data paths were unified), fp32 NCHW;
 * ``device`` (the new default): ``--augment device --data-path auto --precision auto``: the set
   decoded once into memory, views batched on the training device, bf16 autocast where the
   hardware has it, channels_last.

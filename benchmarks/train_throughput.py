@@ -4,9 +4,11 @@ For BYOL + ReLA, in one process on one machine, for the ReLA phase and the BYOL 
 
 * ``model alone``: optimisation steps on batches already on the device (no data, no views), at
   the precision and memory format ``train`` resolves to (``--precision auto``);
-* ``PIL stream (before)``: ``run_train --augment pil --precision fp32``, the data path and
-  numerics before the device views existed: PNG decode and per-sample PIL views in DataLoader
-  workers, fp32 NCHW;
+* ``PIL stream (before)``: ``run_train --augment pil --data-path stream --precision fp32``, the
+  views and numerics before the device views existed: per-image PIL views (lightly's transforms),
+  fp32 NCHW. Since the data paths were unified the PIL views are made in the main process from
+  the stream path's decoded batches; the committed results were measured when its DataLoader
+  workers made them;
 * ``stream + device views``: ``run_train --augment device --data-path stream`` (tar reading and
   decoding in workers, views batched on the device);
 * ``memory + device views``: ``run_train --augment device --data-path memory`` (decoded once;

@@ -5,19 +5,28 @@ All transforms are lightly's (torchvision underneath) and map a PIL RGB image to
 student's evaluation preprocessing uses). Gaussian blur is off at 32 px and below, as in the SSL
 literature's CIFAR recipes (solo-learn, lightly's CIFAR-10 benchmarks).
 
-ReLA views (MISSION.md item 3): RandomResizedCrop(scale 0.5-1), horizontal flip,
+ReLA views (the authors' code, ReLA section 4): RandomResizedCrop(scale 0.5-1), horizontal flip,
 ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2. That is lightly's SimCLR view with
 ``min_scale=0.5`` and no blur.
+
+:class:`PerImageViews` makes any such per-image transform (or a user's own) a batched view
+transform, the one interface the training data path calls (``--augment pil``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import random
+from typing import Callable, Iterator
 
+import numpy as np
+import torch
 from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.simclr_transform import SimCLRViewTransform
+
+from PIL import Image
 
 from .errors import RelaError
 
@@ -85,3 +94,59 @@ def method_views(method: str, image_size: int, crop_min_scale: float | None = No
     if not 0.0 < crop_min_scale <= 1.0:
         raise RelaError(f"the crop's minimum scale must be in (0, 1], got {crop_min_scale}")
     return _METHOD_VIEWS[method](image_size, crop_min_scale=crop_min_scale)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, ``random`` and numpy's global generator with ``seed`` for the
+    block (what torchvision's and lightly's per-image transforms draw from), then restore them."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class PerImageViews:
+    """A per-image view transform (PIL RGB image -> list of float ``(3, s, s)`` tensors: lightly's,
+    torchvision's or a user's own) as a batched one: ``(uint8 (B, 3, S, S), generator) -> list of
+    float (B, 3, s, s)`` on the batch's device.
+
+    Each image gets its own seed, drawn from the batch's generator, and its transform runs with
+    torch's CPU generator, ``random`` and numpy's global generator seeded with it (and restored
+    after), so the views are a function of the batch's seed: the same on every data path, on every
+    run and on resume. The images are transformed one by one in this process, on the CPU: the
+    reference path and the one for per-image transforms of your own, not the fast one
+    (:mod:`rela_pipeline.batched_views` makes the built-in recipes batched on the device).
+
+    Args:
+        transform: the per-image transform.
+    """
+
+    def __init__(self, transform: ViewTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The views of a uint8 ``(B, 3, S, S)`` batch.
+
+        Raises:
+            RelaError: the transform does not return the same number of ``(3, s, s)`` tensors for
+                every image.
+        """
+        seeds = torch.randint(0, 2**62, (images.shape[0],), generator=generator, device=generator.device).tolist()
+        per_image = []
+        for row, seed in zip(images.cpu(), seeds):
+            with _seeded(seed):
+                per_image.append(self.transform(Image.fromarray(row.permute(1, 2, 0).numpy())))
+        counts = {len(views) for views in per_image}
+        if len(counts) != 1:
+            raise RelaError(f"the per-image transform returned {sorted(counts)} views for the images of one batch; it must return the same number for every image")
+        return [torch.stack([views[v] for views in per_image]).to(images.device, non_blocking=True) for v in range(counts.pop())]
+
+    def __repr__(self) -> str:
+        return f"PerImageViews({self.transform!r})"

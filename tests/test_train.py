@@ -80,22 +80,32 @@ def test_budget_accounting_on_a_dynamic_subset(shard_set, tmp_path):
     assert [e["epoch_steps"] for e in epochs] == [4, 4, 4]
 
 
-def test_subset_streaming_delivers_exactly_the_epochs_subset(shard_set):
-    from rela_pipeline.shards.reader import TrainingStream, new_phase_flag, open_shard_set
+def test_pil_views_follow_the_one_epoch_plan_on_both_data_paths(shard_set):
+    """The PIL path reads its batches from the same plan and decoder as the device path: the same
+    subset, order and images on the memory and stream paths, and per-image views that are a
+    function of the batch's seed alone (the same on both paths, other for another batch)."""
+    from rela_pipeline.shards.batches import ShardBatches
     from rela_pipeline.subsets import SubsetSampler
-    from rela_pipeline.views import byol_views, rela_views
+    from rela_pipeline.views import PerImageViews, byol_views, rela_views
 
     shards, _ = shard_set
-    source = open_shard_set(shards)
-    sampler = SubsetSampler(source.num_samples, 0.4, seed=1)
-    seen = {}
+    paths = {path: ShardBatches(str(shards), batch_size=20, image_size=32, target_dim=16, data_ratio=0.4, seed=1, device="cpu", data_path=path,
+                                num_workers=2, verify=False, progress=False) for path in ("memory", "stream")}
+    sampler = SubsetSampler(paths["memory"].num_samples, 0.4, seed=1, min_size=20)
+    views = PerImageViews(rela_views(32))
     for epoch in (0, 1):
-        stream = TrainingStream(source, sampler.mask(epoch), 16, rela_views(32), byol_views(32), new_phase_flag(True), 20, seed=1, epoch=epoch)
-        batches = list(stream)
-        seen[epoch] = sorted(int(i) for b in batches for i in b["index"])
-        assert all(b["views"][0].shape == (20, 3, 32, 32) and b["target"].shape == (20, 16) and b["phase"] == "rela" for b in batches)
-        assert set(seen[epoch]) <= set(sampler.indices(epoch).tolist()) and len(seen[epoch]) == 120  # 120 = 6 full batches
-    assert seen[0] != seen[1]
+        batches = {path: list(data.epoch(epoch)) for path, data in paths.items()}
+        assert len(batches["memory"]) == len(batches["stream"]) == 120 // 20
+        seen = sorted(int(i) for b in batches["memory"] for i in b.index)
+        assert set(seen) <= set(sampler.indices(epoch).tolist()) and len(seen) == 120
+        for memory, stream in zip(batches["memory"], batches["stream"]):
+            assert torch.equal(memory.index, stream.index) and torch.equal(memory.images, stream.images)
+            made = memory.views(views)
+            assert len(made) == 2 and made[0].shape == (20, 3, 32, 32) and made[0].dtype == torch.float32
+            assert all(torch.equal(a, b) for a, b in zip(made, stream.views(views)))  # same seed, same views
+        assert not torch.equal(batches["memory"][0].views(views)[0], batches["memory"][1].views(views)[0])
+    ssl = batches["memory"][0].views(PerImageViews(byol_views(32)))
+    assert len(ssl) == 2 and not torch.equal(ssl[0], batches["memory"][0].views(views)[0])
 
 
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(shard_set, tmp_path, monkeypatch):

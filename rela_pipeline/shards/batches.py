@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -52,7 +52,8 @@ from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ..runtime import resolve_device
 from ..subsets import SubsetSampler
 from .plan import buffer_shuffle, epoch_order, local_batch_size, rank_batches, shard_rng, shard_spans, shard_visit_order
-from .reader import ShardSetSource, _decode_sample, _ErrorLatch, bad_sample, in_subset, open_shard_set, verified
+from .reader import ShardSetSource, open_shard_set, verified
+from .samples import ShardErrorLatch, bad_sample, decode_sample, in_subset
 
 logger = logging.getLogger("rela_pipeline")
 
@@ -108,28 +109,25 @@ class ShardBatch:
     """One training batch on the training device.
 
     Attributes:
-        images: uint8 ``(B, 3, S, S)``, RGB, the whole images resized to the training resolution
-            (None on the PIL path, whose workers make the views).
+        images: uint8 ``(B, 3, S, S)``, RGB, the whole images resized to the training resolution.
         target: float32 ``(B, K)``, the first K components of the representation targets.
         label: int64 ``(B,)``, class indices, -1 for unlabelled data.
         index: int64 ``(B,)``, sample indices in the shard set.
         epoch: the 0-based epoch.
         step: the batch's 0-based place in its epoch.
         seed: the seed of this batch's views (:func:`view_seed`).
-        ready_views: views made elsewhere (the PIL path), returned by :meth:`views` as they are.
         offset: in a distributed run, where this rank's rows start in the global batch
             (``rank * B / W``); 0 in one process.
         global_batch_size: B, the global batch this batch is a part of (None: the whole batch).
     """
 
-    images: torch.Tensor | None
+    images: torch.Tensor
     target: torch.Tensor
     label: torch.Tensor
     index: torch.Tensor
     epoch: int
     step: int
     seed: int
-    ready_views: list[torch.Tensor] | None = field(default=None, repr=False)
     offset: int = 0
     global_batch_size: int | None = None
 
@@ -151,8 +149,9 @@ class ShardBatch:
 
         Args:
             transform: a batched view transform, ``(uint8 (B, 3, S, S), generator) -> list of
-                float (B, 3, s, s)`` (e.g. :func:`rela_pipeline.batched_views.batched_rela_views`);
-                ignored when :attr:`ready_views` is set.
+                float (B, 3, s, s)``: made on the device
+                (:func:`rela_pipeline.batched_views.batched_rela_views`), or per image with PIL
+                (:class:`rela_pipeline.views.PerImageViews` around a per-image transform).
             name: how to name the transform in errors (the method's name).
             memory_format: e.g. ``torch.channels_last`` for convolutional students.
 
@@ -162,23 +161,21 @@ class ShardBatch:
         Raises:
             RelaError: the transform returns anything else (one line naming ``name`` and the shapes).
         """
-        if self.ready_views is not None:
-            views = self.ready_views
-        else:
-            if transform is None:
-                raise RelaError(f"{name}: no view transform given for a batch of images")
-            try:
-                if self.is_part and isinstance(transform, BatchedViews):
-                    whole = torch.Generator(device=self.target.device).manual_seed(self.seed)
-                    made = transform.rows_of_batch(self.images, whole, self.offset, self.global_batch_size)
-                else:
-                    made = transform(self.images, self.generator())
-            except TypeError as error:
-                raise RelaError(
-                    f"{name}: the transform failed on a uint8 batch {tuple(self.images.shape)} with a generator ({error}); "
-                    "give a batched transform (rela_pipeline.batched_views) or use --augment pil for per-image PIL transforms"
-                ) from None
-            views = check_views(made, self.target.shape[0], name)
+        if transform is None:
+            raise RelaError(f"{name}: no view transform given for a batch of images")
+        try:
+            if self.is_part and isinstance(transform, BatchedViews):
+                whole = torch.Generator(device=self.target.device).manual_seed(self.seed)
+                made = transform.rows_of_batch(self.images, whole, self.offset, self.global_batch_size)
+            else:
+                made = transform(self.images, self.generator())
+        except TypeError as error:
+            raise RelaError(
+                f"{name}: the transform failed on a uint8 batch {tuple(self.images.shape)} with a generator ({error}); "
+                "give a batched transform (rela_pipeline.batched_views), or wrap a per-image PIL transform in "
+                "rela_pipeline.views.PerImageViews (--augment pil)"
+            ) from None
+        views = check_views(made, self.target.shape[0], name)
         if memory_format is not None:
             views = [v.contiguous(memory_format=memory_format) for v in views]
         return views
@@ -233,7 +230,7 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
                 return
 
     def _shard(self, position: int, shard_id: int, url: str, span: tuple[int, int] | None):
-        latch = _ErrorLatch(self.skip)
+        latch = ShardErrorLatch(self.skip)
         samples = (s for s in wds.tarfile_to_samples(handler=latch.handle_shard)([{"url": url}]) if in_subset(s, self.mask))
         if self.shuffle_buffer is not None:
             samples = buffer_shuffle(samples, self.shuffle_buffer, shard_rng(self.seed, self.epoch, shard_id))
@@ -242,7 +239,7 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
         rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
         for sample in samples:
             try:
-                image, target, label, index = _decode_sample(sample, self.target_dim)
+                image, target, label, index = decode_sample(sample, self.target_dim)
                 rows.append((_to_uint8_chw(image, self.image_size), target, label, index))
             except UNDECODABLE_IMAGE_ERRORS as error:  # ValueError covers the key and target checks
                 message = bad_sample(url, error, self.skip)
@@ -499,6 +496,16 @@ class ShardBatches:
             workers = max(self.num_workers, min(len(self.source.shard_urls), cores))
             self._store = ShardMemoryStore.load(self.source, self.target_dim, self.image_size, self.device, workers, self.skip_bad_shards, self.progress)
         return self._store
+
+    def prepare(self) -> None:
+        """Do the one-off work before the first epoch: the memory path's decoding pass (a no-op on
+        the stream path). ``epoch`` does it on first use; calling it first lets a loop time it apart.
+
+        Raises:
+            RelaError: an unreadable shard or sample (unless skipped).
+        """
+        if self.data_path == "memory":
+            self.store()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter(self)`` run ``epoch``."""

@@ -15,8 +15,8 @@ from ...runtime import PRECISIONS
 from ...shards.batches import DATA_PATHS
 from ...subsets import SUBSET_RULES
 
-#: Accepted ``--augment`` values: views made batched on the training device, or per sample with
-#: PIL in the DataLoader workers (the reference path, and the one for per-image transforms).
+#: Accepted ``--augment`` values: views made batched on the training device, or per image with
+#: PIL (the reference path, and the one for per-image transforms).
 AUGMENT_PATHS = ("device", "pil")
 
 #: Settings that may differ when resuming: they do not change what is computed (the memory and
@@ -59,14 +59,14 @@ class TrainConfig:
             (:func:`rela_pipeline.runtime.resolve_precision`; auto = bf16 on CUDA and on CPUs
             with native bf16, else fp32). Convolutional students use channels_last on every device.
         augment: ``device`` (batched views on the training device,
-            :mod:`rela_pipeline.batched_views`) or ``pil`` (per-sample PIL views in the workers).
-        data_path: ``auto`` | ``memory`` | ``stream`` (:class:`rela_pipeline.shards.batches.ShardBatches`);
-            the PIL path always streams.
+            :mod:`rela_pipeline.batched_views`) or ``pil`` (per-image PIL views,
+            :class:`rela_pipeline.views.PerImageViews`).
+        data_path: ``auto`` | ``memory`` | ``stream`` (:class:`rela_pipeline.shards.batches.ShardBatches`).
         cache_bytes: the memory path's budget in bytes; None = half the free memory of the device.
-        num_workers: DataLoader workers decoding (and on the PIL path augmenting); None =
+        num_workers: DataLoader workers decoding shards; None =
             ``min(8, CPUs - 1)``; 0 = in the main process (no prefetch).
         seed: seeds the backbone, heads, subsets, shuffles and augmentations.
-        shuffle_buffer: samples in each shard's shuffle buffer (the PIL path: per worker).
+        shuffle_buffer: samples in each shard's shuffle buffer (:mod:`rela_pipeline.shards.plan`).
         log_every: steps per ``metrics.jsonl`` interval record.
         online_probe: train a linear classifier on detached features when labels exist.
         skip_bad_shards: warn and skip unreadable shards and samples instead of failing (with
@@ -161,8 +161,6 @@ class TrainConfig:
             raise RelaError(f"--augment must be one of {', '.join(AUGMENT_PATHS)}, got {self.augment!r}")
         if self.data_path not in DATA_PATHS:
             raise RelaError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}")
-        if self.augment == "pil" and self.data_path == "memory":
-            raise RelaError("--data-path memory needs --augment device (the PIL path streams and augments in its workers)")
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise RelaError(f"--cache-bytes must be >= 0, got {self.cache_bytes}")
         if self.num_workers is not None and self.num_workers < 0:

@@ -4,7 +4,7 @@
 :class:`rela_pipeline.rela.ReLA`, and trains it on a fresh dynamic subset every epoch. Its parts:
 
 * :mod:`.config`       settings (:class:`TrainConfig`) and the budget;
-* :mod:`.data`         verification, the batches (memory/stream, device or PIL views);
+* :mod:`.data`         the batches (memory or stream path) and the views of each phase;
 * :mod:`.step`         one optimisation step: precision, memory format, optimiser, probe;
 * :mod:`.distribution` what changes under torchrun (DDP, the ranks' shares, rank 0 writes);
 * :mod:`.checkpoints`  the run directory, checkpoints and resuming;
@@ -33,14 +33,12 @@ from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
 from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...runtime import resolve_precision
-from ...shards.batches import ShardBatches
 from ...shards.reader import open_shard_set
-from ...views import method_views, rela_views
 from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_NAME, SUMMARY_NAME, Progress,
                           eval_preprocessing, prepare_run_dir, restore_checkpoint, save_checkpoint)
 from .config import Budget, TrainConfig
 from ...shards.reader import verified
-from .data import PilShardBatches, build_training_data
+from .data import build_training_data, view_transforms
 from .distribution import agreed, check_distributed_settings
 from .metrics import Interval, MetricsLog, finite_or_none
 from .step import TrainStep
@@ -112,16 +110,6 @@ def run_train(
         distribution.close()
 
 
-def _view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[str, Callable]:
-    """The views of each phase: ``{"rela": ..., "ssl": ...}`` for the configured augment path."""
-    size = config.image_size
-    if config.augment == "pil":
-        return {"rela": rela_views(size), "ssl": ssl_views if ssl_views is not None else method_views(config.method, size, config.crop_min_scale)}
-    from ...batched_views import batched_method_views, batched_rela_views
-
-    return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale)}
-
-
 def _train(config: TrainConfig, source, device: torch.device, distribution: Distribution, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
     out = Path(config.out_dir)
     main = distribution.is_main
@@ -139,9 +127,8 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
     probe = nn.Linear(backbone.feature_dim, len(source.class_names)).to(device) if labelled and config.online_probe else None
 
     # The data and the views of each phase.
-    views = _view_transforms(config, ssl_views)
-    data = build_training_data(config, source, target_dim, device, pil_views=(views["rela"], views["ssl"]), rela_active=lambda: rela.schedule.active,
-                               distribution=distribution)
+    views = view_transforms(config, ssl_views)
+    data = build_training_data(config, source, target_dim, device, distribution)
     steps_per_epoch = data.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     budget = Budget(full_run_steps=config.epochs * (source.num_samples // config.batch_size))
@@ -170,8 +157,7 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
     if source.skipped_shards:
         logger.warning("training without %d skipped shards (%d of %d samples readable)", len(source.skipped_shards), source.readable_samples, source.num_samples)
     t_start = time.perf_counter()  # the run's wall-clock includes the memory path's decoding pass
-    if isinstance(data, ShardBatches) and data.data_path == "memory":
-        data.store()
+    data.prepare()  # the memory path's decoding pass
     data_load_s = time.perf_counter() - t_start
 
     metrics = MetricsLog(out / METRICS_NAME if main else None, budget.steps if resuming else None)
@@ -193,8 +179,6 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
                 was_active = rela.schedule.active
                 rela.step_end(result.output, budget.steps, total_steps)
                 if was_active and not rela.schedule.active:
-                    if isinstance(data, PilShardBatches):
-                        data.switch_to_ssl()  # the workers' next batches carry the method's views
                     metrics.write({"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))})
                     logger.info("ReLA phase ends at step %d: training continues with the %s loss", rela.schedule.switch_step, method_name)
                 budget.steps += 1
