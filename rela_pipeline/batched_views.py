@@ -1,4 +1,4 @@
-"""Batched augmented views on the training device: the recipes of :mod:`rela_pipeline.views`
+"""Batched augmented views on the training device: the recipes of :mod:`rela_pipeline.recipes`
 (lightly 1.6's transforms, torchvision underneath) applied to a whole uint8 batch at once.
 
 Input: a uint8 batch ``(B, 3, H, W)`` (normally ``H = W = S``: the images are already resized to
@@ -45,7 +45,7 @@ Pipeline per view (the order of lightly's ``Compose``), on float32 values in [0,
   per-sample resampling matrices with PIL's filters (:func:`_resample_matrices`: antialiasing
   support, taps restricted to the crop, Keys a = -0.5 cubic), two batched matmuls
   (:func:`_matrix_crop`). ``roi_align`` (no flip, leaks the pixels around the crop, area sampling
-  not PIL's filter) and an ``affine_grid`` were measured slower (table below).
+  not PIL's filter) and an ``affine_grid`` were measured slower (``benchmarks/views_cost.py``).
 * **ColorJitter** (:func:`_color_jitter_`): brightness, contrast and saturation are one per-sample
   blend ``clamp(a x + (1 - a) ref, 0, 1)`` with ``ref = 0`` (torchvision ``adjust_brightness``),
   ``mean(gray(x))`` (``adjust_contrast``) or ``gray(x)`` (``adjust_saturation``); ``a = 1`` is an
@@ -73,25 +73,7 @@ Pipeline per view (the order of lightly's ``Compose``), on float32 values in [0,
   weights, ``1 + sign(c - max)``) instead of ``where``. A first version of this module without
   these measures took 3x as long.
 
-Measured cost (``/tmp/views_bench.py``: this 2-core CPU, torch 2.13, B = 128, uint8 input
-32 x 32, median of 30 runs after warm-up; the BYOL training step of the small ConvNet takes
-~74 ms here)::
-
-                                                 2 threads   1 thread
-    batched rela, 2 views                           4.9 ms     8.3 ms
-    batched byol, 2 views                           5.0 ms     8.4 ms
-    batched simclr, 2 views                         4.8 ms     8.0 ms
-    batched dino, 2 global + 6 local (14 px)       19.4 ms    31.9 ms
-    batched byol at 64 px (blur on)                39.6 ms    55.3 ms
-    kornia.augmentation, 2 views (RRC slice)       20.8 ms    27.3 ms
-    kornia.augmentation, 2 views (RRC resample)    16.6 ms    25.3 ms
-    lightly PIL per sample, rela / byol           115 / 117 ms (one process)
-    lightly PIL per sample, dino                  442 ms
-
-    parts of the two ReLA views (256 samples, 2 threads): parameters 0.34 ms; crop + resize +
-    flip 1.0 ms with grid_sample (matrices 1.6 ms bilinear / 2.1 ms bicubic, roi_align + flip
-    5.6 ms, affine_grid + grid_sample 2.1 ms); colour jitter 2.6 ms (hue pass 0.9 ms);
-    grayscale 0.14 ms; solarisation 0.14 ms.
+What each part costs is measured by ``benchmarks/views_cost.py`` (the docs' results pages).
 
 Deviations from the PIL reference (lightly's actual path):
 
@@ -125,14 +107,24 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RelaError
+from .recipes import (  # noqa: F401  (ViewRecipe and the recipes are part of this module's interface)
+    NO_BLUR_MAX_SIZE,
+    ViewRecipe,
+    byol_recipes,
+    check_image_size,
+    dino_local_size,
+    dino_recipes,
+    method_recipes,
+    rela_recipe,
+    rela_recipes,
+    simclr_recipe,
+)
+from .recipes import with_crop_min_scale as recipes_with_crop_min_scale
 
 #: lightly.transforms.utils.IMAGENET_NORMALIZE (copied so that importing this module does not
 #: import lightly; a test checks they are equal).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Image sizes at or below which Gaussian blur is not used (the rule of :mod:`rela_pipeline.views`).
-NO_BLUR_MAX_SIZE = 32
 
 #: ITU-R 601-2 luma weights (PIL ``convert("L")``, kornia ``rgb_to_grayscale``).
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -158,127 +150,6 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 #: Largest CPU scratch workspace kept between calls, in bytes.
 MAX_CACHED_WORKSPACE = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class ViewRecipe:
-    """The parameters of one view (one lightly per-view transform).
-
-    Attributes:
-        size: output side in pixels (``RandomResizedCrop(size=...)``).
-        scale: ``(min, max)`` crop area as a fraction of the input area (``RandomResizedCrop``).
-        ratio: ``(min, max)`` crop aspect ratio width / height; torchvision's default (3/4, 4/3).
-        flip_p: probability of a horizontal flip (``RandomHorizontalFlip(p)``).
-        jitter: ``(brightness, contrast, saturation, hue)`` strengths of torchvision's
-            ``ColorJitter`` (lightly passes ``cj_strength * cj_bright`` etc.): factors are drawn
-            from ``[max(0, 1 - b), 1 + b]``, ``[max(0, 1 - c), 1 + c]``, ``[max(0, 1 - s), 1 + s]``
-            and ``[-h, h]`` (hue in turns, ``h <= 0.5``).
-        jitter_p: probability that the jitter is applied (``RandomApply([ColorJitter], p)``).
-        gray_p: probability of grayscale (``RandomGrayscale(p)``).
-        blur_p: probability of Gaussian blur (lightly's ``GaussianBlur(prob=...)``).
-        blur_sigma: ``(min, max)`` of the blur's standard deviation in pixels, drawn uniformly
-            (lightly's ``sigmas``, default (0.1, 2)).
-        solarize_p: probability of solarisation, ``x >= 0.5 -> 1 - x`` on [0, 1] values
-            (lightly's ``RandomSolarization(prob, threshold=128)``).
-        interpolation: ``"bilinear"`` (torchvision's default, lightly's SimCLR/BYOL views) or
-            ``"bicubic"`` (lightly's DINO views).
-
-    Raises:
-        RelaError: a size below 1, a probability outside [0, 1], an empty or inverted range, a
-            negative jitter strength, a hue strength above 0.5 or an unknown interpolation.
-    """
-
-    size: int
-    scale: tuple[float, float]
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    jitter_p: float = 0.0
-    gray_p: float = 0.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        if int(self.size) != self.size or self.size < 1:
-            raise RelaError(f"view size must be a positive integer, got {self.size}")
-        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise RelaError(f"view {name} must be a probability in [0, 1], got {p}")
-        for name, low_limit in (("scale", 0.0), ("ratio", 0.0), ("blur_sigma", 0.0)):
-            low, high = getattr(self, name)
-            if not (low_limit < low <= high):
-                raise RelaError(f"view {name} must be (min, max) with 0 < min <= max, got {getattr(self, name)}")
-        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            raise RelaError(f"view jitter must be 4 non-negative strengths (hue <= 0.5), got {self.jitter}")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise RelaError(f"view interpolation must be 'bilinear' or 'bicubic', got '{self.interpolation}'")
-
-    def jitter_ranges(self) -> tuple[tuple[float, float], ...]:
-        """The four factor ranges ``(low, high)``: brightness, contrast, saturation (multiplicative,
-        low clipped at 0) and hue (additive, turns), as torchvision's ``ColorJitter._check_input``."""
-        b, c, s, h = (float(v) for v in self.jitter)
-        return ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
-
-
-def _blur(size: int, probability: float) -> float:
-    return 0.0 if size <= NO_BLUR_MAX_SIZE else probability
-
-
-def _check_size(image_size: int) -> None:
-    if image_size < 8:
-        raise RelaError(f"image size must be at least 8 pixels, got {image_size}")
-
-
-def rela_recipe(image_size: int) -> ViewRecipe:
-    """The ReLA view (:func:`rela_pipeline.views.rela_views`): lightly's ``SimCLRViewTransform``
-    with ``min_scale=0.5``, ``ColorJitter(0.8, 0.8, 0.8, 0.2)`` applied with p = 0.8, grayscale
-    p = 0.2, horizontal flip p = 0.5, no blur and no solarisation; bilinear resize."""
-    return ViewRecipe(size=image_size, scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2)
-
-
-def byol_recipes(image_size: int) -> tuple[ViewRecipe, ViewRecipe]:
-    """BYOL's asymmetric pair, lightly's ``BYOLView1Transform`` / ``BYOLView2Transform`` defaults:
-    ``RandomResizedCrop(scale=(0.08, 1))`` (bilinear), flip p = 0.5,
-    ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` with p = 0.8, grayscale p = 0.2, Gaussian blur p = 1.0 /
-    0.1 with sigma in (0.1, 2) (off at <= 32 px, :mod:`rela_pipeline.views`), solarisation
-    p = 0.0 / 0.2."""
-    common = dict(size=image_size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
-    return (
-        ViewRecipe(**common, blur_p=_blur(image_size, 1.0), solarize_p=0.0),
-        ViewRecipe(**common, blur_p=_blur(image_size, 0.1), solarize_p=0.2),
-    )
-
-
-def simclr_recipe(image_size: int) -> ViewRecipe:
-    """SimCLR's view, lightly's ``SimCLRViewTransform`` defaults: ``RandomResizedCrop(scale=(0.08,
-    1))`` (bilinear), flip p = 0.5, ``ColorJitter(0.8, 0.8, 0.8, 0.2)`` with p = 0.8, grayscale
-    p = 0.2, Gaussian blur p = 0.5 with sigma in (0.1, 2) (off at <= 32 px), no solarisation."""
-    return ViewRecipe(size=image_size, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
-                      blur_p=_blur(image_size, 0.5))
-
-
-def dino_local_size(image_size: int) -> int:
-    """DINO's local crop side: ``max(8, round(image_size * 96 / 224))`` (:func:`rela_pipeline.views.dino_views`)."""
-    return max(8, round(image_size * 96 / 224))
-
-
-def dino_recipes(image_size: int, n_local_views: int = 6) -> tuple[ViewRecipe, ...]:
-    """DINO's multi-crop, lightly's ``DINOTransform`` / ``DINOViewTransform`` defaults:
-    ``RandomResizedCrop`` with BICUBIC interpolation, global crops of ``image_size`` with scale
-    (0.4, 1), local crops of :func:`dino_local_size` with scale (0.05, 0.4); flip p = 0.5;
-    ``ColorJitter`` of strength 0.5 x (0.8, 0.8, 0.4, 0.2) = (0.4, 0.4, 0.2, 0.1) with p = 0.8;
-    grayscale p = 0.2; Gaussian blur p = (1.0, 0.1, 0.5) for (global 1, global 2, locals), sigma
-    in (0.1, 2), off at <= 32 px; solarisation p = 0.2 on the second global view only."""
-    if n_local_views < 0:
-        raise RelaError(f"the number of DINO local views must be >= 0, got {n_local_views}")
-    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
-    global_0 = ViewRecipe(size=image_size, scale=(0.4, 1.0), blur_p=_blur(image_size, 1.0), **common)
-    global_1 = ViewRecipe(size=image_size, scale=(0.4, 1.0), blur_p=_blur(image_size, 0.1), solarize_p=0.2, **common)
-    local = ViewRecipe(size=dino_local_size(image_size), scale=(0.05, 0.4), blur_p=_blur(image_size, 0.5), **common)
-    return (global_0, global_1) + (local,) * n_local_views
 
 
 # ----------------------------------------------------------------------------------------------
@@ -804,85 +675,63 @@ class BatchedViews:
 
 
 def batched_rela_views(image_size: int) -> BatchedViews:
-    """The two ReLA views of ``image_size`` pixels (:func:`rela_recipe`, twice).
+    """The two ReLA views of ``image_size`` pixels (:func:`rela_pipeline.recipes.rela_recipes`).
 
     Raises:
         RelaError: ``image_size`` below 8.
     """
-    _check_size(image_size)
-    view = rela_recipe(image_size)
-    return BatchedViews((view, view), "rela")
+    return BatchedViews(rela_recipes(image_size), "rela")
 
 
 def batched_byol_views(image_size: int) -> BatchedViews:
-    """BYOL's asymmetric pair of ``image_size`` pixels (:func:`byol_recipes`).
+    """BYOL's asymmetric pair of ``image_size`` pixels (:func:`rela_pipeline.recipes.byol_recipes`).
 
     Raises:
         RelaError: ``image_size`` below 8.
     """
-    _check_size(image_size)
-    return BatchedViews(byol_recipes(image_size), "byol")
+    return batched_method_views("byol", image_size)
 
 
 def batched_simclr_views(image_size: int) -> BatchedViews:
-    """SimCLR's symmetric pair of ``image_size`` pixels (:func:`simclr_recipe`, twice).
+    """SimCLR's symmetric pair of ``image_size`` pixels (:func:`rela_pipeline.recipes.simclr_recipe`, twice).
 
     Raises:
         RelaError: ``image_size`` below 8.
     """
-    _check_size(image_size)
-    view = simclr_recipe(image_size)
-    return BatchedViews((view, view), "simclr")
+    return batched_method_views("simclr", image_size)
 
 
 def batched_dino_views(image_size: int, n_local_views: int = 6) -> BatchedViews:
-    """DINO's 2 global views of ``image_size`` and ``n_local_views`` local views of
-    :func:`dino_local_size` pixels (:func:`dino_recipes`).
+    """DINO's 2 global views of ``image_size`` and ``n_local_views`` local views
+    (:func:`rela_pipeline.recipes.dino_recipes`).
 
     Raises:
         RelaError: ``image_size`` below 8 or a negative ``n_local_views``.
     """
-    _check_size(image_size)
+    check_image_size(image_size)
     return BatchedViews(dino_recipes(image_size, n_local_views), "dino")
-
-
-_METHOD_VIEWS = {"byol": batched_byol_views, "simclr": batched_simclr_views, "dino": batched_dino_views}
 
 
 def with_crop_min_scale(views: BatchedViews, min_scale: float) -> BatchedViews:
     """``views`` with the lower bound of every full-size view's crop scale set to ``min_scale``
-    (DINO's local crops keep theirs): ``RandomResizedCrop(scale=(min_scale, 1))``.
+    (:func:`rela_pipeline.recipes.with_crop_min_scale`).
 
     Raises:
         RelaError: ``min_scale`` outside ``(0, 1]``.
     """
-    if not 0.0 < min_scale <= 1.0:
-        raise RelaError(f"the crop's minimum scale must be in (0, 1], got {min_scale}")
-    size = max(r.size for r in views.recipes)
-    recipes = tuple(dataclasses.replace(r, scale=(min_scale, r.scale[1])) if r.size == size else r for r in views.recipes)
-    return BatchedViews(recipes, views.name)
+    return BatchedViews(recipes_with_crop_min_scale(views.recipes, min_scale), views.name)
 
 
 def batched_method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> BatchedViews:
-    """The standard views of a built-in SSL method (``"byol"``, ``"simclr"`` or ``"dino"``), the
-    batched counterpart of :func:`rela_pipeline.views.method_views`.
-
-    Args:
-        method: the method's name.
-        image_size: S, pixels of the (global) views.
-        crop_min_scale: if given, the lower bound of the crop scale of the full-size views
-            (:func:`with_crop_min_scale`); None keeps the method's (0.08 for BYOL and SimCLR, 0.4
-            for DINO's global crops).
+    """The standard views of a built-in SSL method (``"byol"``, ``"simclr"`` or ``"dino"``), made
+    from the same recipes as :func:`rela_pipeline.views.method_views`
+    (:func:`rela_pipeline.recipes.method_recipes`).
 
     Raises:
         RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
             ``(0, 1]``.
     """
-    _check_size(image_size)
-    if method not in _METHOD_VIEWS:
-        raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_VIEWS)}")
-    views = _METHOD_VIEWS[method](image_size)
-    return views if crop_min_scale is None else with_crop_min_scale(views, crop_min_scale)
+    return BatchedViews(method_recipes(method, image_size, crop_min_scale), method)
 
 
 def _describe(value: object) -> str:

@@ -1,13 +1,9 @@
-"""Augmented views: the ReLA views and each SSL method's standard views, scaled to the image size.
+"""Augmented views per image with PIL: lightly's transforms built from the recipes of
+:mod:`rela_pipeline.recipes` (the ReLA views and each SSL method's standard views).
 
-All transforms are lightly's (torchvision underneath) and map a PIL RGB image to a list of float32
-``(3, S, S)`` tensors normalised with the ImageNet mean and std (the same normalisation the
-student's evaluation preprocessing uses). Gaussian blur is off at 32 px and below, as in the SSL
-literature's CIFAR recipes (solo-learn, lightly's CIFAR-10 benchmarks).
-
-ReLA views (the authors' code, ReLA section 4): RandomResizedCrop(scale 0.5-1), horizontal flip,
-ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2. That is lightly's SimCLR view with
-``min_scale=0.5`` and no blur.
+Every transform maps a PIL RGB image to a list of float32 ``(3, s, s)`` tensors normalised with the
+ImageNet mean and std (the same normalisation the student's evaluation preprocessing uses). The
+same recipes are made batched on the device by :mod:`rela_pipeline.batched_views`.
 
 :class:`PerImageViews` makes any such per-image transform (or a user's own) a batched view
 transform, the one interface the training data path calls (``--augment pil``).
@@ -17,63 +13,77 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
-from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+from lightly.transforms.byol_transform import BYOLView1Transform
+from lightly.transforms.dino_transform import DINOViewTransform
 from lightly.transforms.multi_view_transform import MultiViewTransform
-from lightly.transforms.simclr_transform import SimCLRViewTransform
-
 from PIL import Image
 
 from .errors import RelaError
-
-#: Image sizes at or below which Gaussian blur is not used.
-NO_BLUR_MAX_SIZE = 32
+from .recipes import NO_BLUR_MAX_SIZE, ViewRecipe, dino_recipes, method_recipes, rela_recipes  # noqa: F401  (NO_BLUR_MAX_SIZE: part of the interface)
 
 ViewTransform = Callable[[object], list]
 
+#: torchvision's default ``RandomResizedCrop`` aspect-ratio range, the only one lightly's views take.
+_DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
-def _blur(size: int, probability: float) -> float:
-    return 0.0 if size <= NO_BLUR_MAX_SIZE else probability
+
+def lightly_view(recipe: ViewRecipe) -> Callable:
+    """One view of ``recipe`` as a lightly per-view transform (PIL image -> float ``(3, s, s)``):
+    ``DINOViewTransform`` for bicubic recipes (any crop scale), else ``BYOLView1Transform``
+    (bilinear, crop scale up to 1). Both apply crop, flip, colour jitter, grayscale, blur and
+    solarisation in that order, as :mod:`rela_pipeline.batched_views` does.
+
+    Raises:
+        RelaError: a recipe lightly's views cannot express (a bilinear crop whose scale stops
+            below 1, or another aspect-ratio range).
+    """
+    b, c, s, h = recipe.jitter
+    common = dict(hf_prob=recipe.flip_p, cj_prob=recipe.jitter_p, cj_strength=1.0, cj_bright=b, cj_contrast=c, cj_sat=s, cj_hue=h,
+                  random_gray_scale=recipe.gray_p, gaussian_blur=recipe.blur_p, sigmas=tuple(recipe.blur_sigma), solarization_prob=recipe.solarize_p)
+    if tuple(recipe.ratio) != _DEFAULT_RATIO:
+        raise RelaError(f"lightly's views take the default crop aspect ratio range {_DEFAULT_RATIO}, got {recipe.ratio}")
+    if recipe.interpolation == "bicubic":
+        return DINOViewTransform(crop_size=recipe.size, crop_scale=tuple(recipe.scale), **common)
+    if recipe.scale[1] != 1.0:
+        raise RelaError(f"a bilinear lightly view crops with scale (min, 1), got {recipe.scale}")
+    return BYOLView1Transform(input_size=recipe.size, min_scale=recipe.scale[0], **common)
+
+
+def views_of(recipes: Sequence[ViewRecipe]) -> MultiViewTransform:
+    """Per-image transform giving one view per recipe, in order."""
+    return MultiViewTransform([lightly_view(recipe) for recipe in recipes])
 
 
 def rela_views(image_size: int) -> MultiViewTransform:
-    """Two ReLA views of ``image_size`` pixels (module docstring)."""
-    view = SimCLRViewTransform(input_size=image_size, min_scale=0.5, cj_prob=0.8, cj_strength=1.0, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8, cj_hue=0.2, random_gray_scale=0.2, gaussian_blur=0.0)
-    return MultiViewTransform([view, view])
+    """Two ReLA views of ``image_size`` pixels (:func:`rela_pipeline.recipes.rela_recipe`)."""
+    return views_of(rela_recipes(image_size))
 
 
-def byol_views(image_size: int, crop_min_scale: float = 0.08) -> BYOLTransform:
-    """BYOL's asymmetric pair (lightly's BYOLTransform: blur 1.0 / 0.1, solarisation 0 / 0.2)."""
-    return BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 1.0)),
-        view_2_transform=BYOLView2Transform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 0.1)),
-    )
+def byol_views(image_size: int, crop_min_scale: float = 0.08) -> MultiViewTransform:
+    """BYOL's asymmetric pair (:func:`rela_pipeline.recipes.byol_recipes`)."""
+    return views_of(method_recipes("byol", image_size, crop_min_scale))
 
 
-def simclr_views(image_size: int, crop_min_scale: float = 0.08) -> SimCLRTransform:
-    """SimCLR's symmetric pair (lightly's SimCLRTransform, blur 0.5 above 32 px)."""
-    return SimCLRTransform(input_size=image_size, min_scale=crop_min_scale, gaussian_blur=_blur(image_size, 0.5))
+def simclr_views(image_size: int, crop_min_scale: float = 0.08) -> MultiViewTransform:
+    """SimCLR's symmetric pair (:func:`rela_pipeline.recipes.simclr_recipe`)."""
+    return views_of(method_recipes("simclr", image_size, crop_min_scale))
 
 
-def dino_views(image_size: int, crop_min_scale: float = 0.4, n_local_views: int = 6) -> DINOTransform:
-    """DINO's multi-crop: two global crops of ``image_size`` (scale ``(crop_min_scale, 1)``) and
-    ``n_local_views`` local crops of ``round(image_size * 96 / 224)`` pixels (the paper's 224/96
-    ratio; at least 8)."""
-    local = max(8, round(image_size * 96 / 224))
-    blur = (1.0, 0.1, 0.5) if image_size > NO_BLUR_MAX_SIZE else (0.0, 0.0, 0.0)
-    return DINOTransform(global_crop_size=image_size, global_crop_scale=(crop_min_scale, 1.0), local_crop_size=local,
-                         n_local_views=n_local_views, gaussian_blur=blur)
+def dino_views(image_size: int, crop_min_scale: float = 0.4, n_local_views: int = 6) -> MultiViewTransform:
+    """DINO's multi-crop (:func:`rela_pipeline.recipes.dino_recipes`): two global crops of
+    ``image_size`` (scale ``(crop_min_scale, 1)``) and ``n_local_views`` local crops."""
+    from .recipes import check_image_size, with_crop_min_scale
+
+    check_image_size(image_size)
+    return views_of(with_crop_min_scale(dino_recipes(image_size, n_local_views), crop_min_scale))
 
 
-_METHOD_VIEWS = {"byol": byol_views, "simclr": simclr_views, "dino": dino_views}
-
-
-def method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> ViewTransform:
-    """The standard views of a built-in SSL method.
+def method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> MultiViewTransform:
+    """The standard views of a built-in SSL method (:func:`rela_pipeline.recipes.method_recipes`).
 
     Args:
         method: ``"byol"``, ``"simclr"`` or ``"dino"``.
@@ -85,15 +95,7 @@ def method_views(method: str, image_size: int, crop_min_scale: float | None = No
         RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
             ``(0, 1]``.
     """
-    if image_size < 8:
-        raise RelaError(f"image size must be at least 8 pixels, got {image_size}")
-    if method not in _METHOD_VIEWS:
-        raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_VIEWS)}")
-    if crop_min_scale is None:
-        return _METHOD_VIEWS[method](image_size)
-    if not 0.0 < crop_min_scale <= 1.0:
-        raise RelaError(f"the crop's minimum scale must be in (0, 1], got {crop_min_scale}")
-    return _METHOD_VIEWS[method](image_size, crop_min_scale=crop_min_scale)
+    return views_of(method_recipes(method, image_size, crop_min_scale))
 
 
 @contextlib.contextmanager

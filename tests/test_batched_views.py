@@ -102,22 +102,50 @@ def recipe_dict(r: ViewRecipe) -> dict:
                 solarize_p=r.solarize_p)
 
 
+def lightly_reference_views(family: str, size: int) -> list:
+    """lightly's own transforms for ``family`` at ``size`` px, built from lightly's defaults (the
+    recipes' source of truth, independent of rela_pipeline.recipes): BYOL, SimCLR and DINO with
+    Gaussian blur off at 32 px and below; the ReLA view is the authors' SimCLR view with crop
+    scale (0.5, 1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2 and no blur."""
+    from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
+    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+    from lightly.transforms.simclr_transform import SimCLRViewTransform
+
+    def blur(p):
+        return 0.0 if size <= 32 else p
+
+    if family == "rela":
+        view = SimCLRViewTransform(input_size=size, min_scale=0.5, cj_prob=0.8, cj_strength=1.0, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8,
+                                   cj_hue=0.2, random_gray_scale=0.2, gaussian_blur=0.0)
+        return [view, view]
+    if family == "byol":
+        return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=blur(1.0)),
+                             view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=blur(0.1))).transforms
+    if family == "simclr":
+        return SimCLRTransform(input_size=size, gaussian_blur=blur(0.5)).transforms
+    return DINOTransform(global_crop_size=size, local_crop_size=max(8, round(size * 96 / 224)),
+                         gaussian_blur=(blur(1.0), blur(0.1), blur(0.5))).transforms
+
+
 @pytest.mark.parametrize("size", [32, 64, 224])
 @pytest.mark.parametrize("family", ["rela", "byol", "simclr", "dino"])
-def test_recipes_equal_lightly_transforms(family, size):
-    reference = pil_views.rela_views(size) if family == "rela" else pil_views.method_views(family, size)
+def test_both_view_paths_make_lightlys_recipes(family, size):
+    """The one set of recipes, as the device path uses them and as the PIL path builds lightly
+    transforms from them, equals lightly's own transforms parameter by parameter."""
+    reference = lightly_reference_views(family, size)
+    ours = pil_views.rela_views(size) if family == "rela" else pil_views.method_views(family, size)
     batched = batched_rela_views(size) if family == "rela" else batched_method_views(family, size)
     assert batched.name == family
-    assert len(reference.transforms) == len(batched.recipes)
-    for view, recipe in zip(reference.transforms, batched.recipes):
+    assert len(reference) == len(ours.transforms) == len(batched.recipes)
+    for view, pil_view, recipe in zip(reference, ours.transforms, batched.recipes):
         expected = lightly_recipe(view)
-        got = recipe_dict(recipe)
+        assert expected.pop("normalize") == (bv.IMAGENET_MEAN, bv.IMAGENET_STD) == lightly_recipe(pil_view).pop("normalize")
         if expected["blur_p"] > 0:
             assert tuple(recipe.blur_sigma) == pytest.approx(expected["blur_sigma"])
-        assert expected.pop("normalize") == (bv.IMAGENET_MEAN, bv.IMAGENET_STD)
         expected.pop("blur_sigma", None)
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value), (family, size, key)
+        for got in (recipe_dict(recipe), {k: v for k, v in lightly_recipe(pil_view).items() if k != "blur_sigma"}):
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value), (family, size, key)
 
 
 @pytest.mark.parametrize("family", ["byol", "simclr", "dino"])

@@ -117,3 +117,13 @@ def test_memory_path_that_does_not_fit_is_one_line_naming_bytes_and_budget(shard
     code, _, err = run_cli("train", "--shards", str(shards), "--out", str(tmp_path / "run"), "--data-path", "memory", "--cache-bytes", "1M", "--device", "cpu")
     assert_one_line_error(code, err, "bytes")
     assert "1,048,576 bytes" in err and not (tmp_path / "run").exists()
+
+
+def test_the_python_api_names_its_own_parameters_in_errors(shard_set):
+    """``ShardBatches`` is called from Python: its errors name ``data_path``, ``cache_bytes`` and
+    ``num_workers``, not only the CLI's flags."""
+    shards, _ = shard_set
+    for settings, name in (({"data_path": "disk"}, "data_path must be one of"), ({"cache_bytes": -1}, "cache_bytes must be >= 0"),
+                           ({"num_workers": -2}, "num_workers must be >= 0"), ({"data_path": "memory", "cache_bytes": 10}, "data_path='memory'")):
+        with pytest.raises(RelaError, match=name):
+            ShardBatches(str(shards), batch_size=8, device="cpu", verify=False, **settings)

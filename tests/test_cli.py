@@ -18,6 +18,7 @@ from rela_pipeline.shards.manifest import read_manifest
 from rela_pipeline.stages import embed as embed_stage
 from tests.conftest import TRAIN_DIR, assert_one_line_error, journal_rows, run_cli
 
+PAUSING_CLI = str(Path(__file__).parent / "pausing_cli.py")
 FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
 
 
@@ -118,42 +119,48 @@ def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
     assert (out / "my-notes.txt").exists() and (out / "manifest.json").exists()
 
 
+def paused_embed(out: Path, ready: Path, after_rows: int, *args: str, **popen) -> subprocess.Popen:
+    """The real CLI's ``embed`` into ``out`` in a process that stops once ``after_rows`` rows are
+    journalled, and says so by creating ``ready`` (``tests/pausing_cli.py``)."""
+    command = [sys.executable, PAUSING_CLI, "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
+               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PAUSE_AFTER_ROWS": str(after_rows), "PAUSE_READY": str(ready)}
+    return subprocess.Popen(command, text=True, cwd=Path(__file__).parent.parent, env=env, **popen)
+
+
+def wait_until_paused(process: subprocess.Popen, ready: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        assert process.poll() is None, "the run ended before its pause point"
+        assert time.monotonic() < deadline, "the run did not reach its pause point"
+        time.sleep(0.05)
+
+
 def test_ctrl_c_in_a_real_process(tmp_path):
-    """SIGINT to the real CLI mid-embedding: exit 130, one line, no manifest, no partial files, and
-    the run's journal kept for --resume (tests/test_resume.py resumes such runs)."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
-               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--checkpoint-seconds", "0.2"]
+    """SIGINT to the real CLI mid-embedding (paused right after its first journal record, so the
+    signal always lands in the embedding loop): exit 130, one line, no manifest, no partial files,
+    and the run's journal kept for --resume (tests/test_resume.py resumes such runs)."""
+    out, ready = tmp_path / "out", tmp_path / "paused"
     # A shell starts background jobs with SIGINT ignored, and children inherit that (CI may run the
     # suite so): give the CLI the default disposition, as an interactive terminal would.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # Interrupt once the embedding loop has recorded progress: a SIGINT that lands while the
-    # DataLoader forks its worker is swallowed by CPython's at-fork hooks ("Exception ignored").
-    deadline = time.monotonic() + 120
-    while journal_rows(out) == 0 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert process.poll() is None, "the run finished before it could be interrupted"
+    process = paused_embed(out, ready, 1, "--checkpoint-seconds", "0.2", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_until_paused(process, ready)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: no manifest written; the finished work is kept in OUT: continue with --resume"]
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
-    assert (out / ".work" / "journal.json").is_file()
+    assert (out / ".work" / "journal.json").is_file() and journal_rows(out) >= 1
 
 
 def test_one_embed_at_a_time_and_a_killed_run_does_not_leave_the_lock_stuck(tmp_path):
-    """A second embed into OUT is refused while the first runs; after kill -9 the next run proceeds."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "rela_pipeline.cli", "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
-               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    deadline = time.monotonic() + 120
-    while not (out / ".work" / "embeddings.npy").exists() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.05)
-    assert first.poll() is None, "the first run finished before the second could start"
+    """A second embed into OUT is refused while the first runs (paused while it holds the lock);
+    after kill -9 the next run proceeds."""
+    out, ready = tmp_path / "out", tmp_path / "paused"
+    first = paused_embed(out, ready, 1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_until_paused(first, ready)
     before = sorted(p.name for p in out.rglob("*"))
 
     code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--out", str(out), "--overwrite", *FAST)

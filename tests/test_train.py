@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import json
 import logging
 from pathlib import Path
@@ -214,18 +216,16 @@ def test_any_method_gets_rela_through_the_python_api(shard_set, tmp_path):
         run_train(config(shards, tmp_path / "other", method="toy"), method_factory=ToyMethod)
 
 
-def test_worker_processes_switch_to_the_methods_views_after_the_rela_phase(shard_set, tmp_path):
+def test_the_pil_path_switches_to_the_methods_views_on_the_next_batch(shard_set, tmp_path):
+    """Per-image PIL views are made when the loop takes a batch, so the first SSL-phase batch
+    already carries DINO's 2 global + 6 local crops (no prefetched ReLA views)."""
     from rela_pipeline.views import dino_views
 
     shards, _ = shard_set
     made, factory = recording_factory(ViewCounter)
     summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1, augment="pil"), method_factory=factory, ssl_views=dino_views(32))
     assert summary["rela_switch_step"] == 9
-    counts = made[0].view_counts
-    # The worker process made 2 ReLA views per sample until the flag flipped, then DINO's 2 global
-    # + 6 local crops: a few batches prefetched before the switch may still carry ReLA views.
-    assert len(counts) == 9 and counts[-1] == 8 and set(counts) <= {2, 8}
-    assert counts.count(2) <= 4
+    assert made[0].view_counts == [8] * 9
 
 
 class ViewCounter(ToyMethod):
@@ -241,9 +241,32 @@ class ViewCounter(ToyMethod):
 
 
 def test_dino_trains_on_multi_crop_views(shard_set, tmp_path):
+    """The student sees DINO's 2 global and 6 local crops every step, the teacher follows it by
+    EMA (moved from its start, not equal to the student) and the loss's centre is updated."""
+    from rela_pipeline.batched_views import batched_method_views
+    from rela_pipeline.methods import DINO
+
     shards, _ = shard_set
-    summary = run_train(config(shards, tmp_path / "run", method="dino", epochs=1, rela_schedule="none"))
-    assert summary["budget"]["steps"] == 9 and intervals(tmp_path / "run")[-1]["ssl_loss"] is not None
+    made: list = []
+
+    def factory(backbone):
+        method = DINO(backbone)
+        method.sizes, method.teacher_start = [], copy.deepcopy(method.backbone_momentum.state_dict())
+        backbone.register_forward_pre_hook(lambda module, args: method.sizes.append(args[0].shape[-1]))
+        made.append(method)
+        return method
+
+    summary = run_train(config(shards, tmp_path / "run", method="dino", epochs=1, rela_schedule="none"), method_factory=factory,
+                        ssl_views=batched_method_views("dino", 32))
+    dino = made[0]
+    assert summary["budget"]["steps"] == 9
+    assert dino.sizes == [32, 32, 14, 14, 14, 14, 14, 14] * 9
+    teacher, student = dino.backbone_momentum.state_dict(), dino.backbone.state_dict()
+    moved = [k for k, v in teacher.items() if v.is_floating_point() and not torch.equal(v, dino.teacher_start[k])]
+    assert moved and any(not torch.equal(teacher[k], student[k]) for k in moved)
+    assert dino.criterion.center.abs().sum() > 0
+    losses = [r["ssl_loss"] for r in intervals(tmp_path / "run")]
+    assert all(math.isfinite(loss) for loss in losses)
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -391,12 +414,14 @@ def test_a_bf16_step_keeps_losses_probe_and_weights_in_fp32(rela_phase):
     schedule.start(0, 10)
     step = TrainStep(model, nn.Linear(256, 10), 1e-3, 0.01, "constant", 10, Precision("bf16", "cpu"))
     views = [torch.rand(8, 3, 32, 32) for _ in range(2)]
+    seen: list[torch.dtype] = []
+    hook = model.backbone.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     result = step(views, torch.randn(8, 64), torch.randint(0, 10, (8,)), True)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # the step's own forward ran under bf16 autocast
     assert result.output.loss.dtype == torch.float32 and result.probe_loss.dtype == torch.float32
     assert model.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step's forward does run in bf16
-        assert model.backbone.features[0](views[0].contiguous(memory_format=torch.channels_last)).dtype == torch.bfloat16
 
 
 def test_a_custom_view_transform_of_the_wrong_shape_is_one_line_naming_the_method(shard_set, tmp_path):

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ..batched_views import BatchedViews, check_views
 from ..errors import RelaError
 from ..imagefolder import UNDECODABLE_IMAGE_ERRORS
-from ..runtime import resolve_device
+from ..runtime import default_num_workers, resolve_device
 from ..subsets import SubsetSampler
 from .plan import buffer_shuffle, epoch_order, local_batch_size, rank_batches, shard_rng, shard_spans, shard_visit_order
 from .reader import ShardSetSource, open_shard_set, verified
@@ -415,11 +415,11 @@ class ShardBatches:
         world_size: int = 1,
     ) -> None:
         if data_path not in DATA_PATHS:
-            raise RelaError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
+            raise RelaError(f"data_path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
         if batch_size < 1 or image_size < 8 or shuffle_buffer < 1:
-            raise RelaError(f"need batch size >= 1, image size >= 8 and shuffle buffer >= 1, got {batch_size}, {image_size}, {shuffle_buffer}")
+            raise RelaError(f"need batch_size >= 1, image_size >= 8 and shuffle_buffer >= 1, got {batch_size}, {image_size}, {shuffle_buffer}")
         if cache_bytes is not None and cache_bytes < 0:
-            raise RelaError(f"--cache-bytes must be >= 0, got {cache_bytes}")
+            raise RelaError(f"cache_bytes must be >= 0, got {cache_bytes}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise RelaError(f"rank {rank} is outside a world of {world_size} processes")
         if isinstance(shards, ShardSetSource):
@@ -438,7 +438,7 @@ class ShardBatches:
         self.skip_bad_shards = skip_bad_shards
         self.progress = progress
         if num_workers is not None and num_workers < 0:
-            raise RelaError(f"--num-workers must be >= 0, got {num_workers}")
+            raise RelaError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers if num_workers is not None else default_num_workers()
         scores = source.load_scores() if subset != "random" else None
         self.sampler = SubsetSampler(source.num_samples, data_ratio, subset, scores, seed=seed, dedup_threshold=dedup_threshold, min_size=batch_size)
@@ -447,9 +447,9 @@ class ShardBatches:
         fits = self.bytes_needed <= self.cache_bytes
         if data_path == "memory" and not fits:
             raise RelaError(
-                f"--data-path memory: the decoded shard set needs {self.bytes_needed:,} bytes ({source.num_samples} samples at "
+                f"data_path='memory' (--data-path memory): the decoded shard set needs {self.bytes_needed:,} bytes ({source.num_samples} samples at "
                 f"{image_size} px, {self.target_dim} target dims) but the cache budget is {self.cache_bytes:,} bytes "
-                f"(--cache-bytes); use --data-path stream or a larger budget"
+                f"(cache_bytes, --cache-bytes); use data_path='stream' (--data-path stream) or a larger budget"
             )
         self.data_path = "memory" if data_path == "memory" or (data_path == "auto" and fits) else "stream"
         self.rank, self.world_size = rank, world_size
@@ -458,7 +458,7 @@ class ShardBatches:
         if world_size > 1 and self.data_path == "stream":
             self._planned_contents = source.written_contents()
             if self._planned_contents is None:
-                raise RelaError(f"a distributed stream needs the manifest's shard_order to plan each rank's part, and {source.location} has none; use --data-path memory")
+                raise RelaError(f"a distributed stream needs the manifest's shard_order to plan each rank's part, and {source.location} has none; use data_path='memory' (--data-path memory)")
         self.next_epoch = 0
         self._store: ShardMemoryStore | None = None
 
@@ -605,9 +605,3 @@ class ShardBatches:
                 moved = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=True) for k, v in first.items()}
                 yield self._batch(epoch, step, moved["images"], moved["target"], moved["label"], moved["index"])
                 step += 1
-
-
-def default_num_workers() -> int:
-    """Decoding workers when none are given: ``min(8, CPUs - 1)``, at least 1."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-

@@ -47,7 +47,7 @@ from ..errors import RelaError
 from ..imagefolder import ImageFolderIndex, scan_image_folder
 from ..models import load_backbone_checkpoint
 from ..priors import PreprocessedImages, Preprocessing
-from ..runtime import autocast_for, resolve_device
+from ..runtime import autocast_for, default_num_workers, resolve_device
 
 #: Learning rates the linear probe chooses from when none is given (a half-decade grid).
 PROBE_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -70,7 +70,8 @@ class EvalConfig:
         test_dir: labelled ImageFolder with the same class names; accuracies are measured on it.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         batch_size: images per feature-extraction batch.
-        num_workers: DataLoader worker processes decoding images; None: ``min(4, os.cpu_count())``;
+        num_workers: DataLoader worker processes decoding images; None:
+            :func:`rela_pipeline.runtime.default_num_workers`;
             0: decode in the main process.
         image_size: if given, squash-resize whole images to ``image_size x image_size`` pixels
             instead of the checkpoint's recorded preprocessing (mean/std stay the recorded ones).
@@ -129,8 +130,8 @@ class EvalConfig:
             raise RelaError(f"--few-label entries and --few-label-draws must be >= 1, got {list(self.few_label)} and {self.few_label_draws}")
 
     def resolved_num_workers(self) -> int:
-        """Worker processes to use: ``num_workers``, or ``min(4, os.cpu_count())`` when None."""
-        return self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
+        """Worker processes to use: ``num_workers``, or :func:`rela_pipeline.runtime.default_num_workers` when None."""
+        return self.num_workers if self.num_workers is not None else default_num_workers()
 
 
 def eval_preprocessing(saved: dict[str, Any] | None, image_size: int | None = None) -> Preprocessing:

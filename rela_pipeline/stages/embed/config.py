@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
-from ...runtime import PRECISIONS
+from ...runtime import PRECISIONS, default_num_workers
 from .decoding import DECODE_MODES
 from ...scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES
 from ...shards.format import TARGET_DTYPES
@@ -34,7 +33,8 @@ class EmbedConfig:
         out_dir: output directory of the shard set.
         batch_size: images per forward pass; None: 256 on CUDA, 32 on CPU (large batches are
             slower on CPU: memory traffic, see the README's benchmarks).
-        num_workers: DataLoader worker processes decoding images (0: decode in the main process).
+        num_workers: DataLoader worker processes decoding images (0: decode in the main process);
+            default :func:`rela_pipeline.runtime.default_num_workers`.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``: the prior's forward pass
             (:func:`rela_pipeline.runtime.resolve_prior_precision`; the resolved value is part of
@@ -67,7 +67,7 @@ class EmbedConfig:
     prior: str
     out_dir: Path
     batch_size: int | None = None
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    num_workers: int = field(default_factory=default_num_workers)
     device: str = "auto"
     precision: str = "auto"
     decode: str = "auto"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
 from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...runtime import resolve_precision
-from ...shards.reader import open_shard_set
+from ...shards.reader import ShardSetSource, open_shard_set
 from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_NAME, SUMMARY_NAME, Progress,
                           eval_preprocessing, prepare_run_dir, restore_checkpoint, save_checkpoint)
 from .config import Budget, TrainConfig
@@ -101,7 +102,7 @@ def run_train(
             resuming = distribution.on_main(lambda: prepare_run_dir(config))
             try:
                 with collective_failures(distribution):
-                    return _train(config, source, device, distribution, resuming, method_factory, ssl_views)
+                    return _train(config, source, device, distribution, resuming=resuming, method_factory=method_factory, ssl_views=ssl_views)
             except BaseException:
                 if distribution.is_main and created and not (out / LAST_CHECKPOINT).is_file():
                     shutil.rmtree(out, ignore_errors=True)
@@ -110,11 +111,33 @@ def run_train(
         distribution.close()
 
 
-def _train(config: TrainConfig, source, device: torch.device, distribution: Distribution, resuming: bool, method_factory, ssl_views) -> dict[str, Any]:
-    out = Path(config.out_dir)
-    main = distribution.is_main
+@dataclass
+class Student:
+    """The model side of a run: the backbone, the SSL method, the ReLA wrapper and the online probe.
 
-    # The student: backbone, method, ReLA wrapper, online probe.
+    Attributes:
+        backbone: the network being pretrained (``backbone.feature_dim`` = F).
+        backbone_config: how to rebuild it (``{"name", "cifar_stem"}``, saved in checkpoints).
+        rela: the :class:`ReLA` wrapper around the method, on the training device.
+        probe: a linear classifier ``F -> classes`` on the device, or None (unlabelled set, or
+            ``online_probe=False``).
+        labelled: whether the shard set has real labels.
+    """
+
+    backbone: nn.Module
+    backbone_config: dict[str, Any]
+    rela: ReLA
+    probe: nn.Module | None
+    labelled: bool
+
+
+def build_student(config: TrainConfig, source: ShardSetSource, device: torch.device, method_factory: Callable[[nn.Module], nn.Module] | None) -> Student:
+    """Seed, then build the backbone, the method (built-in or ``method_factory``'s), the ReLA
+    wrapper with ``K = min(F, target dim)`` and the online probe.
+
+    Raises:
+        RelaError: a custom method that does not keep the backbone it was given.
+    """
     torch.manual_seed(config.seed)
     backbone_config = {"name": config.backbone, "cifar_stem": config.use_cifar_stem}
     backbone = build_backbone(config.backbone, cifar_stem=config.use_cifar_stem)
@@ -125,6 +148,17 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
     rela = ReLA(method, target_dim, parse_schedule(config.rela_schedule), transfer=config.transfer).to(device)
     labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
     probe = nn.Linear(backbone.feature_dim, len(source.class_names)).to(device) if labelled and config.online_probe else None
+    return Student(backbone, backbone_config, rela, probe, labelled)
+
+
+def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, distribution: Distribution, *, resuming: bool,
+           method_factory: Callable[[nn.Module], nn.Module] | None, ssl_views: Callable | None) -> dict[str, Any]:
+    """The run once the directory is ready: the student, the data, the step, the epochs, the summary."""
+    out = Path(config.out_dir)
+    main = distribution.is_main
+    student = build_student(config, source, device, method_factory)
+    rela, probe, backbone, labelled = student.rela, student.probe, student.backbone, student.labelled
+    target_dim = rela.target_dim
 
     # The data and the views of each phase.
     views = view_transforms(config, ssl_views)
@@ -197,7 +231,7 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
             elapsed = progress.elapsed_s + time.perf_counter() - t_start
             metrics.write({"event": "epoch_end", "epoch": epoch, "step": budget.steps, "epoch_steps": epoch_steps, "images_seen": budget.images_seen, "budget_fraction": budget.fraction, "elapsed_s": round(elapsed, 2)})
             if main:
-                save_checkpoint(out, config, backbone_config, rela, probe, step, epoch, budget, elapsed)
+                save_checkpoint(out, config, student.backbone_config, rela, probe, step, epoch, budget, elapsed)
     finally:
         bar.close()
         step.close()
@@ -210,13 +244,13 @@ def _train(config: TrainConfig, source, device: torch.device, distribution: Dist
     samples_per_rank = distribution.gather(samples_trained)
     if main:
         save_backbone_checkpoint(
-            out / BACKBONE_NAME, backbone, backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
+            out / BACKBONE_NAME, backbone, student.backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
             step=budget.steps, config=config.to_json(),
         )
     summary = {
         "run_dir": str(out),
         "method": config.method,
-        "backbone": backbone_config,
+        "backbone": student.backbone_config,
         "rela_schedule": config.rela_schedule,
         "rela_switch_step": rela.schedule.switch_step,
         "subset": data.sampler.describe(),
