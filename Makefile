@@ -1,17 +1,25 @@
 # The README's two commands: `make demo` (the whole job on real data: prepare, embed, train, eval)
-# and `make test`.
+# and `make test` (lint, the docs site's strict build, the test suite).
 # Both set themselves up on a fresh machine (scripts/setup.sh).
 PY := .venv/bin/python
 CLI := .venv/bin/rela-pipeline
 DATA := data/fashion-mnist
 RUN := runs/demo
 
-.PHONY: setup test demo bench gpu-check budget-table clean
+.PHONY: setup lint docs test demo bench gpu-check budget-table clean
 
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page fails.
+docs: setup
+	.venv/bin/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(PY) -m pytest -q
 
 demo: setup

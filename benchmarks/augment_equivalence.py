@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_table import machine_info, mean_std
+
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import atomic_write, write_json_atomic
 from rela_pipeline.stages.evaluate import EvalConfig, run_eval
@@ -52,23 +53,51 @@ def run_one(args: argparse.Namespace, path: str, method: str, seed: int) -> dict
     train_out = run / "train"
     if not (train_out / "summary.json").exists():
         resume = (train_out / "checkpoints" / "last.pt").exists()
-        run_train(TrainConfig(
-            shards=str(args.shards), out_dir=train_out, method="byol", backbone="convnet", image_size=32, epochs=args.epochs,
-            batch_size=128, data_ratio=args.ratio, rela_schedule=METHODS[method], seed=seed, device=args.device,
-            num_workers=args.num_workers, resume=resume, overwrite=not resume, progress=False, verify=seed == 0 and path == "pil",
-            **PATHS[path],
-        ))
+        run_train(
+            TrainConfig(
+                shards=str(args.shards),
+                out_dir=train_out,
+                method="byol",
+                backbone="convnet",
+                image_size=32,
+                epochs=args.epochs,
+                batch_size=128,
+                data_ratio=args.ratio,
+                rela_schedule=METHODS[method],
+                seed=seed,
+                device=args.device,
+                num_workers=args.num_workers,
+                resume=resume,
+                overwrite=not resume,
+                progress=False,
+                verify=seed == 0 and path == "pil",
+                **PATHS[path],
+            )
+        )
     summary = json.loads((train_out / "summary.json").read_text())
-    evaluation = run_eval(EvalConfig(
-        checkpoint=Path(summary["checkpoint"]), train_dir=args.train, test_dir=args.test, device=args.device,
-        num_workers=args.num_workers, seed=seed, progress=False,
-    ))
+    evaluation = run_eval(
+        EvalConfig(
+            checkpoint=Path(summary["checkpoint"]),
+            train_dir=args.train,
+            test_dir=args.test,
+            device=args.device,
+            num_workers=args.num_workers,
+            seed=seed,
+            progress=False,
+        )
+    )
     result = {
-        "path": path, "method": method, "seed": seed,
-        "linear_probe_top1": evaluation["linear_probe"]["top1"], "knn_top1": evaluation["knn"]["top1"],
-        "train_seconds": summary["wall_clock_s"], "data_load_s": summary.get("data_load_s", 0.0),
-        "steps": summary["budget"]["steps"], "budget_fraction": summary["budget"]["fraction"],
-        "rela_switch_step": summary["rela_switch_step"], "resolved": summary.get("resolved"),
+        "path": path,
+        "method": method,
+        "seed": seed,
+        "linear_probe_top1": evaluation["linear_probe"]["top1"],
+        "knn_top1": evaluation["knn"]["top1"],
+        "train_seconds": summary["wall_clock_s"],
+        "data_load_s": summary.get("data_load_s", 0.0),
+        "steps": summary["budget"]["steps"],
+        "budget_fraction": summary["budget"]["fraction"],
+        "rela_switch_step": summary["rela_switch_step"],
+        "resolved": summary.get("resolved"),
         "final_images_per_s": summary["final"].get("images_per_s"),
     }
     write_json_atomic(saved, result)
@@ -85,12 +114,22 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             probe, knn = mean_std([r["linear_probe_top1"] for r in runs]), mean_std([r["knn_top1"] for r in runs])
             seconds = mean_std([r["train_seconds"] for r in runs])
-            rows.append({
-                "method": method, "path": path, "seeds": len(runs), "linear_probe_mean": probe[0], "linear_probe_std": probe[1],
-                "knn_mean": knn[0], "knn_std": knn[1], "train_seconds_mean": seconds[0], "train_seconds_std": seconds[1],
-                "data_load_s_mean": sum(r["data_load_s"] for r in runs) / len(runs), "steps": runs[0]["steps"],
-                "budget_fraction": runs[0]["budget_fraction"],
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "path": path,
+                    "seeds": len(runs),
+                    "linear_probe_mean": probe[0],
+                    "linear_probe_std": probe[1],
+                    "knn_mean": knn[0],
+                    "knn_std": knn[1],
+                    "train_seconds_mean": seconds[0],
+                    "train_seconds_std": seconds[1],
+                    "data_load_s_mean": sum(r["data_load_s"] for r in runs) / len(runs),
+                    "steps": runs[0]["steps"],
+                    "budget_fraction": runs[0]["budget_fraction"],
+                }
+            )
     return rows
 
 
@@ -134,14 +173,23 @@ def main(argv: list[str] | None = None) -> int:
                         raise RelaError(f"unknown data path {path!r}; choose from {', '.join(PATHS)}")
                     result = run_one(args, path, method, seed)
                     results.append(result)
-                    print(f"{method} {path} seed {seed}: probe {result['linear_probe_top1']:.2%} k-NN {result['knn_top1']:.2%} "
-                          f"train {result['train_seconds']:.0f} s", flush=True)
+                    print(
+                        f"{method} {path} seed {seed}: probe {result['linear_probe_top1']:.2%} k-NN {result['knn_top1']:.2%} "
+                        f"train {result['train_seconds']:.0f} s",
+                        flush=True,
+                    )
     except RelaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = aggregate(results)
-    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "paths": PATHS, "machine": machine, "rows": rows,
-               "runs": results, "wall_clock_s_this_invocation": round(time.perf_counter() - started, 1)}
+    payload = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "paths": PATHS,
+        "machine": machine,
+        "rows": rows,
+        "runs": results,
+        "wall_clock_s_this_invocation": round(time.perf_counter() - started, 1),
+    }
     write_json_atomic(args.out / "results.json", payload)
     with atomic_write(args.out / "results.md", "w") as handle:
         handle.write(markdown(rows))

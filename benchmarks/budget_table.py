@@ -23,7 +23,7 @@ Order of work (each step cached, so rerunning the same command resumes):
 
 Every evaluation is ``eval``'s: linear probe (standardised features, learning rate chosen on held-out
 train rows), k-NN, and the few-label columns (10 and 100 labelled train images per class, mean over
-3 draws). Budget is the paper's (MISSION.md step 5): the fraction of BYOL*'s optimisation steps,
+3 draws). Budget is the paper's (the authors' code): the fraction of BYOL*'s optimisation steps,
 i.e. the same epochs on ``ratio * N`` fresh random samples per epoch. Stage-one cost (embed +
 transport + scores, from the shard set's manifest) is reported separately, and as a fraction of
 BYOL*'s mean training wall-clock; the BYOL* prior's own training is not counted (like the paper's
@@ -166,21 +166,43 @@ class Profile:
 PROFILES = {
     # BYOL's settings for 28 px grayscale images, chosen on the validation split (README "Evidence"):
     # warm-up + cosine learning rate, and crops of at least half the image.
-    "cpu": Profile(name="cpu", backbone="convnet", cifar_stem=False, image_size=32, limit_per_class=1000, epochs=20, batch_size=128,
-                   max_epochs=80, lr_schedule="cosine", warmup_epochs=2.0, crop_min_scale=0.5),
+    "cpu": Profile(
+        name="cpu",
+        backbone="convnet",
+        cifar_stem=False,
+        image_size=32,
+        limit_per_class=1000,
+        epochs=20,
+        batch_size=128,
+        max_epochs=80,
+        lr_schedule="cosine",
+        warmup_epochs=2.0,
+        crop_min_scale=0.5,
+    ),
     # The paper's ResNet-18 setting on the same 28 px data: crops of at least half the image (a
     # property of the data, found with the ConvNet; not yet validated for ResNet-18 on a GPU).
-    "gpu": Profile(name="gpu", backbone="resnet18", cifar_stem=True, image_size=32, limit_per_class=None, epochs=100, batch_size=128,
-                   max_epochs=800, crop_min_scale=0.5),
+    "gpu": Profile(
+        name="gpu", backbone="resnet18", cifar_stem=True, image_size=32, limit_per_class=None, epochs=100, batch_size=128, max_epochs=800, crop_min_scale=0.5
+    ),
 }
 
 
 def tiny(profile: Profile) -> Profile:
     """``profile`` shrunk to seconds per run on a CPU; the student architecture is kept (a warm-up
     becomes half an epoch, so the 1-epoch runs keep one)."""
-    return dataclasses.replace(profile, name=profile.name + "-tiny", limit_per_class=20, val_per_class=10, epochs=1, max_epochs=2,
-                               batch_size=16, probe_epochs=10, few_label=(1, 5), few_label_draws=2,
-                               warmup_epochs=0.5 if profile.warmup_epochs else 0.0)
+    return dataclasses.replace(
+        profile,
+        name=profile.name + "-tiny",
+        limit_per_class=20,
+        val_per_class=10,
+        epochs=1,
+        max_epochs=2,
+        batch_size=16,
+        probe_epochs=10,
+        few_label=(1, 5),
+        few_label_draws=2,
+        warmup_epochs=0.5 if profile.warmup_epochs else 0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -351,20 +373,51 @@ def benchmark_splits(data: Path | None, prepared: Path, profile: Profile) -> Spl
     return splits
 
 
-def train_config(profile: Profile, *, shards: str, out_dir: Path, seed: int, epochs: int | None = None, budget: float = 1.0,
-                 subset: str = "random", rela_schedule: str = "none", device: str = "auto", num_workers: int | None = None,
-                 **overrides: Any) -> TrainConfig:
+def train_config(
+    profile: Profile,
+    *,
+    shards: str,
+    out_dir: Path,
+    seed: int,
+    epochs: int | None = None,
+    budget: float = 1.0,
+    subset: str = "random",
+    rela_schedule: str = "none",
+    device: str = "auto",
+    num_workers: int | None = None,
+    **overrides: Any,
+) -> TrainConfig:
     """The :class:`TrainConfig` of one benchmark run: the profile's student and optimiser for
     ``epochs`` (default the profile's) at ``budget`` (``--data-ratio``), resuming from the run's
     last checkpoint when there is one. ``overrides`` replace any :class:`TrainConfig` field."""
     resume = (out_dir / "checkpoints" / "last.pt").exists()
     fields = dict(
-        shards=shards, out_dir=out_dir, method="byol", backbone=profile.backbone, cifar_stem=profile.cifar_stem,
-        image_size=profile.image_size, epochs=epochs or profile.epochs, batch_size=profile.batch_size, data_ratio=budget,
-        subset=subset, rela_schedule=rela_schedule, transfer=profile.transfer, lr=profile.lr, weight_decay=profile.weight_decay,
-        lr_schedule=profile.lr_schedule, warmup_epochs=profile.warmup_epochs, teacher_momentum=profile.teacher_momentum,
-        crop_min_scale=profile.crop_min_scale, device=device, precision=profile.precision, augment=profile.augment,
-        num_workers=num_workers, seed=seed, resume=resume, overwrite=not resume, progress=False,
+        shards=shards,
+        out_dir=out_dir,
+        method="byol",
+        backbone=profile.backbone,
+        cifar_stem=profile.cifar_stem,
+        image_size=profile.image_size,
+        epochs=epochs or profile.epochs,
+        batch_size=profile.batch_size,
+        data_ratio=budget,
+        subset=subset,
+        rela_schedule=rela_schedule,
+        transfer=profile.transfer,
+        lr=profile.lr,
+        weight_decay=profile.weight_decay,
+        lr_schedule=profile.lr_schedule,
+        warmup_epochs=profile.warmup_epochs,
+        teacher_momentum=profile.teacher_momentum,
+        crop_min_scale=profile.crop_min_scale,
+        device=device,
+        precision=profile.precision,
+        augment=profile.augment,
+        num_workers=num_workers,
+        seed=seed,
+        resume=resume,
+        overwrite=not resume,
+        progress=False,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -426,8 +479,18 @@ class BudgetTable:
     def eval_config(self, checkpoint: Path, train_dir: Path, test_dir: Path, seed: int) -> EvalConfig:
         """``eval``'s settings for one run: the profile's probe and few-label protocol."""
         p = self.profile
-        return EvalConfig(checkpoint=checkpoint, train_dir=train_dir, test_dir=test_dir, device=self.device, num_workers=self.num_workers,
-                          probe_epochs=p.probe_epochs, few_label=p.few_label, few_label_draws=p.few_label_draws, seed=seed, progress=False)
+        return EvalConfig(
+            checkpoint=checkpoint,
+            train_dir=train_dir,
+            test_dir=test_dir,
+            device=self.device,
+            num_workers=self.num_workers,
+            probe_epochs=p.probe_epochs,
+            few_label=p.few_label,
+            few_label_draws=p.few_label_draws,
+            seed=seed,
+            progress=False,
+        )
 
     # -- stage one ----------------------------------------------------------------------------
     def stage_one(self, prior: str, train_dir: Path) -> dict[str, Any]:
@@ -442,17 +505,28 @@ class BudgetTable:
         if not manifest_path.exists():
             spec, image_size = self.prior_spec(prior)
             tqdm.write(f"stage one: embedding {train_dir} with the {PRIOR_LABELS[prior]} prior ({spec})")
-            run_embed(EmbedConfig(
-                data_dir=train_dir, prior=spec, out_dir=shards, image_size=image_size, device=self.device,
-                seed=0, overwrite=True, progress=False, shard_size=10_000,
-                **({} if self.num_workers is None else {"num_workers": self.num_workers}),
-            ))
+            run_embed(
+                EmbedConfig(
+                    data_dir=train_dir,
+                    prior=spec,
+                    out_dir=shards,
+                    image_size=image_size,
+                    device=self.device,
+                    seed=0,
+                    overwrite=True,
+                    progress=False,
+                    shard_size=10_000,
+                    **({} if self.num_workers is None else {"num_workers": self.num_workers}),
+                )
+            )
         manifest = json.loads(manifest_path.read_text())
         timings = manifest["timings_s"]
         return {
-            "shards": str(shards), "prior": manifest["prior"]["spec"],
+            "shards": str(shards),
+            "prior": manifest["prior"]["spec"],
             "seconds": round(timings["embed"] + timings["transport"] + timings["scores"], 3),
-            "total_seconds": timings["total"], "timings_s": timings,
+            "total_seconds": timings["total"],
+            "timings_s": timings,
         }
 
     def prior_spec(self, prior: str) -> tuple[str, int | None]:
@@ -503,8 +577,12 @@ class BudgetTable:
         device = resolve_device(self.device)
         protocols = evaluate_features(train_x, train_y, test_x, test_y, num_classes=len(train_index.class_names), config=config, device=device)
         result = {
-            "cell": floor.key, "seed": seed, "linear_probe_top1": protocols["linear_probe"]["top1"], "knn_top1": protocols["knn"]["top1"],
-            "few_label": _few_label_means(protocols), "feature_dim": int(train_x.shape[1]),
+            "cell": floor.key,
+            "seed": seed,
+            "linear_probe_top1": protocols["linear_probe"]["top1"],
+            "knn_top1": protocols["knn"]["top1"],
+            "few_label": _few_label_means(protocols),
+            "feature_dim": int(train_x.shape[1]),
             "eval_seconds": round(time.perf_counter() - started, 2),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,8 +609,7 @@ class BudgetTable:
         epochs = p.epochs
         while True:
             points.append(self.convergence_point(epochs, shards, splits))
-            tqdm.write(f"convergence: BYOL {epochs} epochs: val linear probe {points[-1]['val_linear_probe_top1']:.2%}, "
-                       f"k-NN {points[-1]['val_knn_top1']:.2%}")
+            tqdm.write(f"convergence: BYOL {epochs} epochs: val linear probe {points[-1]['val_linear_probe_top1']:.2%}, k-NN {points[-1]['val_knn_top1']:.2%}")
             if len(points) >= 2 and points[-1]["val_linear_probe_top1"] - points[-2]["val_linear_probe_top1"] < PLATEAU_GAIN:
                 return points[-2]["epochs"], points
             if 2 * epochs > p.max_epochs:
@@ -547,8 +624,12 @@ class BudgetTable:
         summary = self.train(train_out, self.cells[0], 0, shards, epochs)
         evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), splits.train, splits.val, 0))
         point = {
-            "epochs": epochs, "val_linear_probe_top1": evaluation["linear_probe"]["top1"], "val_knn_top1": evaluation["knn"]["top1"],
-            "val_few_label": _few_label_means(evaluation), "steps": summary["budget"]["steps"], "train_seconds": summary["wall_clock_s"],
+            "epochs": epochs,
+            "val_linear_probe_top1": evaluation["linear_probe"]["top1"],
+            "val_knn_top1": evaluation["knn"]["top1"],
+            "val_few_label": _few_label_means(evaluation),
+            "steps": summary["budget"]["steps"],
+            "train_seconds": summary["wall_clock_s"],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, point)
@@ -564,10 +645,21 @@ class BudgetTable:
         summary_path = train_out / "summary.json"
         if not summary_path.exists():
             overrides = {} if cell.transfer is None else {"transfer": cell.transfer}
-            run_train(train_config(
-                self.profile, shards=shards, out_dir=train_out, seed=seed, epochs=epochs, budget=cell.budget, subset=cell.subset,
-                rela_schedule=cell.schedule if cell.prior else "none", device=self.device, num_workers=self.num_workers, **overrides,
-            ))
+            run_train(
+                train_config(
+                    self.profile,
+                    shards=shards,
+                    out_dir=train_out,
+                    seed=seed,
+                    epochs=epochs,
+                    budget=cell.budget,
+                    subset=cell.subset,
+                    rela_schedule=cell.schedule if cell.prior else "none",
+                    device=self.device,
+                    num_workers=self.num_workers,
+                    **overrides,
+                )
+            )
         return json.loads(summary_path.read_text())
 
     def run_one(self, cell: Cell, seed: int, shards: str, splits: Splits) -> dict[str, Any]:
@@ -583,13 +675,20 @@ class BudgetTable:
         summary = self.train(run / "train", cell, seed, shards, self.epochs)
         evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), splits.train, splits.test, seed))
         result = {
-            "cell": cell.key, "seed": seed,
-            "linear_probe_top1": evaluation["linear_probe"]["top1"], "knn_top1": evaluation["knn"]["top1"],
+            "cell": cell.key,
+            "seed": seed,
+            "linear_probe_top1": evaluation["linear_probe"]["top1"],
+            "knn_top1": evaluation["knn"]["top1"],
             "few_label": _few_label_means(evaluation),
-            "train_seconds": summary["wall_clock_s"], "eval_seconds": round(evaluation["timings_s"]["total"], 2),
-            "steps": summary["budget"]["steps"], "images_seen": summary["budget"]["images_seen"],
-            "budget_fraction": summary["budget"]["fraction"], "rela_switch_step": summary["rela_switch_step"],
-            "rela_loss": summary["rela_loss"], "subset": summary["subset"], "epochs": self.epochs,
+            "train_seconds": summary["wall_clock_s"],
+            "eval_seconds": round(evaluation["timings_s"]["total"], 2),
+            "steps": summary["budget"]["steps"],
+            "images_seen": summary["budget"]["images_seen"],
+            "budget_fraction": summary["budget"]["fraction"],
+            "rela_switch_step": summary["rela_switch_step"],
+            "rela_loss": summary["rela_loss"],
+            "subset": summary["subset"],
+            "epochs": self.epochs,
         }
         write_json_atomic(run / "result.json", result)
         return result
@@ -675,9 +774,16 @@ def _accuracy_columns(runs: list[dict[str, Any]], few_label: tuple[int, ...]) ->
     return columns
 
 
-def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]], stage_one: dict[str, dict[str, Any]],
-              floor_results: list[dict[str, Any]] = (), convergence: list[dict[str, Any]] = (), epochs: int | None = None,
-              partial: bool = False) -> dict[str, Any]:
+def summarise(
+    profile: Profile,
+    cells: list[Cell],
+    results: list[dict[str, Any]],
+    stage_one: dict[str, dict[str, Any]],
+    floor_results: list[dict[str, Any]] = (),
+    convergence: list[dict[str, Any]] = (),
+    epochs: int | None = None,
+    partial: bool = False,
+) -> dict[str, Any]:
     """Aggregate per-run results into one row per floor and per cell.
 
     Compute fractions are relative to BYOL*'s means: ``images_seen / BYOL* images_seen`` (the
@@ -702,8 +808,16 @@ def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]]
     for floor in floors(profile):
         runs = [r for r in floor_results if r["cell"] == floor.key]
         if runs:
-            rows.append({"kind": "floor", "cell": floor.key, "label": f"floor: {floor.label}", "configuration": "floor", "seeds": len(runs),
-                         **_accuracy_columns(runs, profile.few_label)})
+            rows.append(
+                {
+                    "kind": "floor",
+                    "cell": floor.key,
+                    "label": f"floor: {floor.label}",
+                    "configuration": "floor",
+                    "seeds": len(runs),
+                    **_accuracy_columns(runs, profile.few_label),
+                }
+            )
     for cell in cells:
         runs = sorted(by_cell[cell.key], key=lambda r: r["seed"])
         if not runs:
@@ -711,29 +825,73 @@ def summarise(profile: Profile, cells: list[Cell], results: list[dict[str, Any]]
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         images = statistics.fmean(r["images_seen"] for r in runs)
         prior_cost = stage_one[cell.prior]["seconds"] if cell.prior else 0.0
-        rows.append({
-            "kind": "cell", "cell": cell.key, "label": cell.label, "configuration": cell.configuration, "variant": cell.variant,
-            "budget": cell.budget, "prior": cell.prior or "", "subset": cell.subset, "schedule": cell.schedule if cell.prior else "",
-            "transfer": (cell.transfer or profile.transfer) if cell.prior else "", "seeds": len(runs), "epochs": epochs,
-            **_accuracy_columns(runs, profile.few_label),
-            "train_seconds_mean": round(seconds, 2), "images_seen": int(round(images)),
-            "compute_fraction": round(images / ref_images, 4), "wall_clock_fraction": round(seconds / ref_seconds, 4),
-            "stage_one_seconds": prior_cost, "stage_one_fraction": round(prior_cost / ref_seconds, 4),
-            "rela_switched_runs": sum(r["rela_switch_step"] is not None for r in runs) if cell.prior else None,
-            "rela_switch_steps": " ".join("never" if r["rela_switch_step"] is None else str(r["rela_switch_step"]) for r in runs) if cell.prior else "",
-        })
+        rows.append(
+            {
+                "kind": "cell",
+                "cell": cell.key,
+                "label": cell.label,
+                "configuration": cell.configuration,
+                "variant": cell.variant,
+                "budget": cell.budget,
+                "prior": cell.prior or "",
+                "subset": cell.subset,
+                "schedule": cell.schedule if cell.prior else "",
+                "transfer": (cell.transfer or profile.transfer) if cell.prior else "",
+                "seeds": len(runs),
+                "epochs": epochs,
+                **_accuracy_columns(runs, profile.few_label),
+                "train_seconds_mean": round(seconds, 2),
+                "images_seen": int(round(images)),
+                "compute_fraction": round(images / ref_images, 4),
+                "wall_clock_fraction": round(seconds / ref_seconds, 4),
+                "stage_one_seconds": prior_cost,
+                "stage_one_fraction": round(prior_cost / ref_seconds, 4),
+                "rela_switched_runs": sum(r["rela_switch_step"] is not None for r in runs) if cell.prior else None,
+                "rela_switch_steps": " ".join("never" if r["rela_switch_step"] is None else str(r["rela_switch_step"]) for r in runs) if cell.prior else "",
+            }
+        )
     profile_dict = dataclasses.asdict(profile)
     profile_dict["few_label"] = list(profile.few_label)
-    return {"profile": profile_dict, "epochs": epochs, "partial": partial, "cells": rows, "convergence": list(convergence),
-            "runs": sorted(results, key=lambda r: (r["cell"], r["seed"])), "floors": list(floor_results), "stage_one": stage_one}
+    return {
+        "profile": profile_dict,
+        "epochs": epochs,
+        "partial": partial,
+        "cells": rows,
+        "convergence": list(convergence),
+        "runs": sorted(results, key=lambda r: (r["cell"], r["seed"])),
+        "floors": list(floor_results),
+        "stage_one": stage_one,
+    }
 
 
 def csv_fields(few_label: tuple[int, ...]) -> tuple[str, ...]:
     """The columns of ``results.csv`` (``kind`` tells floors from cells)."""
     few = tuple(f"{name}_{n}_{stat}" for n in few_label for name in ("probe", "knn") for stat in ("mean", "std"))
-    return ("kind", "cell", "label", "budget", "prior", "subset", "schedule", "transfer", "seeds", "epochs", "linear_probe_mean",
-            "linear_probe_std", "knn_mean", "knn_std", *few, "train_seconds_mean", "images_seen", "compute_fraction",
-            "wall_clock_fraction", "stage_one_seconds", "stage_one_fraction", "rela_switched_runs", "rela_switch_steps")
+    return (
+        "kind",
+        "cell",
+        "label",
+        "budget",
+        "prior",
+        "subset",
+        "schedule",
+        "transfer",
+        "seeds",
+        "epochs",
+        "linear_probe_mean",
+        "linear_probe_std",
+        "knn_mean",
+        "knn_std",
+        *few,
+        "train_seconds_mean",
+        "images_seen",
+        "compute_fraction",
+        "wall_clock_fraction",
+        "stage_one_seconds",
+        "stage_one_fraction",
+        "rela_switched_runs",
+        "rela_switch_steps",
+    )
 
 
 def _pm(row: dict[str, Any], prefix: str) -> str:
@@ -766,20 +924,34 @@ def markdown_report(payload: dict[str, Any]) -> str:
     """``results.md``: floors, the convergence study, the table and the few-label table."""
     few_label = tuple(payload["profile"]["few_label"])
     rows = payload["cells"]
-    parts = ["## Floors (test split; no self-supervised training)\n",
-             "| floor | seeds | linear probe top-1 | k-NN top-1 |", "| --- | ---: | ---: | ---: |"]
+    parts = ["## Floors (test split; no self-supervised training)\n", "| floor | seeds | linear probe top-1 | k-NN top-1 |", "| --- | ---: | ---: | ---: |"]
     parts += [f"| {r['label'].removeprefix('floor: ')} | {r['seeds']} | {_pm(r, 'linear_probe')} | {_pm(r, 'knn')} |" for r in rows if r["kind"] == "floor"]
     if payload["convergence"]:
-        parts += ["", f"## Convergence of BYOL (seed 0, validation split); BYOL* = {payload['epochs']} epochs\n",
-                  "| epochs | steps | val linear probe | val k-NN | train wall-clock |", "| ---: | ---: | ---: | ---: | ---: |"]
-        parts += [f"| {c['epochs']} | {c['steps']} | {100 * c['val_linear_probe_top1']:.2f} | {100 * c['val_knn_top1']:.2f} | {c['train_seconds']:.0f} s |"
-                  for c in payload["convergence"]]
-    parts += ["", f"## Table ({payload['epochs']} epochs at 100% budget; test split; mean ± std over seeds)"
-              + (" - partial, still running" if payload.get("partial") else "") + "\n", markdown_table(rows).rstrip()]
+        parts += [
+            "",
+            f"## Convergence of BYOL (seed 0, validation split); BYOL* = {payload['epochs']} epochs\n",
+            "| epochs | steps | val linear probe | val k-NN | train wall-clock |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        parts += [
+            f"| {c['epochs']} | {c['steps']} | {100 * c['val_linear_probe_top1']:.2f} | {100 * c['val_knn_top1']:.2f} | {c['train_seconds']:.0f} s |"
+            for c in payload["convergence"]
+        ]
+    parts += [
+        "",
+        f"## Table ({payload['epochs']} epochs at 100% budget; test split; mean ± std over seeds)"
+        + (" - partial, still running" if payload.get("partial") else "")
+        + "\n",
+        markdown_table(rows).rstrip(),
+    ]
     if few_label:
         header = " | ".join(f"{name} {n}/class" for n in few_label for name in ("linear probe", "k-NN"))
-        parts += ["", "## Few labels (mean over draws, then mean ± std over seeds)\n", f"| row | budget | seeds | {header} |",
-                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(few_label))) + " |"]
+        parts += [
+            "",
+            "## Few labels (mean over draws, then mean ± std over seeds)\n",
+            f"| row | budget | seeds | {header} |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(few_label))) + " |",
+        ]
         for r in rows:
             cols = " | ".join(_pm(r, f"{name}_{n}") for n in few_label for name in ("probe", "knn"))
             budget = f"{r['budget']:.0%}" if r["kind"] == "cell" else "-"
@@ -880,14 +1052,21 @@ def machine_info(device: str) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     cuda = torch.cuda.is_available() and device != "cpu"
     return {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "accelerator": torch.cuda.get_device_name(0) if cuda else None, "commit": commit, "dirty": dirty,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": torch.cuda.get_device_name(0) if cuda else None,
+        "commit": commit,
+        "dirty": dirty,
     }
 
 
@@ -916,8 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--epochs must be >= 1")
         profile = dataclasses.replace(profile, epochs=args.epochs, convergence=False)
     try:
-        table = BudgetTable(profile, args.out, args.data, device=args.device, num_workers=args.num_workers,
-                            cells=select_cells(args.cells, profile) if args.cells else None)
+        table = BudgetTable(
+            profile, args.out, args.data, device=args.device, num_workers=args.num_workers, cells=select_cells(args.cells, profile) if args.cells else None
+        )
         payload = table.run()
     except RelaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchrun_cli import comparison_parser, machine, run_cli
 
 from rela_pipeline.fileio import write_json_atomic
-from torchrun_cli import comparison_parser, machine, run_cli
 from rela_pipeline.transport import LinearTransport
 
 
@@ -52,8 +52,14 @@ def cli_embed(data: str, out: Path, processes: int, options: list[str], threads:
 
 def compare(one: Path, many: Path, manifests: tuple[dict, dict]) -> dict:
     """How far the N-process output is from the one-process output (see the module docstring)."""
-    files = {s["name"]: s["sha256"] for s in manifests[0]["shards"]} | {"transport.npz": manifests[0]["transport"]["sha256"], "scores.npz": manifests[0]["scores"]["sha256"]}
-    other = {s["name"]: s["sha256"] for s in manifests[1]["shards"]} | {"transport.npz": manifests[1]["transport"]["sha256"], "scores.npz": manifests[1]["scores"]["sha256"]}
+    files = {s["name"]: s["sha256"] for s in manifests[0]["shards"]} | {
+        "transport.npz": manifests[0]["transport"]["sha256"],
+        "scores.npz": manifests[0]["scores"]["sha256"],
+    }
+    other = {s["name"]: s["sha256"] for s in manifests[1]["shards"]} | {
+        "transport.npz": manifests[1]["transport"]["sha256"],
+        "scores.npz": manifests[1]["scores"]["sha256"],
+    }
     embeddings = [np.load(run / "embeddings.npy") for run in (one, many)]
     targets = [LinearTransport.load(run / "transport.npz").apply(torch.from_numpy(e)).numpy().astype(np.float16) for run, e in zip((one, many), embeddings)]
     apart = np.abs(targets[0].astype(np.float32) - targets[1].astype(np.float32))
@@ -86,10 +92,20 @@ def main(argv: list[str] | None = None) -> int:
             for processes in runs:
                 threads = max(cores // processes, 1)
                 manifest = cli_embed(args.data, outs[processes], processes, options, threads)
-                runs[processes].append({"embed_images_per_s": manifest["throughput"]["embed_images_per_s"], "timings_s": manifest["timings_s"],
-                                        "threads_per_process": threads, "samples": manifest["samples"]["written"], "shards": len(manifest["shards"])})
-                print(f"round {round_}: {processes} process(es) x {threads} threads: {manifest['throughput']['embed_images_per_s']:.0f} img/s embedding, "
-                      f"{manifest['timings_s']['total']:.1f} s in all", flush=True)
+                runs[processes].append(
+                    {
+                        "embed_images_per_s": manifest["throughput"]["embed_images_per_s"],
+                        "timings_s": manifest["timings_s"],
+                        "threads_per_process": threads,
+                        "samples": manifest["samples"]["written"],
+                        "shards": len(manifest["shards"]),
+                    }
+                )
+                print(
+                    f"round {round_}: {processes} process(es) x {threads} threads: {manifest['throughput']['embed_images_per_s']:.0f} img/s embedding, "
+                    f"{manifest['timings_s']['total']:.1f} s in all",
+                    flush=True,
+                )
         difference = compare(outs[1], outs[args.processes], tuple(json.loads((outs[p] / "manifest.json").read_text()) for p in runs))
     rate = {p: statistics.median(r["embed_images_per_s"] for r in rs) for p, rs in runs.items()}
     total = {p: statistics.median(r["timings_s"]["total"] for r in rs) for p, rs in runs.items()}

@@ -129,7 +129,12 @@ def median_seconds(repeats: int, measure) -> tuple[float, list[float]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=FIXTURE, help="ImageFolder root; the default is a 300-image fixture, pass the prepared Fashion-MNIST train split for real numbers")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=FIXTURE,
+        help="ImageFolder root; the default is a 300-image fixture, pass the prepared Fashion-MNIST train split for real numbers",
+    )
     p.add_argument("--prior", default="random:resnet18")
     p.add_argument("--image-size", type=int, default=None, help="resize to this size (default: the prior's own preprocessing)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the stage's (256 on CUDA, 32 on CPU)")
@@ -155,13 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":  # as embed_images does
         prior.model.to(memory_format=torch.channels_last)
     machine = {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "precision": precision.name,
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "precision": precision.name,
     }
     size = prior.preprocessing.crop_size
-    print(f"# embed throughput: {machine['device_name']} ({device}), torch {torch.__version__}, prior {args.prior}, "
-          f"image size {size}, batch size {args.batch_size}, workers {args.num_workers}")
+    print(
+        f"# embed throughput: {machine['device_name']} ({device}), torch {torch.__version__}, prior {args.prior}, "
+        f"image size {size}, batch size {args.batch_size}, workers {args.num_workers}"
+    )
     results: dict[str, dict] = {}
     stage_timings: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rela-bench-") as tmp:
@@ -172,8 +184,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         def stage() -> float:
             out = Path(tmp) / "out"
-            config = EmbedConfig(data_dir=index.root, prior=args.prior, out_dir=out, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, device=args.device, precision=args.precision, image_size=args.image_size, progress=False)
+            config = EmbedConfig(
+                data_dir=index.root,
+                prior=args.prior,
+                out_dir=out,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=args.device,
+                precision=args.precision,
+                image_size=args.image_size,
+                progress=False,
+            )
             timings = run_embed(config)["timings_s"]
             stage_timings.append(timings)
             shutil.rmtree(out)
@@ -181,8 +202,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         def loop() -> float:
             embeddings = create_npy_memmap(Path(tmp) / "embeddings.npy", "float32", (n, embedding_dim(prior, device)))
-            return embed_images(index, prior, embeddings, batch_size=args.batch_size, num_workers=args.num_workers,
-                                device=device, precision=precision, progress=False, on_checkpoint=lambda *_: embeddings.flush()).seconds
+            return embed_images(
+                index,
+                prior,
+                embeddings,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=device,
+                precision=precision,
+                progress=False,
+                on_checkpoint=lambda *_: embeddings.flush(),
+            ).seconds
 
         measures = {
             "forward_only": (n, lambda: bench_forward(index, prior, device, n, args.batch_size, precision)),
@@ -203,9 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
         r["ratio_to_forward_only"] = r["images_per_s"] / ceiling
         print(f"| {mode} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} | {r['ratio_to_forward_only']:.3f} |")
     record = {
-        "command": [sys.executable, *sys.argv], "machine": machine,
+        "command": [sys.executable, *sys.argv],
+        "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"image_size_used": size},
-        "results": results, "full_stage_timings_s": stage_timings,
+        "results": results,
+        "full_stage_timings_s": stage_timings,
     }
     if args.out is not None:
         write_json_atomic(args.out, record)

@@ -34,7 +34,6 @@ cannot fail on its first GPU run for a reason a CPU could have shown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -45,8 +44,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,17 +132,31 @@ def _timed(device: torch.device, work: Callable[[], Any], repeats: int = 1) -> f
 def environment_section(device: torch.device) -> dict[str, Any]:
     """Versions, the GPU, the CPU, and whether faiss sees the GPU after torch initialised CUDA."""
     info: dict[str, Any] = {
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "rela_pipeline": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "device": str(device), "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "rela_pipeline": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
     }
     if device.type == "cuda":
         torch.ones(1, device=device).sum().item()  # CUDA initialised before faiss is asked
         properties = torch.cuda.get_device_properties(device)
-        info.update({"gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
-                     "compute_capability": f"{properties.major}.{properties.minor}", "bf16_supported": torch.cuda.is_bf16_supported(),
-                     "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32})
+        info.update(
+            {
+                "gpu": properties.name,
+                "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+                "compute_capability": f"{properties.major}.{properties.minor}",
+                "bf16_supported": torch.cuda.is_bf16_supported(),
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            }
+        )
     import faiss
 
     info["faiss"] = {"version": getattr(faiss, "__version__", None), "gpus_seen": int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0}
@@ -187,9 +201,17 @@ def _breakdown(data: Path, prior_spec: str, device: torch.device, batch: int, pr
     forward()
     seconds = _timed(device, forward, repeats=3)
     per_image = lambda s: round(1000.0 * s / len(paths), 4)  # noqa: E731
-    return {"images": len(paths), "read_ms": per_image(read), "cpu_decode_ms": per_image(decode), "cpu_resize_crop_ms": per_image(resize),
-            "copy_to_device_ms": per_image(copy), "device_decode_ms": per_image(device_decode), "device_resize_crop_ms": per_image(device_resize),
-            "forward_ms": per_image(seconds), "precision": resolved.name}
+    return {
+        "images": len(paths),
+        "read_ms": per_image(read),
+        "cpu_decode_ms": per_image(decode),
+        "cpu_resize_crop_ms": per_image(resize),
+        "copy_to_device_ms": per_image(copy),
+        "device_decode_ms": per_image(device_decode),
+        "device_resize_crop_ms": per_image(device_resize),
+        "forward_ms": per_image(seconds),
+        "precision": resolved.name,
+    }
 
 
 def _target_agreement(reference: Path, other: Path) -> dict[str, Any]:
@@ -201,9 +223,12 @@ def _target_agreement(reference: Path, other: Path) -> dict[str, Any]:
     a, b = np.load(reference / "embeddings.npy"), np.load(other / "embeddings.npy")
     ok = np.ones(len(a), dtype=bool)
     r = component_correlations(fit_linear_transport(a, ok).apply(a).numpy(), fit_linear_transport(b, ok).apply(b).numpy())
-    return {"embedding_relative_difference": float(np.linalg.norm(a - b) / np.linalg.norm(a)), "components": int(len(r)),
-            "abs_r_at_component": {str(i): round(float(r[i - 1]), 4) for i in (1, 4, 16, 64, 256, 512) if i <= len(r)},
-            "first_component_below_0.99": next((int(i) + 1 for i in np.flatnonzero(r < 0.99)), None)}
+    return {
+        "embedding_relative_difference": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+        "components": int(len(r)),
+        "abs_r_at_component": {str(i): round(float(r[i - 1]), 4) for i in (1, 4, 16, 64, 256, 512) if i <= len(r)},
+        "first_component_below_0.99": next((int(i) + 1 for i in np.flatnonzero(r < 0.99)), None),
+    }
 
 
 def embed_section(data: Path, work: Path, device: torch.device, tiny: bool, workers: int) -> dict[str, Any]:
@@ -217,14 +242,27 @@ def embed_section(data: Path, work: Path, device: torch.device, tiny: bool, work
         entry: dict[str, Any] = {"runs": {}}
         for decode, precision in runs:
             out = work / f"embed-{spec.replace(':', '_')}-{decode}-{precision}"
-            config = EmbedConfig(data_dir=data, prior=spec, out_dir=out, batch_size=batch, num_workers=workers, device=str(device), precision=precision,
-                                 decode=decode, progress=False, overwrite=True, keep_embeddings=True)
+            config = EmbedConfig(
+                data_dir=data,
+                prior=spec,
+                out_dir=out,
+                batch_size=batch,
+                num_workers=workers,
+                device=str(device),
+                precision=precision,
+                decode=decode,
+                progress=False,
+                overwrite=True,
+                keep_embeddings=True,
+            )
             manifest = run_embed(config)
             timings = manifest["timings_s"]
             entry["runs"][f"{decode}-decode {precision}"] = {
                 "embed_images_per_s": manifest["throughput"]["embed_images_per_s"],
                 "end_to_end_images_per_s": _rate(len(index.files), timings["total"] - timings["load_prior"]),
-                "decoded_by": manifest["throughput"].get("decoded_by"), "timings_s": timings, "resolved": manifest["resolved"],
+                "decoded_by": manifest["throughput"].get("decoded_by"),
+                "timings_s": timings,
+                "resolved": manifest["resolved"],
             }
         prior = load_prior(spec, seed=0)
         prior.model.to(device)
@@ -239,8 +277,9 @@ def embed_section(data: Path, work: Path, device: torch.device, tiny: bool, work
             ceiling = entry[f"forward_only_images_per_s_{precision}"]
             row["embed_over_forward_only"] = round(row["embed_images_per_s"] / ceiling, 3) if ceiling and row["embed_images_per_s"] else None
         entry["where_the_time_goes"] = _breakdown(data, spec, device, batch, "fp32")
-        entry["gpu_decode_against_cpu_decode"] = _target_agreement(work / f"embed-{spec.replace(':', '_')}-cpu-fp32",
-                                                                   work / f"embed-{spec.replace(':', '_')}-gpu-{runs[1][1]}")
+        entry["gpu_decode_against_cpu_decode"] = _target_agreement(
+            work / f"embed-{spec.replace(':', '_')}-cpu-fp32", work / f"embed-{spec.replace(':', '_')}-gpu-{runs[1][1]}"
+        )
         results["priors"][spec] = entry
         del prior
         if device.type == "cuda":
@@ -258,18 +297,43 @@ def train_section(shards: Path, work: Path, device: torch.device, tiny: bool, wo
         entry: dict[str, Any] = {"image_size": size, "batch_size": batch}
         for phase, rela in (("rela", True), ("byol", False)):
             alone = model_alone(backbone, size, batch, steps, warmup, device, target_dim, rela, "bf16")
-            rate, load_s = pipeline(str(shards), backbone, size, batch, max(steps, 3), str(device), workers, rela,
-                                    {"augment": "device", "data_path": "memory", "precision": "bf16"})
-            entry[phase] = {"model_alone_images_per_s": round(alone, 1), "memory_path_images_per_s": _finite(round(rate, 1)),
-                            "memory_over_model_alone": _finite(round(rate / alone, 3)), "memory_path_data_load_s": load_s}
+            rate, load_s = pipeline(
+                str(shards), backbone, size, batch, max(steps, 3), str(device), workers, rela, {"augment": "device", "data_path": "memory", "precision": "bf16"}
+            )
+            entry[phase] = {
+                "model_alone_images_per_s": round(alone, 1),
+                "memory_path_images_per_s": _finite(round(rate, 1)),
+                "memory_over_model_alone": _finite(round(rate / alone, 3)),
+                "memory_path_data_load_s": load_s,
+            }
         results["students"][f"{backbone}@{size}"] = entry
     run = work / "train-fp16"
-    summary = run_train(TrainConfig(shards=str(shards), out_dir=run, backbone="resnet18", image_size=32, epochs=1, batch_size=2 if tiny else 256,
-                                    data_ratio=1.0, device=str(device), precision="fp16", data_path="memory", num_workers=workers,
-                                    progress=False, verify=False, log_every=1, overwrite=True))
+    summary = run_train(
+        TrainConfig(
+            shards=str(shards),
+            out_dir=run,
+            backbone="resnet18",
+            image_size=32,
+            epochs=1,
+            batch_size=2 if tiny else 256,
+            data_ratio=1.0,
+            device=str(device),
+            precision="fp16",
+            data_path="memory",
+            num_workers=workers,
+            progress=False,
+            verify=False,
+            log_every=1,
+            overwrite=True,
+        )
+    )
     scale = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["training_state"]["scaler"].get("scale")
-    results["fp16"] = {"steps": summary["budget"]["steps"], "final_loss": _finite(summary["final"].get("loss")), "loss_scale": _finite(float(scale)) if scale is not None else None,
-                       "resolved": summary["resolved"]}
+    results["fp16"] = {
+        "steps": summary["budget"]["steps"],
+        "final_loss": _finite(summary["final"].get("loss")),
+        "loss_scale": _finite(float(scale)) if scale is not None else None,
+        "resolved": summary["resolved"],
+    }
     return results
 
 
@@ -294,34 +358,77 @@ def scores_section(device: torch.device, tiny: bool) -> dict[str, Any]:
         start = time.perf_counter()
         scored = score_rows(search, targets[:n])
         seconds = time.perf_counter() - start
-        results[kind] = {"samples": n, "build_s": round(built, 2), "score_s": round(seconds, 2), "queries_per_s": _rate(n, seconds),
-                         "device": search.device, "settings": search.settings, "searched_exactly": scored.searched_exactly}
+        results[kind] = {
+            "samples": n,
+            "build_s": round(built, 2),
+            "score_s": round(seconds, 2),
+            "queries_per_s": _rate(n, seconds),
+            "device": search.device,
+            "settings": search.settings,
+            "searched_exactly": scored.searched_exactly,
+        }
     return results
 
 
 def eval_section(shards: Path, train_dir: Path, test_dir: Path, work: Path, device: torch.device, tiny: bool, workers: int) -> dict[str, Any]:
     """A short ReLA run's backbone evaluated on the synthetic set, on the device."""
     run = work / "eval-run"
-    run_train(TrainConfig(shards=str(shards), out_dir=run, backbone="resnet18", image_size=32, epochs=1, batch_size=2 if tiny else 256, device=str(device),
-                          data_path="memory", num_workers=workers, progress=False, verify=False, overwrite=True))
+    run_train(
+        TrainConfig(
+            shards=str(shards),
+            out_dir=run,
+            backbone="resnet18",
+            image_size=32,
+            epochs=1,
+            batch_size=2 if tiny else 256,
+            device=str(device),
+            data_path="memory",
+            num_workers=workers,
+            progress=False,
+            verify=False,
+            overwrite=True,
+        )
+    )
     start = time.perf_counter()
-    result = run_eval(EvalConfig(checkpoint=run / "backbone.pt", train_dir=train_dir, test_dir=test_dir, device=str(device), num_workers=workers,
-                                 probe_epochs=2 if tiny else 20, probe_lr=1e-3 if tiny else None, knn_k=3 if tiny else 50, progress=False))
-    return {"seconds": round(time.perf_counter() - start, 2), "linear_probe_top1": result["linear_probe"]["top1"], "knn_top1": result["knn"]["top1"],
-            "train_samples": result["train_samples"], "test_samples": result["test_samples"], "device": str(device), "timings_s": result["timings_s"]}
+    result = run_eval(
+        EvalConfig(
+            checkpoint=run / "backbone.pt",
+            train_dir=train_dir,
+            test_dir=test_dir,
+            device=str(device),
+            num_workers=workers,
+            probe_epochs=2 if tiny else 20,
+            probe_lr=1e-3 if tiny else None,
+            knn_k=3 if tiny else 50,
+            progress=False,
+        )
+    )
+    return {
+        "seconds": round(time.perf_counter() - start, 2),
+        "linear_probe_top1": result["linear_probe"]["top1"],
+        "knn_top1": result["knn"]["top1"],
+        "train_samples": result["train_samples"],
+        "test_samples": result["test_samples"],
+        "device": str(device),
+        "timings_s": result["timings_s"],
+    }
 
 
 def print_table(record: dict[str, Any]) -> None:
     """The short table of the headline numbers."""
     env = record.get("environment", {})
-    print(f"\n# GPU check: {env.get('gpu', env.get('cpu'))}, torch {env.get('torch')} (CUDA {env.get('cuda')}), faiss sees {env.get('faiss', {}).get('gpus_seen')} GPUs")
+    print(
+        f"\n# GPU check: {env.get('gpu', env.get('cpu'))}, torch {env.get('torch')} (CUDA {env.get('cuda')}), faiss sees {env.get('faiss', {}).get('gpus_seen')} GPUs"
+    )
     embed = record.get("embed", {})
     if "priors" in embed:
         print("\n| prior | run | embed img/s | end to end img/s | forward alone img/s | embed / forward |\n|---|---|---:|---:|---:|---:|")
         for spec, entry in embed["priors"].items():
             for name, row in entry["runs"].items():
                 precision = name.split()[-1]
-                print(f"| {spec} | {name} | {row['embed_images_per_s']} | {row['end_to_end_images_per_s']} | {entry[f'forward_only_images_per_s_{precision}']} | {row['embed_over_forward_only']} |")
+                print(
+                    f"| {spec} | {name} | {row['embed_images_per_s']} | {row['end_to_end_images_per_s']} | {entry[f'forward_only_images_per_s_{precision}']} | {row['embed_over_forward_only']} |"
+                )
     train = record.get("train", {})
     if "students" in train:
         print("\n| student | phase | model alone img/s | memory path img/s | ratio |\n|---|---|---:|---:|---:|")
@@ -333,9 +440,13 @@ def print_table(record: dict[str, Any]) -> None:
     for kind in ("exact", "ivf"):
         if kind in scores:
             row = scores[kind]
-            print(f"scores {kind} on {row['device']}: {row['samples']} x {scores['dims']} built in {row['build_s']} s, scored in {row['score_s']} s ({row['queries_per_s']} queries/s)")
+            print(
+                f"scores {kind} on {row['device']}: {row['samples']} x {scores['dims']} built in {row['build_s']} s, scored in {row['score_s']} s ({row['queries_per_s']} queries/s)"
+            )
     if "linear_probe_top1" in record.get("eval", {}):
-        print(f"eval on {record['eval']['device']}: linear probe {record['eval']['linear_probe_top1']:.3f}, k-NN {record['eval']['knn_top1']:.3f} in {record['eval']['seconds']} s")
+        print(
+            f"eval on {record['eval']['device']}: linear probe {record['eval']['linear_probe_top1']:.3f}, k-NN {record['eval']['knn_top1']:.3f} in {record['eval']['seconds']} s"
+        )
     for name, section in record.items():
         if isinstance(section, dict) and "error" in section:
             print(f"FAILED {name}: {section['error']}")

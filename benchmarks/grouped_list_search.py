@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": [sys.executable, *sys.argv],
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__, "numpy": np.__version__},
         "settings": vars(args),
-        "shapes": {"members": len(members), "queries": len(queries),
-                   "mean_queries_per_list": len(queries) * args.nprobe / args.lists},
+        "shapes": {"members": len(members), "queries": len(queries), "mean_queries_per_list": len(queries) * args.nprobe / args.lists},
         "seconds": seconds,
         "lists_per_s": {method: round(args.lists / value, 1) for method, value in best.items()},
         "nominal_gflops_per_s": {method: round(expected / value / 1e9, 1) for method, value in best.items()},
@@ -104,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_similarity_difference": float(np.abs(knn_s - products_s).max()),
     }
     write_json_atomic(args.out, report)
-    print(f"lists/s: knn {report['lists_per_s']['knn']}, products {report['lists_per_s']['products']} "
-          f"({report['speedup']}x); same neighbour ids {same_ids:.6f}")
+    print(
+        f"lists/s: knn {report['lists_per_s']['knn']}, products {report['lists_per_s']['products']} ({report['speedup']}x); same neighbour ids {same_ids:.6f}"
+    )
     return 0
 
 

@@ -57,10 +57,20 @@ def embed(prior_spec: str, data: Path, precision: str, work: Path, batch_size: i
     index = scan_image_folder(data)
     prior = load_prior(prior_spec, seed=0)
     with torch.inference_mode():
-        dim = prior.model(prior.preprocessing.normalise(torch.zeros(1, 3, prior.preprocessing.crop_size, prior.preprocessing.crop_size, dtype=torch.uint8))).shape[1]
+        dim = prior.model(
+            prior.preprocessing.normalise(torch.zeros(1, 3, prior.preprocessing.crop_size, prior.preprocessing.crop_size, dtype=torch.uint8))
+        ).shape[1]
     embeddings = create_npy_memmap(work / f"{prior_spec.replace(':', '_')}-{precision}.npy", np.float32, (len(index.files), dim))
-    result = embed_images(index, prior, embeddings, batch_size=batch_size, num_workers=0, device=torch.device("cpu"),
-                          precision=resolve_precision(precision, torch.device("cpu")), progress=False)
+    result = embed_images(
+        index,
+        prior,
+        embeddings,
+        batch_size=batch_size,
+        num_workers=0,
+        device=torch.device("cpu"),
+        precision=resolve_precision(precision, torch.device("cpu")),
+        progress=False,
+    )
     if result.failures:
         raise SystemExit(f"{prior_spec} {precision}: {len(result.failures)} rows failed ({next(iter(result.failures.values()))})")
     return np.array(embeddings), result.seconds
@@ -75,8 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    record: dict = {"command": [sys.executable, *sys.argv], "machine": {"cpu": device_name(torch.device("cpu")), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}, "priors": {}}
+    record: dict = {
+        "command": [sys.executable, *sys.argv],
+        "machine": {
+            "cpu": device_name(torch.device("cpu")),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "priors": {},
+    }
     print(f"# prior precision: {record['machine']['cpu']}, torch {torch.__version__}, {args.data}")
     with tempfile.TemporaryDirectory(prefix="rela-precision-") as tmp:
         for spec in args.priors:
@@ -84,8 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
             reference, seconds = embed(spec, args.data, "fp32", Path(tmp), args.batch_size)
             ok = np.ones(len(reference), dtype=bool)
             reference_targets = fit_linear_transport(reference, ok).apply(reference).numpy()
-            entry = {"embedding_dim": int(reference.shape[1]), "kept_components": int(reference_targets.shape[1]), "images": int(len(reference)),
-                     "seconds": {"fp32": round(seconds, 2)}, "precisions": {}}
+            entry = {
+                "embedding_dim": int(reference.shape[1]),
+                "kept_components": int(reference_targets.shape[1]),
+                "images": int(len(reference)),
+                "seconds": {"fp32": round(seconds, 2)},
+                "precisions": {},
+            }
             for precision in args.precisions:
                 other, seconds = embed(spec, args.data, precision, Path(tmp), args.batch_size)
                 targets = fit_linear_transport(other, ok).apply(other).numpy()
@@ -100,12 +123,21 @@ def main(argv: list[str] | None = None) -> dict:
                     "median_abs_r": round(float(np.median(r)), 4),
                 }
             record["priors"][spec] = entry
-            print(f"\n## {spec}: D = {entry['embedding_dim']}, {entry['kept_components']} components kept from {entry['images']} images ({time.perf_counter() - t:.0f} s)")
-            print("| precision | embedding rel. error | " + " | ".join(f"r@{i}" for i in entry["precisions"][args.precisions[0]]["abs_r_at_component"]) + " | first r<0.99 | first r<0.9 |")
+            print(
+                f"\n## {spec}: D = {entry['embedding_dim']}, {entry['kept_components']} components kept from {entry['images']} images ({time.perf_counter() - t:.0f} s)"
+            )
+            print(
+                "| precision | embedding rel. error | "
+                + " | ".join(f"r@{i}" for i in entry["precisions"][args.precisions[0]]["abs_r_at_component"])
+                + " | first r<0.99 | first r<0.9 |"
+            )
             print("|---|---:|" + "---:|" * (len(entry["precisions"][args.precisions[0]]["abs_r_at_component"]) + 2))
             for precision, m in entry["precisions"].items():
-                print(f"| {precision} | {m['embedding_relative_error']:.2e} | " + " | ".join(f"{v:.3f}" for v in m["abs_r_at_component"].values())
-                      + f" | {m['first_component_below']['0.99']} | {m['first_component_below']['0.9']} |")
+                print(
+                    f"| {precision} | {m['embedding_relative_error']:.2e} | "
+                    + " | ".join(f"{v:.3f}" for v in m["abs_r_at_component"].values())
+                    + f" | {m['first_component_below']['0.99']} | {m['first_component_below']['0.9']} |"
+                )
     if args.out is not None:
         write_json_atomic(args.out, record)
     return record

@@ -29,8 +29,16 @@ from torch import nn
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import write_json_atomic
 from rela_pipeline.models import build_backbone, load_backbone_checkpoint
-from rela_pipeline.stages.evaluate import (EvalConfig, eval_preprocessing, evaluate_features, extract_features, knn_accuracy,
-                                           linear_probe_accuracy, scan_labelled_splits, standardise)
+from rela_pipeline.stages.evaluate import (
+    EvalConfig,
+    eval_preprocessing,
+    evaluate_features,
+    extract_features,
+    knn_accuracy,
+    linear_probe_accuracy,
+    scan_labelled_splits,
+    standardise,
+)
 from rela_pipeline.stages.train.checkpoints import eval_preprocessing as student_preprocessing
 
 PROTOCOLS = ("paper (raw, 3e-4, 100 ep)", "raw, 3e-4, 300 ep", "standardised, 3e-4, 100 ep", "eval default (standardised, lr chosen)")
@@ -50,8 +58,13 @@ def probe_protocols(model: nn.Module, preprocessing, train_dir: Path, eval_dir: 
         PROTOCOLS[2]: linear_probe_accuracy(zs, y, ze, ye, num_classes=classes, lr=3e-4, epochs=100, seed=seed),
         PROTOCOLS[3]: default["linear_probe"]["top1"],
     }
-    return {"linear_probe": top1, "chosen_lr": default["linear_probe"]["lr"], "knn": knn_accuracy(x, y, xe, ye, num_classes=classes),
-            "feature_dim": int(x.shape[1]), "mean_abs_feature": float(x.abs().mean())}
+    return {
+        "linear_probe": top1,
+        "chosen_lr": default["linear_probe"]["lr"],
+        "knn": knn_accuracy(x, y, xe, ye, num_classes=classes),
+        "feature_dim": int(x.shape[1]),
+        "mean_abs_feature": float(x.abs().mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ class MemorySampler:
         """Start new peaks from the current values (``VmHWM`` cannot be reset: it stays a process peak)."""
         self.peaks = dict(self.read())
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -153,23 +153,36 @@ def main(argv: list[str] | None = None) -> dict:
                 start = time.perf_counter()
                 result = run()
                 memory.sample()
-                phases[name] = {"seconds": round(time.perf_counter() - start, 2),
-                                **{f"peak_{k}_over_baseline_bytes": memory.peaks[k] - baseline[k] for k in ("anon", "file")}}
-                print(f"{name}: {phases[name]['seconds']:.1f}s, peak anonymous +{phases[name]['peak_anon_over_baseline_bytes'] / 2**20:.0f} MiB, "
-                      f"peak file-backed +{phases[name]['peak_file_over_baseline_bytes'] / 2**20:.0f} MiB", flush=True)
+                phases[name] = {
+                    "seconds": round(time.perf_counter() - start, 2),
+                    **{f"peak_{k}_over_baseline_bytes": memory.peaks[k] - baseline[k] for k in ("anon", "file")},
+                }
+                print(
+                    f"{name}: {phases[name]['seconds']:.1f}s, peak anonymous +{phases[name]['peak_anon_over_baseline_bytes'] / 2**20:.0f} MiB, "
+                    f"peak file-backed +{phases[name]['peak_file_over_baseline_bytes'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
                 return result
 
             transport = phase("fit", lambda: fit_linear_transport(embeddings, ok, device))
             targets = phase("transport", lambda: transport_targets(embeddings, np.arange(n), transport, args.work / "targets.npy", args.target_dtype, device))
-            scores = phase("scores", lambda: knn_scores(targets, k=args.score_k, dims=args.score_dims, use_gpu=device.type == "cuda", index=args.score_index, seed=args.seed))
+            scores = phase(
+                "scores",
+                lambda: knn_scores(targets, k=args.score_k, dims=args.score_dims, use_gpu=device.type == "cuda", index=args.score_index, seed=args.seed),
+            )
         peak_rss = memory.peaks["peak_rss"]
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     embeddings_bytes = n * d * 4
     report = {
         "command": [sys.executable, *sys.argv],
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "generate_seconds": round(generate_s, 2),
         "phases": phases,
@@ -182,9 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
         "faiss_index_bytes": n * scores.dims * 4,
         "covariance_bytes": d * d * 8,
         "output_dim": transport.output_dim,
-        "scores": {"k": scores.k, "dims": scores.dims, "device": scores.device, "search": scores.index,
-                   "knn_density_median": float(np.median(scores.knn_density)), "nn_similarity_median": float(np.median(scores.nn_similarity)),
-                   "finite": bool(np.isfinite(scores.knn_density).all() and np.isfinite(scores.nn_similarity).all())},
+        "scores": {
+            "k": scores.k,
+            "dims": scores.dims,
+            "device": scores.device,
+            "search": scores.index,
+            "knn_density_median": float(np.median(scores.knn_density)),
+            "nn_similarity_median": float(np.median(scores.nn_similarity)),
+            "finite": bool(np.isfinite(scores.knn_density).all() and np.isfinite(scores.nn_similarity).all()),
+        },
     }
     bound = embeddings_bytes + d * d * 8
     report["growth_over_bound"] = round(report["peak_rss_over_baseline_bytes"] / bound, 3)
@@ -192,8 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| phase | seconds | peak anonymous memory | peak file-backed memory (maps) |\n|---|---:|---:|---:|")
     for name, p in phases.items():
         print(f"| {name} | {p['seconds']:.1f} | +{p['peak_anon_over_baseline_bytes'] / mib:.0f} MiB | +{p['peak_file_over_baseline_bytes'] / mib:.0f} MiB |")
-    print(f"\nN = {n:,}, D = {d}: N*D*4 + D*D*8 = {bound / mib:.0f} MiB; peak RSS {peak_rss / mib:.0f} MiB, "
-          f"{report['peak_rss_over_baseline_bytes'] / mib:.0f} MiB above the baseline ({report['growth_over_bound']:.2f} x the bound's terms)")
+    print(
+        f"\nN = {n:,}, D = {d}: N*D*4 + D*D*8 = {bound / mib:.0f} MiB; peak RSS {peak_rss / mib:.0f} MiB, "
+        f"{report['peak_rss_over_baseline_bytes'] / mib:.0f} MiB above the baseline ({report['growth_over_bound']:.2f} x the bound's terms)"
+    )
     if args.out is not None:
         write_json_atomic(args.out, report)
     return report

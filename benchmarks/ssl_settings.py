@@ -86,17 +86,28 @@ def run_trial(table: BudgetTable, name: str, settings: dict[str, Any], shards: s
     train_out = run / "train"
     summary_path = train_out / "summary.json"
     if not summary_path.exists():
-        run_train(train_config(table.profile, shards=shards, out_dir=train_out, seed=seed, device=table.device,
-                               num_workers=table.num_workers, **settings))
+        run_train(train_config(table.profile, shards=shards, out_dir=train_out, seed=seed, device=table.device, num_workers=table.num_workers, **settings))
     summary = json.loads(summary_path.read_text())
-    evaluation = run_eval(EvalConfig(
-        checkpoint=Path(summary["checkpoint"]), train_dir=splits.train, test_dir=splits.val, device=table.device,
-        num_workers=table.num_workers, probe_epochs=table.profile.probe_epochs, seed=seed, progress=False,
-    ))
+    evaluation = run_eval(
+        EvalConfig(
+            checkpoint=Path(summary["checkpoint"]),
+            train_dir=splits.train,
+            test_dir=splits.val,
+            device=table.device,
+            num_workers=table.num_workers,
+            probe_epochs=table.profile.probe_epochs,
+            seed=seed,
+            progress=False,
+        )
+    )
     result = {
-        "trial": name, "settings": settings, "seed": seed,
-        "val_linear_probe_top1": evaluation["linear_probe"]["top1"], "val_knn_top1": evaluation["knn"]["top1"],
-        "train_seconds": summary["wall_clock_s"], "steps": summary["budget"]["steps"],
+        "trial": name,
+        "settings": settings,
+        "seed": seed,
+        "val_linear_probe_top1": evaluation["linear_probe"]["top1"],
+        "val_knn_top1": evaluation["knn"]["top1"],
+        "train_seconds": summary["wall_clock_s"],
+        "steps": summary["budget"]["steps"],
         "final_loss": (summary.get("final") or {}).get("loss"),
     }
     write_json_atomic(saved, result)
@@ -111,12 +122,16 @@ def write_results(out: Path, results: list[dict[str, Any]]) -> str:
         writer.writeheader()
         for r in results:
             writer.writerow({**r, "settings": json.dumps(r["settings"], sort_keys=True)})
-    lines = ["| trial | settings (on top of the paper's: AdamW 1e-3 constant, BYOL's views and teacher) | val linear probe | val k-NN | steps | train wall-clock |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| trial | settings (on top of the paper's: AdamW 1e-3 constant, BYOL's views and teacher) | val linear probe | val k-NN | steps | train wall-clock |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "(the paper's)"
-        lines.append(f"| {r['trial']} | {settings} | {100 * r['val_linear_probe_top1']:.2f} | {100 * r['val_knn_top1']:.2f} "
-                     f"| {r['steps']} | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {r['trial']} | {settings} | {100 * r['val_linear_probe_top1']:.2f} | {100 * r['val_knn_top1']:.2f} "
+            f"| {r['steps']} | {r['train_seconds']:.0f} s |"
+        )
     table = "\n".join(lines) + "\n"
     with atomic_write(out / "results.md", "w") as handle:
         handle.write(table)
@@ -129,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--out", type=Path, required=True, help="output directory; rerun to resume or add trials")
     parser.add_argument("--trial", action="append", required=True, help="NAME:field=value,... (repeatable)")
-    parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: Fashion-MNIST prepared into OUT/table/data)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: Fashion-MNIST prepared into OUT/table/data)"
+    )
     parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -145,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, settings in trials:
             result = run_trial(table, name, settings, shards, args.seed)
             results.append(result)
-            print(f"{name}: val linear probe {result['val_linear_probe_top1']:.2%}, k-NN {result['val_knn_top1']:.2%} "
-                  f"({result['steps']} steps, {result['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"{name}: val linear probe {result['val_linear_probe_top1']:.2%}, k-NN {result['val_knn_top1']:.2%} "
+                f"({result['steps']} steps, {result['train_seconds']:.0f} s)",
+                flush=True,
+            )
             write_results(args.out, results)
     except RelaError as exc:
         print(f"error: {exc}", file=sys.stderr)

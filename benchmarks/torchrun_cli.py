@@ -31,8 +31,12 @@ def run_cli(processes: int, args: list[str], threads: int) -> subprocess.Complet
 
 def machine() -> dict:
     """The machine a benchmark ran on: CPU, cores, torch version, GPU name (None without one)."""
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count() or 1, "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count() or 1,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def comparison_parser(description: str) -> argparse.ArgumentParser:

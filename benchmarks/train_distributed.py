@@ -23,9 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from torchrun_cli import comparison_parser, machine, run_cli
 
 from rela_pipeline.fileio import write_json_atomic
-from torchrun_cli import comparison_parser, machine, run_cli
 
 
 def cli_train(shards: str, out: Path, processes: int, options: list[str], threads: int) -> dict:
@@ -39,8 +39,12 @@ def cli_train(shards: str, out: Path, processes: int, options: list[str], thread
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
     summary = json.loads((out / "summary.json").read_text())
     return {
-        "images_per_s": statistics.median(rates), "interval_rates": rates, "wall_clock_s": summary["wall_clock_s"],
-        "data_load_s": summary["data_load_s"], "steps": summary["budget"]["steps"], "images_seen": summary["budget"]["images_seen"],
+        "images_per_s": statistics.median(rates),
+        "interval_rates": rates,
+        "wall_clock_s": summary["wall_clock_s"],
+        "data_load_s": summary["data_load_s"],
+        "steps": summary["budget"]["steps"],
+        "images_seen": summary["budget"]["images_seen"],
     }
 
 
@@ -56,8 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=5, help="steps per rate interval")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
-    options = ["--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-               "--data-ratio", str(args.data_ratio), "--data-path", "memory", "--device", args.device, "--num-workers", "0", "--log-every", str(args.log_every)]
+    options = [
+        "--backbone",
+        args.backbone,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--data-ratio",
+        str(args.data_ratio),
+        "--data-path",
+        "memory",
+        "--device",
+        args.device,
+        "--num-workers",
+        "0",
+        "--log-every",
+        str(args.log_every),
+    ]
     # The ReLA phase (the adaptive schedule does not switch in a run this short) and BYOL alone.
     phases = {"ReLA phase": [], "BYOL (--no-rela)": ["--no-rela"]}
     results: dict[tuple[str, int], list[dict]] = {(phase, p): [] for phase in phases for p in (1, args.processes)}

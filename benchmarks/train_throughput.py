@@ -53,8 +53,9 @@ PIPELINES = {
 }
 
 
-def model_alone(backbone_name: str, image_size: int, batch_size: int, steps: int, warmup: int, device: torch.device,
-                target_dim: int, rela: bool, precision: str) -> float:
+def model_alone(
+    backbone_name: str, image_size: int, batch_size: int, steps: int, warmup: int, device: torch.device, target_dim: int, rela: bool, precision: str
+) -> float:
     """Images per second of :class:`TrainStep` (the training step ``run_train`` uses: same
     precision, memory format, optimiser and probe) on device-resident random batches.
 
@@ -90,18 +91,32 @@ def model_alone(backbone_name: str, image_size: int, batch_size: int, steps: int
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def pipeline(shards: str, backbone_name: str, image_size: int, batch_size: int, steps: int, device: str, num_workers: int,
-             rela: bool, overrides: dict) -> tuple[float, float]:
+def pipeline(
+    shards: str, backbone_name: str, image_size: int, batch_size: int, steps: int, device: str, num_workers: int, rela: bool, overrides: dict
+) -> tuple[float, float]:
     """``(images/s, data_load_s)`` of ``run_train`` over about ``steps`` steps of one epoch: the
     median interval rate after the first interval, and the one-off data loading time."""
     source = open_shard_set(shards)
     ratio = min(1.0, steps * batch_size / source.num_samples)
     with tempfile.TemporaryDirectory() as run:
-        summary = run_train(TrainConfig(
-            shards=shards, out_dir=Path(run) / "run", backbone=backbone_name, image_size=image_size, epochs=1,
-            batch_size=batch_size, data_ratio=ratio, rela_schedule="constant:1.0" if rela else "none",
-            device=device, num_workers=num_workers, log_every=max(1, steps // 6), progress=False, verify=False, **overrides,
-        ))
+        summary = run_train(
+            TrainConfig(
+                shards=shards,
+                out_dir=Path(run) / "run",
+                backbone=backbone_name,
+                image_size=image_size,
+                epochs=1,
+                batch_size=batch_size,
+                data_ratio=ratio,
+                rela_schedule="constant:1.0" if rela else "none",
+                device=device,
+                num_workers=num_workers,
+                log_every=max(1, steps // 6),
+                progress=False,
+                verify=False,
+                **overrides,
+            )
+        )
         records = [json.loads(line) for line in (Path(run) / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
     return (statistics.median(rates) if rates else float("nan")), summary["data_load_s"]
@@ -131,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         measured: dict[str, list[float]] = {}
         load_s: list[float] = []
         for _ in range(args.rounds):
-            measured.setdefault("model alone", []).append(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision))
-            measured.setdefault("model alone, fp32", []).append(model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32"))
+            measured.setdefault("model alone", []).append(
+                model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision)
+            )
+            measured.setdefault("model alone, fp32", []).append(
+                model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32")
+            )
             for label, overrides in PIPELINES.items():
                 overrides = {"precision": precision, **overrides}
                 rate, seconds = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela, overrides)
@@ -148,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     host = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-        "cpus": torch.get_num_threads(), "torch": torch.__version__, "workers": workers, "precision": precision,
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "workers": workers,
+        "precision": precision,
     }
     print(f"BYOL + ReLA, {args.backbone} at {args.image_size} px, batch {args.batch_size}, {host['device']}, {workers} workers, precision {precision}")
     columns = ["model alone", "model alone, fp32", *PIPELINES, "memory / model alone", "memory / PIL (before)"]

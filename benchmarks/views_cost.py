@@ -74,12 +74,16 @@ g = torch.Generator().manual_seed(0)
 print(f"torch {torch.__version__}, kornia {kornia.__version__}, threads {torch.get_num_threads()}, B={B}, S={S}")
 
 print("\n== batched_views (this module), whole call ==")
-for name, views in (("rela (2 views)", bv.batched_rela_views(S)), ("byol (2 views)", bv.batched_byol_views(S)),
-                    ("simclr (2 views)", bv.batched_simclr_views(S)), ("dino (2 global + 6 local)", bv.batched_dino_views(S))):
+for name, views in (
+    ("rela (2 views)", bv.batched_rela_views(S)),
+    ("byol (2 views)", bv.batched_byol_views(S)),
+    ("simclr (2 views)", bv.batched_simclr_views(S)),
+    ("dino (2 global + 6 local)", bv.batched_dino_views(S)),
+):
     bench(f"ours {name}", lambda v=views: v(images, g))
 for name, views in (("byol 64 px input (blur on)", bv.batched_byol_views(64)),):
     images64 = F.interpolate(images.float(), size=64, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
-    bench(f"ours {name}", lambda v=views: v(images64, g))
+    bench(f"ours {name}", lambda v=views, x=images64: v(x, g))
 
 print("\n== components, both ReLA views (N = 256 samples) ==")
 views = bv.batched_rela_views(S)
@@ -123,8 +127,9 @@ y = bv._grid_crop(x2, p["crop"], p["flip"], S)
 planes, block = bv._scratch(y)
 factors = p["factors"]
 bench("clone of the 256 views (baseline for in-place ops below)", lambda: y.clone())
-bench("colour jitter: 6 blend slots + 1 hue pass, per-sample order (used)",
-      lambda: bv._color_jitter_(y.clone(), p["jitter"], factors, p["order"], planes, block))
+bench(
+    "colour jitter: 6 blend slots + 1 hue pass, per-sample order (used)", lambda: bv._color_jitter_(y.clone(), p["jitter"], factors, p["order"], planes, block)
+)
 
 
 def jitter_indexed(z):
@@ -188,17 +193,20 @@ bench("saturation: kornia adjust_saturation_with_gray_subtraction", lambda: korn
 bench("brightness: blend slot (used)", lambda: bv._blend_(y.clone(), a, zero, zero, planes))
 bench("brightness: kornia adjust_contrast (x * f, clamped)", lambda: kornia.enhance.adjust_contrast(y.clone(), factors[:, 0]))
 bench("grayscale: lerp with 0/1 weights (used)", lambda: bv._grayscale_(y.clone(), p["gray"], planes))
-bench("grayscale: kornia rgb_to_grayscale + torch.where",
-      lambda: torch.where(p["gray"].view(-1, 1, 1, 1), kornia.color.rgb_to_grayscale(y).expand(-1, 3, -1, -1), y))
+bench(
+    "grayscale: kornia rgb_to_grayscale + torch.where",
+    lambda: torch.where(p["gray"].view(-1, 1, 1, 1), kornia.color.rgb_to_grayscale(y).expand(-1, 3, -1, -1), y),
+)
 bench("solarize: min(x, t - x) (used)", lambda: bv._solarize_(y.clone(), p["solarize"], block))
-bench("solarize: torch.where(mask & (x >= 0.5), 1 - x, x)",
-      lambda: torch.where(p["solarize"].view(-1, 1, 1, 1) & (y >= 0.5), 1 - y, y))
+bench("solarize: torch.where(mask & (x >= 0.5), 1 - x, x)", lambda: torch.where(p["solarize"].view(-1, 1, 1, 1) & (y >= 0.5), 1 - y, y))
 y64 = torch.rand(n, 3, 64, 64)
 sig = 0.1 + 1.9 * torch.rand(n)
 on = torch.rand(n) < 0.5
 bench("blur 64 px: separable depthwise conv, per-sample kernel (used)", lambda: bv._gaussian_blur(y64, sig, on, 2.0))
-bench("blur 64 px: kornia gaussian_blur2d per-sample sigma + where",
-      lambda: torch.where(on.view(-1, 1, 1, 1), kornia.filters.gaussian_blur2d(y64, (13, 13), torch.stack([sig, sig], 1), border_type="replicate"), y64))
+bench(
+    "blur 64 px: kornia gaussian_blur2d per-sample sigma + where",
+    lambda: torch.where(on.view(-1, 1, 1, 1), kornia.filters.gaussian_blur2d(y64, (13, 13), torch.stack([sig, sig], 1), border_type="replicate"), y64),
+)
 
 print("\n== kornia.augmentation pipelines (float input, 2 views per call; one jitter order per batch) ==")
 xf = images.float() / 255
@@ -213,8 +221,12 @@ for mode in ("slice", "resample"):
         bench(f"kornia {label}: RRC(cropping_mode={mode}) + flip + ColorJitter + gray", lambda a=aug: [a(xf), a(xf)])
 
 print("\n== lightly PIL transforms, per sample, 128 images, one process (reference) ==")
-for name, transform in (("rela", pil_views.rela_views(S)), ("byol", pil_views.byol_views(S)),
-                        ("simclr", pil_views.simclr_views(S)), ("dino", pil_views.dino_views(S))):
+for name, transform in (
+    ("rela", pil_views.rela_views(S)),
+    ("byol", pil_views.byol_views(S)),
+    ("simclr", pil_views.simclr_views(S)),
+    ("dino", pil_views.dino_views(S)),
+):
     bench(f"lightly PIL {name}", lambda t=transform: [t(im) for im in pils], runs=max(5, args.runs // 3), warmup=2)
 
 if args.out:
@@ -223,7 +235,9 @@ if args.out:
 
     payload = {
         "host": {"cpu": platform.processor() or "cpu", "torch": torch.__version__, "kornia": kornia.__version__, "threads": torch.get_num_threads()},
-        "batch": B, "size": S, "runs": args.runs,
+        "batch": B,
+        "size": S,
+        "runs": args.runs,
         "timings_ms": [{"name": name, "median": round(med, 3), "min": round(low, 3)} for name, med, low in RESULTS],
     }
     with open(args.out, "w", encoding="utf-8") as handle:

@@ -106,14 +106,16 @@ class ReLABYOLModule(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.rela.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.01)
 
 
-def train(shards: str, epochs: int, batch_size: int = 128, data_ratio: float = 0.5, schedule: str = "adaptive",
-          device: str = "cpu", seed: int = 0) -> ReLABYOLModule:
+def train(
+    shards: str, epochs: int, batch_size: int = 128, data_ratio: float = 0.5, schedule: str = "adaptive", device: str = "cpu", seed: int = 0
+) -> ReLABYOLModule:
     """Train BYOL + ReLA with Lightning on ``shards``; returns the trained module."""
     pl.seed_everything(seed, verbose=False)
     batches = ShardBatches(shards, batch_size=batch_size, image_size=32, data_ratio=data_ratio, seed=seed, device=device)
     module = ReLABYOLModule(batches.target_dim, schedule=schedule)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False
+    )
     trainer.fit(module, train_dataloaders=batches)
     return module
 

@@ -97,11 +97,9 @@ Deviations from the PIL reference (lightly's actual path):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import threading
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,9 +173,23 @@ def _recipe_table(recipes: Sequence[ViewRecipe], height: int, width: int, device
     rows = []
     for r in recipes:
         ranges = [v for pair in r.jitter_ranges() for v in pair]
-        rows.append([float(r.scale[0]), float(r.scale[1]), math.log(r.ratio[0]), math.log(r.ratio[1]), r.flip_p,
-                     r.jitter_p, r.gray_p, r.blur_p, float(r.blur_sigma[0]), float(r.blur_sigma[1]), r.solarize_p,
-                     *ranges, *(float(v) for v in _fallback_crop(height, width, r.ratio))])
+        rows.append(
+            [
+                float(r.scale[0]),
+                float(r.scale[1]),
+                math.log(r.ratio[0]),
+                math.log(r.ratio[1]),
+                r.flip_p,
+                r.jitter_p,
+                r.gray_p,
+                r.blur_p,
+                float(r.blur_sigma[0]),
+                float(r.blur_sigma[1]),
+                r.solarize_p,
+                *ranges,
+                *(float(v) for v in _fallback_crop(height, width, r.ratio)),
+            ]
+        )
     return torch.tensor(rows, dtype=torch.float32, device=device).unsqueeze(1)
 
 
@@ -255,8 +267,7 @@ def _filter(t: torch.Tensor, bicubic: bool) -> torch.Tensor:
     return near.add_(far)
 
 
-def _resample_matrices(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor | None, in_size: int,
-                       out_size: int, bicubic: bool) -> torch.Tensor:
+def _resample_matrices(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor | None, in_size: int, out_size: int, bicubic: bool) -> torch.Tensor:
     """Per-sample 1-D resampling matrices ``(M, out_size, in_size)`` of PIL's ``Image.resize`` on
     the crop ``[start, start + length)`` of an axis of ``in_size`` pixels (PIL's
     ``precompute_coeffs``): output pixel ``j`` (or ``out_size - 1 - j`` where ``flip``) is centred
@@ -297,8 +308,9 @@ def _matrix_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
     views = n // n_img if n_img else 0
     b = boxes.to(torch.float32)
     if height == width:
-        both = _resample_matrices(torch.cat((b[:, 0], b[:, 1])), torch.cat((b[:, 2], b[:, 3])),
-                                  torch.cat((torch.zeros_like(flip), flip)), height, size, bicubic)
+        both = _resample_matrices(
+            torch.cat((b[:, 0], b[:, 1])), torch.cat((b[:, 2], b[:, 3])), torch.cat((torch.zeros_like(flip), flip)), height, size, bicubic
+        )
         wy, wx = both[:n], both[n:]
     else:
         wy = _resample_matrices(b[:, 0], b[:, 2], None, height, size, bicubic)
@@ -392,8 +404,7 @@ def _adjust_hue_(x: torch.Tensor, shift: torch.Tensor, on: torch.Tensor, planes:
     return x.lerp_(out, on)
 
 
-def _color_jitter_(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                   planes: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def _color_jitter_(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, planes: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``RandomApply([ColorJitter], p)`` per sample, each sample with its own op order, in place.
 
     Args:
@@ -436,8 +447,7 @@ def _grayscale_(x: torch.Tensor, on: torch.Tensor, planes: torch.Tensor) -> torc
     return x.lerp_(_gray(x, out=planes[0]).unsqueeze(1), on.to(x.dtype).view(-1, 1, 1, 1))
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor, sigma_max: float,
-                   subset: bool | None = None) -> torch.Tensor:
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor, sigma_max: float, subset: bool | None = None) -> torch.Tensor:
     """Per-sample Gaussian blur (lightly ``GaussianBlur``): separable depthwise convolution with the
     normalised kernel ``exp(-t^2 / (2 sigma^2))``, ``t = -r..r``, ``r = ceil(3 * sigma_max)``,
     replicate padding (PIL's box blurs extend the edge pixels). Samples with ``on`` False are left
@@ -514,8 +524,9 @@ class BatchedViews:
         sizes = ", ".join(str(r.size) for r in self.recipes)
         return f"BatchedViews(name={self.name!r}, views={len(self.recipes)}, sizes=[{sizes}])"
 
-    def sample_parameters(self, batch_size: int, height: int, width: int, generator: torch.Generator,
-                          rows: slice | None = None) -> list[dict[str, torch.Tensor]]:
+    def sample_parameters(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator, rows: slice | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Draw every view's random parameters: one ``torch.rand((V, B, 36), generator=generator)``
         on the generator's device (the only randomness :meth:`__call__` uses).
 
@@ -562,10 +573,13 @@ class BatchedViews:
         self._check_images(images)
         batch, _, height, width = images.shape
         if len(parameters) != len(self.recipes) or any(
-                not isinstance(p, dict) or not _PARAMETER_KEYS <= p.keys() or tuple(p["crop"].shape) != (batch, 4)
-                or p["crop"].device != images.device for p in parameters):
-            raise RelaError(f"{self.name} views: the parameters do not fit {len(self.recipes)} views of a batch of {batch} "
-                            f"on {images.device} (use sample_parameters({batch}, {height}, {width}, generator))")
+            not isinstance(p, dict) or not _PARAMETER_KEYS <= p.keys() or tuple(p["crop"].shape) != (batch, 4) or p["crop"].device != images.device
+            for p in parameters
+        ):
+            raise RelaError(
+                f"{self.name} views: the parameters do not fit {len(self.recipes)} views of a batch of {batch} "
+                f"on {images.device} (use sample_parameters({batch}, {height}, {width}, generator))"
+            )
         plans = []
         for size, interpolation, indices in self._groups:
             n = len(indices) * batch
@@ -574,20 +588,35 @@ class BatchedViews:
             plans.append((size, interpolation, indices, grid, source * 3 * height * width, n * size * size))
         workspace = self._workspace(max(image + plane * (12 if grid else 10) for *_, grid, image, plane in plans), images.device)
         out: list[torch.Tensor] = [images.new_empty(0)] * len(self.recipes)
-        no_autocast = torch.autocast(device_type=images.device.type, enabled=False) \
-            if images.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+        no_autocast = torch.autocast(device_type=images.device.type, enabled=False) if images.device.type in ("cpu", "cuda") else contextlib.nullcontext()
         with no_autocast:
             for size, interpolation, indices, grid, image, plane in plans:
                 group = {key: torch.cat([parameters[i][key] for i in indices]) for key in _PARAMETER_KEYS}
-                y = self._apply_group(images, group, [self.recipes[i] for i in indices], size, grid, interpolation == "bicubic",
-                                      workspace[:image], workspace[image:image + plane * (12 if grid else 10)])
+                y = self._apply_group(
+                    images,
+                    group,
+                    [self.recipes[i] for i in indices],
+                    size,
+                    grid,
+                    interpolation == "bicubic",
+                    workspace[:image],
+                    workspace[image : image + plane * (12 if grid else 10)],
+                )
                 for view, index in zip(y.view(len(indices), batch, 3, size, size).unbind(0), indices):
                     out[index] = view
         return out
 
     @staticmethod
-    def _apply_group(images: torch.Tensor, p: dict[str, torch.Tensor], recipes: list[ViewRecipe], size: int, grid: bool,
-                     bicubic: bool, image_space: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    def _apply_group(
+        images: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        recipes: list[ViewRecipe],
+        size: int,
+        grid: bool,
+        bicubic: bool,
+        image_space: torch.Tensor,
+        scratch: torch.Tensor,
+    ) -> torch.Tensor:
         """The views of one group (same size and interpolation), float32 ``(V * B, 3, size, size)``;
         ``p`` holds the group's parameters concatenated view after view. Steps a group's recipes do
         not use (probability 0) are skipped."""
@@ -598,10 +627,10 @@ class BatchedViews:
         x = image_space.view(copies, batch, 3, height, width)
         x.copy_(images.unsqueeze(0)).div_(255.0)
         x = x.view(copies * batch, 3, height, width)
-        planes = scratch[:7 * n * size * size].view(7, n, size, size)
-        block = scratch[7 * n * size * size:10 * n * size * size].view(n, 3, size, size)
+        planes = scratch[: 7 * n * size * size].view(7, n, size, size)
+        block = scratch[7 * n * size * size : 10 * n * size * size].view(n, 3, size, size)
         if grid:
-            y = _grid_crop(x, p["crop"], p["flip"], size, scratch[10 * n * size * size:].view(n, size, size, 2))
+            y = _grid_crop(x, p["crop"], p["flip"], size, scratch[10 * n * size * size :].view(n, size, size, 2))
         else:
             y = _matrix_crop(x, p["crop"], p["flip"], size, bicubic)
         if any(r.jitter_p > 0 and any(r.jitter) for r in recipes):
@@ -668,8 +697,14 @@ class BatchedViews:
         return self.apply(images, self.sample_parameters(batch_size, height, width, generator, rows=slice(start, stop)))
 
     def _check_images(self, images: object) -> None:
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
-                or images.shape[1] != 3 or images.shape[2] < 1 or images.shape[3] < 1:
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.dtype != torch.uint8
+            or images.dim() != 4
+            or images.shape[1] != 3
+            or images.shape[2] < 1
+            or images.shape[3] < 1
+        ):
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise RelaError(f"{self.name} views need a uint8 image batch (B, 3, H, W), got {got}")
 
@@ -760,8 +795,7 @@ def check_views(views: object, batch_size: int, name: str) -> list[torch.Tensor]
         raise RelaError(f"{name}: the view transform returned {_describe(views)}; {expected}")
     got = "[" + ", ".join(_describe(v) for v in views) + "]"
     ok = len(views) >= 2 and all(
-        isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 4 and v.shape[0] == batch_size and v.shape[1] == 3
-        for v in views
+        isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 4 and v.shape[0] == batch_size and v.shape[1] == 3 for v in views
     )
     if not ok or views[0].shape != views[1].shape:
         raise RelaError(f"{name}: the view transform returned {len(views)} views {got}; {expected}")

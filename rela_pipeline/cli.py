@@ -115,7 +115,12 @@ def main(ctx: click.Context, quiet: bool) -> None:
 @main.command()
 @click.argument("dataset", type=click.Choice(["fashion-mnist"]))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for train/ and test/ ImageFolder trees.")
-@click.option("--source", type=click.Path(path_type=Path), default=None, help="Directory with the raw IDX files (default: /usr/share/datasets/fashion-mnist, else torchvision download).")
+@click.option(
+    "--source",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory with the raw IDX files (default: /usr/share/datasets/fashion-mnist, else torchvision download).",
+)
 @click.option("--limit-per-class", type=click.IntRange(min=1), default=None, help="Keep only the first N images of each class per split.")
 @click.option("--overwrite", is_flag=True, help="Replace existing train/ and test/ trees.")
 def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: int | None, overwrite: bool) -> None:
@@ -129,14 +134,28 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg).")
-@click.option("--prior", required=True, help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | open_clip:<model>:<tag|file|random> | checkpoint:<file>.")
+@click.option(
+    "--prior", required=True, help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | open_clip:<model>:<tag|file|random> | checkpoint:<file>."
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory for shards, transport, scores and manifest.")
 @click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")
 @click.option("--num-workers", default=None, type=int, help="DataLoader decode workers [default: min(8, CPUs - 1)].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="The prior's forward pass; auto = fp32 (bf16 decorrelates the trailing transported components; see the docs).")
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="The prior's forward pass; auto = fp32 (bf16 decorrelates the trailing transported components; see the docs).",
+)
 @click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
-@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]), help="Where JPEGs are decoded, resized and cropped: in the CPU workers, or batched on the device (nvJPEG); auto = gpu on CUDA.")
+@click.option(
+    "--decode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    help="Where JPEGs are decoded, resized and cropped: in the CPU workers, or batched on the device (nvJPEG); auto = gpu on CUDA.",
+)
 @click.option("--image-size", type=int, default=None, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random priors and of the sample order in shards.")
 @click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per shard.")
@@ -144,13 +163,35 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option("--target-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of targets.")
 @click.option("--score-k", default=10, show_default=True, type=int, help="Neighbours for the k-NN density score.")
 @click.option("--score-dims", default=64, show_default=True, type=int, help="Leading transported components used for scores (0: all).")
-@click.option("--score-index", default="auto", show_default=True, type=click.Choice(["auto", "exact", "ivf", "hnsw"]), help="Neighbour search for the scores: exact, or an approximate faiss index tuned to recall@k >= 0.95 (auto: exact up to 200,000 samples on CPU, 2M on GPU).")
+@click.option(
+    "--score-index",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "exact", "ivf", "hnsw"]),
+    help="Neighbour search for the scores: exact, or an approximate faiss index tuned to recall@k >= 0.95 (auto: exact up to 200,000 samples on CPU, 2M on GPU).",
+)
 @click.option("--keep-embeddings", is_flag=True, help="Also write the raw prior embeddings (embeddings.npy, float32).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous shard set (or interrupted run) in OUT.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
-@click.option("--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses).")
-@click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
-@click.option("--dist-wait-timeout", "dist_wait_timeout_s", default=14400.0, show_default=True, type=float, help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).")
+@click.option(
+    "--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses)."
+)
+@click.option(
+    "--dist-timeout",
+    "dist_timeout_s",
+    default=600.0,
+    show_default=True,
+    type=float,
+    help="Under torchrun: seconds a rank waits for the others before the job fails.",
+)
+@click.option(
+    "--dist-wait-timeout",
+    "dist_wait_timeout_s",
+    default=14400.0,
+    show_default=True,
+    type=float,
+    help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
+)
 @click.pass_context
 def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
@@ -198,12 +239,20 @@ def verify(location: str) -> None:
         click.echo(f"FAIL {problem}", err=True)
     if not report.ok:
         raise RelaError(f"{len(report.problems)} problem(s) in {location}", exit_code=1)
-    click.echo(f"OK {location}: {report.checked_samples} samples verified ({report.checked_files} files checksummed, {report.reference_checked} reference targets recomputed)")
+    click.echo(
+        f"OK {location}: {report.checked_samples} samples verified ({report.checked_files} files checksummed, {report.reference_checked} reference targets recomputed)"
+    )
 
 
 @main.command()
-@click.option("--shards", required=True, help="Shard set: an embed output directory, or the URL of its manifest.json (any URL webdataset opens, e.g. pipe:curl -s http://host/set/manifest.json).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory (config, metrics.jsonl, checkpoints, backbone.pt, summary.json).")
+@click.option(
+    "--shards",
+    required=True,
+    help="Shard set: an embed output directory, or the URL of its manifest.json (any URL webdataset opens, e.g. pipe:curl -s http://host/set/manifest.json).",
+)
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory (config, metrics.jsonl, checkpoints, backbone.pt, summary.json)."
+)
 @click.option("--method", default="byol", show_default=True, help="SSL method: byol | simclr | dino.")
 @click.option("--backbone", default="convnet", show_default=True, help="Student: convnet | resnet18 | resnet50.")
 @click.option("--cifar-stem/--imagenet-stem", default=None, help="ResNet stem [default: CIFAR stem at 64 px and below].")
@@ -219,15 +268,50 @@ def verify(location: str) -> None:
 @click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
 @click.option("--lr-schedule", default="cosine", show_default=True, help="cosine (to 0 at the last step) | constant (the paper).")
 @click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Epochs of linear learning-rate warm-up before the schedule.")
-@click.option("--transfer", default="trained", show_default=True, type=click.Choice(["trained", "frozen"]), help="ReLA transfer layer: trained with the backbone, or frozen at its random initialisation (the authors' code).")
-@click.option("--teacher-momentum", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]), help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.")
+@click.option(
+    "--transfer",
+    default="trained",
+    show_default=True,
+    type=click.Choice(["trained", "frozen"]),
+    help="ReLA transfer layer: trained with the backbone, or frozen at its random initialisation (the authors' code).",
+)
+@click.option(
+    "--teacher-momentum",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(["cosine", "constant"]),
+    help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.",
+)
 @click.option("--crop-min-scale", default=None, type=float, help="Lower bound of the SSL views' crop scale [default: the method's, 0.08 for BYOL/SimCLR].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype of the forward pass; auto = bf16 on CUDA and on CPUs with native bf16, else fp32. Losses, EMA and probe stay fp32.")
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="Autocast dtype of the forward pass; auto = bf16 on CUDA and on CPUs with native bf16, else fp32. Losses, EMA and probe stay fp32.",
+)
 @click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
-@click.option("--augment", default="device", show_default=True, type=click.Choice(["device", "pil"]), help="device: batched views on the training device; pil: per-image PIL views (lightly's transforms; the reference).")
-@click.option("--data-path", default="auto", show_default=True, type=click.Choice(["auto", "memory", "stream"]), help="memory: decode the shard set once into memory; stream: read the shards every epoch; auto: memory when it fits --cache-bytes.")
-@click.option("--cache-bytes", default=None, callback=lambda ctx, param, value: parse_bytes(value), help="Budget of the memory path, e.g. 8G or 5e9 [default: half the free RAM, or half the free GPU memory on CUDA].")
+@click.option(
+    "--augment",
+    default="device",
+    show_default=True,
+    type=click.Choice(["device", "pil"]),
+    help="device: batched views on the training device; pil: per-image PIL views (lightly's transforms; the reference).",
+)
+@click.option(
+    "--data-path",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "memory", "stream"]),
+    help="memory: decode the shard set once into memory; stream: read the shards every epoch; auto: memory when it fits --cache-bytes.",
+)
+@click.option(
+    "--cache-bytes",
+    default=None,
+    callback=lambda ctx, param, value: parse_bytes(value),
+    help="Budget of the memory path, e.g. 8G or 5e9 [default: half the free RAM, or half the free GPU memory on CUDA].",
+)
 @click.option("--num-workers", default=None, type=int, help="Shard decoding workers [default: min(8, CPUs - 1)].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subsets, shuffles and views.")
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
@@ -237,10 +321,35 @@ def verify(location: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (with any number of processes).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.option("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
-@click.option("--dist-timeout", "dist_timeout_s", default=600.0, show_default=True, type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")
-@click.option("--dist-wait-timeout", "dist_wait_timeout_s", default=14400.0, show_default=True, type=float, help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).")
+@click.option(
+    "--dist-timeout",
+    "dist_timeout_s",
+    default=600.0,
+    show_default=True,
+    type=float,
+    help="Under torchrun: seconds a rank waits for the others before the job fails.",
+)
+@click.option(
+    "--dist-wait-timeout",
+    "dist_wait_timeout_s",
+    default=14400.0,
+    show_default=True,
+    type=float,
+    help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
+)
 @click.pass_context
-def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_schedule: str, precision: str, no_amp: bool, no_online_probe: bool, no_verify: bool, **options) -> None:
+def train(
+    ctx: click.Context,
+    shards: str,
+    out_dir: Path,
+    no_rela: bool,
+    rela_schedule: str,
+    precision: str,
+    no_amp: bool,
+    no_online_probe: bool,
+    no_verify: bool,
+    **options,
+) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
     on a fresh dynamic subset every epoch. Under torchrun (torchrun --nproc-per-node N --no-python
     rela-pipeline train ...) it trains one model with DistributedDataParallel; --batch-size stays
@@ -249,8 +358,14 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
     from .stages.train import TrainConfig, run_train
 
     config = TrainConfig(
-        shards=shards, out_dir=out_dir, rela_schedule="none" if no_rela else rela_schedule, precision="fp32" if no_amp else precision,
-        online_probe=not no_online_probe, verify=not no_verify, progress=not ctx.obj["quiet"], **options,
+        shards=shards,
+        out_dir=out_dir,
+        rela_schedule="none" if no_rela else rela_schedule,
+        precision="fp32" if no_amp else precision,
+        online_probe=not no_online_probe,
+        verify=not no_verify,
+        progress=not ctx.obj["quiet"],
+        **options,
     )
     summary = run_train(config)
     world = torchrun_world()
@@ -262,7 +377,11 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
         f"trained {budget['steps']} steps ({budget['images_seen']} images, {budget['fraction']:.1%} of the full run's "
         f"{budget['full_run_steps']} steps) in {summary['wall_clock_s']:.1f}s; ReLA "
         + ("off" if config.rela_schedule == "none" else f"until step {switch}" if switch is not None else "for the whole run")
-        + (f"; ReLA loss {summary['rela_loss']['first_interval']:.3f} -> {summary['rela_loss']['last_interval']:.3f}" if summary["rela_loss"]["last_interval"] is not None else "")
+        + (
+            f"; ReLA loss {summary['rela_loss']['first_interval']:.3f} -> {summary['rela_loss']['last_interval']:.3f}"
+            if summary["rela_loss"]["last_interval"] is not None
+            else ""
+        )
         + (f"; final loss {final['loss']:.4f}" if final.get("loss") is not None else "")
         + (f", online probe {final['probe_acc']:.1%}" if final.get("probe_acc") is not None else "")
         + f"; backbone -> {summary['checkpoint']}"
@@ -278,11 +397,27 @@ def train(ctx: click.Context, shards: str, out_dir: Path, no_rela: bool, rela_sc
 @click.option("--num-workers", default=None, type=int, help="Decode workers [default: min(8, CPUs - 1)].")
 @click.option("--image-size", default=None, type=int, help="Override the checkpoint's input size.")
 @click.option("--probe-epochs", default=100, show_default=True, type=int, help="Linear-probe epochs (the paper: 100).")
-@click.option("--probe-lr", default="auto", show_default=True, callback=lambda ctx, param, value: parse_probe_lr(value), help="Linear-probe Adam learning rate, or auto: chosen from 1e-4..1e-2 on 10% of the train split held out (the paper: 3e-4).")
-@click.option("--probe-standardise/--no-probe-standardise", default=True, show_default=True, help="Standardise features with the train split's mean and std before the probe (the paper: no).")
+@click.option(
+    "--probe-lr",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_probe_lr(value),
+    help="Linear-probe Adam learning rate, or auto: chosen from 1e-4..1e-2 on 10% of the train split held out (the paper: 3e-4).",
+)
+@click.option(
+    "--probe-standardise/--no-probe-standardise",
+    default=True,
+    show_default=True,
+    help="Standardise features with the train split's mean and std before the probe (the paper: no).",
+)
 @click.option("--knn-k", default=200, show_default=True, type=int, help="Neighbours of the k-NN classifier.")
 @click.option("--knn-temperature", default=0.1, show_default=True, type=float, help="Temperature of the k-NN vote weights exp(cos / t).")
-@click.option("--few-label", default=None, callback=lambda ctx, param, value: parse_counts(value), help="Also evaluate with only these many labelled train images per class, e.g. 10,100 (mean over --few-label-draws draws).")
+@click.option(
+    "--few-label",
+    default=None,
+    callback=lambda ctx, param, value: parse_counts(value),
+    help="Also evaluate with only these many labelled train images per class, e.g. 10,100 (mean over --few-label-draws draws).",
+)
 @click.option("--few-label-draws", default=3, show_default=True, type=int, help="Random draws of the labelled images per --few-label entry.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the linear probe and the few-label draws.")
 @click.option("--json", "json_out", default=None, type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
@@ -301,8 +436,10 @@ def evaluate(ctx: click.Context, json_out: Path | None, **options) -> None:
         f"{result['timings_s']['total']:.1f}s]"
     )
     for n, few in result.get("few_label", {}).items():
-        click.echo(f"{n} labels per class: linear probe top-1 {few['linear_probe']['top1']:.2%} ± {few['linear_probe']['std']:.2%}  "
-                   f"k-NN top-1 {few['knn']['top1']:.2%} ± {few['knn']['std']:.2%} (mean ± std over {len(few['knn']['draws'])} draws)")
+        click.echo(
+            f"{n} labels per class: linear probe top-1 {few['linear_probe']['top1']:.2%} ± {few['linear_probe']['std']:.2%}  "
+            f"k-NN top-1 {few['knn']['top1']:.2%} ± {few['knn']['std']:.2%} (mean ± std over {len(few['knn']['draws'])} draws)"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,8 +29,9 @@ import datetime
 import logging
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -178,7 +179,9 @@ class Distribution:
         self.wait_group = None
 
 
-def init_distribution(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> tuple[Distribution, torch.device]:
+def init_distribution(
+    device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+) -> tuple[Distribution, torch.device]:
     """Join torchrun's process group if there is one, and choose this process's device. A process
     group the caller already initialised (their own DDP script) is used as it is.
 
@@ -248,8 +251,10 @@ def collective_failures(distribution: Distribution) -> Iterator[None]:
         lost = isinstance(error, torch.distributed.DistError) or any(mark in text for mark in ("gloo", "NCCL", "Connection closed", "Connection reset"))
         if not distribution.enabled or not lost:
             raise
-        raise RelaError(f"lost contact with the other ranks (another rank failed or the collective timed out: {_gist(text) or type(error).__name__}); "
-                        "torchrun names the failed rank") from None
+        raise RelaError(
+            f"lost contact with the other ranks (another rank failed or the collective timed out: {_gist(text) or type(error).__name__}); "
+            "torchrun names the failed rank"
+        ) from None
 
 
 def _gist(message: str) -> str:

@@ -16,8 +16,9 @@ import os
 import socket
 import time
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import IO
 
 import numpy as np
 

@@ -3,13 +3,13 @@
 Each method is an ``nn.Module`` with the interface :class:`rela_pipeline.rela.ReLA` expects:
 ``backbone`` (images ``(B, 3, H, W)`` -> features ``(B, F)``), ``forward(views) -> scalar loss``
 and ``update_momentum(step, total_steps)``. The recipes follow lightly's reference examples
-(docs.lightly.ai, "Models") and MISSION.md item 6 for BYOL's head sizes.
+(docs.lightly.ai, "Models") and the ReLA authors' code (github.com/LINs-lab/ReLA) for BYOL's head sizes.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
@@ -52,7 +52,7 @@ def full_precision(reference: torch.Tensor):
 class BYOL(nn.Module):
     """BYOL (Grill et al. 2020) as in lightly's example and ReLA's setup.
 
-    Projection ``F -> 2F -> 256``, prediction ``256 -> 2F -> 256`` (MISSION.md item 6); an EMA
+    Projection ``F -> 2F -> 256``, prediction ``256 -> 2F -> 256`` (the ReLA authors' code); an EMA
     teacher (backbone + projection) with momentum 0.99, constant or following a cosine schedule to
     1 over the run (:func:`teacher_momentum`); symmetric negative-cosine loss
     ``0.5 * (-cos(p1, z2) - cos(p2, z1))`` in ``[-1, 1]``.

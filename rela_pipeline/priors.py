@@ -1,6 +1,6 @@
 """Prior models: parse a spec, load the model from local files, record its preprocessing.
 
-Spec forms (MISSION.md; ReLA section 4 uses CLIP, BYOL-trained and random priors):
+Spec forms (ReLA section 4 uses CLIP, BYOL-trained and random priors):
 
 ==================================================  =============================================
 ``random:<torchvision arch>``                       randomly initialised, seeded (the paper's Rand.)
@@ -24,9 +24,10 @@ import functools
 import importlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torchvision
@@ -96,7 +97,7 @@ class Preprocessing:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Inverse of :meth:`to_dict`.
 
         Raises:
@@ -272,8 +273,7 @@ def _load_torchvision(arch: str, weights_file: str | None) -> tuple[nn.Module, d
         model = torchvision.models.get_model(arch, weights=weights)
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise RelaError(
-            f"cannot fetch torchvision weights {weights} ({type(error).__name__}; offline?): "
-            f"put the file at {cached} or pass torchvision:{arch}:<weights file>"
+            f"cannot fetch torchvision weights {weights} ({type(error).__name__}; offline?): put the file at {cached} or pass torchvision:{arch}:<weights file>"
         ) from None
     record = {"source": f"torchvision {weights}", "path": cached, "sha256": sha256_file(cached) if os.path.isfile(cached) else None}
     return _drop_final_linear(model), record
@@ -325,7 +325,9 @@ def _load_open_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Prepro
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
-            raise RelaError(f"open_clip {model_name} has no pretrained tag '{pretrained}' (tags: {', '.join(tags) or 'none'}; or give a weights file, or 'random')")
+            raise RelaError(
+                f"open_clip {model_name} has no pretrained tag '{pretrained}' (tags: {', '.join(tags) or 'none'}; or give a weights file, or 'random')"
+            )
         with _huggingface_offline_if_unreachable() as offline:
             try:
                 clip_model = open_clip.create_model(model_name, pretrained=pretrained)

@@ -11,8 +11,8 @@ literature's CIFAR recipes (solo-learn, lightly's CIFAR-10 benchmarks).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import RelaError
 
@@ -117,8 +117,7 @@ def simclr_recipe(image_size: int) -> ViewRecipe:
     """SimCLR's view, lightly's ``SimCLRViewTransform`` defaults: ``RandomResizedCrop(scale=(0.08,
     1))`` (bilinear), flip p = 0.5, ``ColorJitter(0.8, 0.8, 0.8, 0.2)`` with p = 0.8, grayscale
     p = 0.2, Gaussian blur p = 0.5 with sigma in (0.1, 2) (off at <= 32 px), no solarisation."""
-    return ViewRecipe(size=image_size, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
-                      blur_p=_blur(image_size, 0.5))
+    return ViewRecipe(size=image_size, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=_blur(image_size, 0.5))
 
 
 def dino_local_size(image_size: int) -> int:

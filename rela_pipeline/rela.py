@@ -2,9 +2,9 @@
 that adds them to any self-supervised method.
 
 Source: Sun, Jiang, Lin, "Efficiency for Free: Ideal Data Are Transportable Representations",
-NeurIPS 2024 (arXiv 2405.14669), and the authors' released code (MISSION.md, "The method", items
-3-4). The representation targets come from stage one (``rela-pipeline embed``): prior embeddings
-linearly transported (PCA + per-component standardisation).
+NeurIPS 2024 (arXiv 2405.14669), and the authors' released code (github.com/LINs-lab/ReLA). The
+representation targets come from stage one (``rela-pipeline embed``): prior embeddings linearly
+transported (PCA + per-component standardisation).
 
 Any SSL method works with :class:`ReLA` if it is an ``nn.Module`` that
 
@@ -12,7 +12,7 @@ Any SSL method works with :class:`ReLA` if it is an ``nn.Module`` that
   ``(B, F)`` (``F`` from ``backbone.feature_dim`` or given to :class:`ReLA`);
 * returns its own scalar loss from ``forward(views)``, ``views`` a list of ``(B, 3, H, W)`` tensors;
 * optionally has ``update_momentum(step, total_steps)`` (EMA teachers), called after every step,
-  in the ReLA phase too (MISSION.md item 4).
+  in the ReLA phase too (as the authors' code does).
 
 Nothing is subclassed or patched: :class:`ReLA` holds the method, owns the transfer layer, and
 decides per step which loss to return.
@@ -21,8 +21,9 @@ decides per step which loss to return.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +297,7 @@ class ReLA(nn.Module):
     """Adds the ReLA alignment loss and its schedule to any SSL method (see the module docstring).
 
     In the ReLA phase the loss is ``0.5 * (L(v1) + L(v2))`` with
-    ``L(v) = alignment_loss(transfer(backbone(v)), y)`` on the first two views (MISSION.md item 3);
+    ``L(v) = alignment_loss(transfer(backbone(v)), y)`` on the first two views (the authors' code);
     in the SSL phase it is ``method(views)``. :meth:`step_end` advances the schedule and the
     method's momentum update after every optimiser step, in both phases.
 
@@ -315,7 +316,9 @@ class ReLA(nn.Module):
             unknown ``transfer``.
     """
 
-    def __init__(self, method: nn.Module, target_dim: int, schedule: RelaSchedule | str = "adaptive", feature_dim: int | None = None, transfer: str = "trained") -> None:
+    def __init__(
+        self, method: nn.Module, target_dim: int, schedule: RelaSchedule | str = "adaptive", feature_dim: int | None = None, transfer: str = "trained"
+    ) -> None:
         super().__init__()
         backbone = getattr(method, "backbone", None)
         if not isinstance(backbone, nn.Module):
@@ -341,7 +344,7 @@ class ReLA(nn.Module):
 
     @property
     def phase(self) -> str:
-        """"rela" while the schedule is active, else "ssl"."""
+        """ "rela" while the schedule is active, else "ssl"."""
         return "rela" if self.schedule.active else "ssl"
 
     def forward(self, views: Sequence[torch.Tensor], targets: torch.Tensor | None = None) -> StepOutput:

@@ -204,8 +204,13 @@ def _build_index(kind: str, targets: np.ndarray, dims: int, gpu_id: int | None, 
             quantiser.add(centroids)  # the IVF index sees a filled quantiser and skips its own k-means
         index.train(training)
         del training
-        settings = {"kind": "ivf", "nlist": nlist, "quantiser": "hnsw32" if hnsw_quantiser else "flat", "training_samples": int(len(sample)),
-                    "training": "two-level k-means" if nlist > TWO_LEVEL_TRAINING_FROM else "k-means"}
+        settings = {
+            "kind": "ivf",
+            "nlist": nlist,
+            "quantiser": "hnsw32" if hnsw_quantiser else "flat",
+            "training_samples": int(len(sample)),
+            "training": "two-level k-means" if nlist > TWO_LEVEL_TRAINING_FROM else "k-means",
+        }
     if gpu:
         index = _on_gpu(index, gpu_id)
     for start in range(0, n, chunk_rows):
@@ -324,7 +329,7 @@ class ScoreSearch:
         write_json_atomic(path.with_name(path.name + ".json"), {"kind": self.kind, "k": self.k, "dims": self.dims, "settings": self.settings})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, gpu_id: int | None = None) -> "ScoreSearch":
+    def load(cls, path: str | os.PathLike, gpu_id: int | None = None) -> ScoreSearch:
         """Read a saved search (onto GPU ``gpu_id`` when given and faiss sees a GPU; not ``hnsw``).
 
         Raises:
@@ -378,8 +383,7 @@ def _grouped_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np
     from faiss.contrib.big_batch_search import big_batch_search
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return big_batch_search(faiss.downcast_index(index), queries, k, method="pairwise_distances",
-                                pairwise_distances=_inner_products, verbose=1, threaded=1)
+        return big_batch_search(faiss.downcast_index(index), queries, k, method="pairwise_distances", pairwise_distances=_inner_products, verbose=1, threaded=1)
 
 
 def build_score_search(
@@ -431,16 +435,32 @@ def build_score_search(
             _set_breadth(faiss_index, kind, breadth, device == "gpu")
             per_query = recall_per_query(_without_self(*faiss_index.search(queries, k + 1), rows, k)[1], exact)
             recall, lost = float(per_query.mean()), int(np.sum(per_query < LOST_QUERY_RECALL))
-            logger.info("scores: %s search with %s %d: recall@%d %.4f on %d queries, %d lost", kind, "nprobe" if kind == "ivf" else "efSearch",
-                        breadth, k, recall, len(rows), lost)
+            logger.info(
+                "scores: %s search with %s %d: recall@%d %.4f on %d queries, %d lost",
+                kind,
+                "nprobe" if kind == "ivf" else "efSearch",
+                breadth,
+                k,
+                recall,
+                len(rows),
+                lost,
+            )
             # Stop at the target with no lost query, or with as many lost as one step narrower (widening
             # does not reach them: their neighbours sit in lists the quantiser does not return), or at the cap.
             if (recall >= target_recall and (lost == 0 or lost >= previous_lost)) or breadth >= last:
                 break
             previous_lost = lost
             breadth = min(2 * breadth, last)
-        settings.update({"nprobe" if kind == "ivf" else "ef_search": breadth, "recall_at_k": round(recall, 4), "lost_queries": lost,
-                         "recall_k": k, "recall_queries": int(len(rows)), "target_recall": target_recall})
+        settings.update(
+            {
+                "nprobe" if kind == "ivf" else "ef_search": breadth,
+                "recall_at_k": round(recall, 4),
+                "lost_queries": lost,
+                "recall_k": k,
+                "recall_queries": int(len(rows)),
+                "target_recall": target_recall,
+            }
+        )
     return ScoreSearch(faiss_index, kind, k, dims, device, settings)
 
 

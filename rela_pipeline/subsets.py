@@ -1,6 +1,6 @@
 """Dynamic data subsets: which samples an epoch trains on.
 
-ReLA (MISSION.md item 5) draws a fresh uniform random subset of ``round(ratio * N)`` samples every
+ReLA (the paper's dynamic data subset; the authors' code) draws a fresh uniform random subset of ``round(ratio * N)`` samples every
 epoch; the budget is the fraction of the full run's optimisation steps. Beyond the paper, the
 stage-one scores (``scores.npz``, faiss k-NN in the prior's transported space) can steer the draw:
 
@@ -66,9 +66,7 @@ class SubsetSampler:
         self.seed = seed
         self.size = min(num_samples, int(round(ratio * num_samples)))
         if self.size < max(min_size, 1):
-            raise RelaError(
-                f"empty subset: --data-ratio {ratio} of {num_samples} samples gives {self.size}, fewer than one batch of {min_size}"
-            )
+            raise RelaError(f"empty subset: --data-ratio {ratio} of {num_samples} samples gives {self.size}, fewer than one batch of {min_size}")
         self.weights: np.ndarray | None = None
         self.pool: np.ndarray | None = None
         if rule != "random":

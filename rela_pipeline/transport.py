@@ -128,7 +128,7 @@ class LinearTransport:
         return int(self.components.shape[0])
 
     @classmethod
-    def fit(cls, moments: MomentAccumulator) -> "LinearTransport":
+    def fit(cls, moments: MomentAccumulator) -> LinearTransport:
         """Eigendecompose the accumulated covariance (``numpy.linalg.eigh``, float64).
 
         Raises:
@@ -213,7 +213,7 @@ class LinearTransport:
         return problems
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LinearTransport":
+    def load(cls, path: str | os.PathLike) -> LinearTransport:
         """Read parameters written by :meth:`save`.
 
         Raises:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,19 @@ def lightly_view(recipe: ViewRecipe) -> Callable:
             below 1, or another aspect-ratio range).
     """
     b, c, s, h = recipe.jitter
-    common = dict(hf_prob=recipe.flip_p, cj_prob=recipe.jitter_p, cj_strength=1.0, cj_bright=b, cj_contrast=c, cj_sat=s, cj_hue=h,
-                  random_gray_scale=recipe.gray_p, gaussian_blur=recipe.blur_p, sigmas=tuple(recipe.blur_sigma), solarization_prob=recipe.solarize_p)
+    common = dict(
+        hf_prob=recipe.flip_p,
+        cj_prob=recipe.jitter_p,
+        cj_strength=1.0,
+        cj_bright=b,
+        cj_contrast=c,
+        cj_sat=s,
+        cj_hue=h,
+        random_gray_scale=recipe.gray_p,
+        gaussian_blur=recipe.blur_p,
+        sigmas=tuple(recipe.blur_sigma),
+        solarization_prob=recipe.solarize_p,
+    )
     if tuple(recipe.ratio) != _DEFAULT_RATIO:
         raise RelaError(f"lightly's views take the default crop aspect ratio range {_DEFAULT_RATIO}, got {recipe.ratio}")
     if recipe.interpolation == "bicubic":
@@ -147,7 +158,9 @@ class PerImageViews:
                 per_image.append(self.transform(Image.fromarray(row.permute(1, 2, 0).numpy())))
         counts = {len(views) for views in per_image}
         if len(counts) != 1:
-            raise RelaError(f"the per-image transform returned {sorted(counts)} views for the images of one batch; it must return the same number for every image")
+            raise RelaError(
+                f"the per-image transform returned {sorted(counts)} views for the images of one batch; it must return the same number for every image"
+            )
         return [torch.stack([views[v] for views in per_image]).to(images.device, non_blocking=True) for v in range(counts.pop())]
 
     def __repr__(self) -> str:

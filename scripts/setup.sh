@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with rela-pipeline and its test dependencies. Idempotent: re-runs only install
+# Create .venv with rela-pipeline and its test and docs dependencies. Idempotent: re-runs only install
 # when setup.cfg or this script changed.
 #
 # torch comes from the package registry (its CUDA build, which also runs on CPU): the registry has
@@ -14,8 +14,8 @@ if [ -f "$stamp" ]; then
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-echo "setup: installing $TORCH_SPEC, torchvision and rela-pipeline[test] into $VENV (first run: a few minutes)" >&2
+echo "setup: installing $TORCH_SPEC, torchvision and rela-pipeline[test,docs] into $VENV (first run: a few minutes)" >&2
 "$VENV/bin/python" -m pip install --isolated -q --disable-pip-version-check "$TORCH_SPEC" torchvision
-"$VENV/bin/python" -m pip install --isolated -q --disable-pip-version-check -e ".[test]"
+"$VENV/bin/python" -m pip install --isolated -q --disable-pip-version-check -e ".[test,docs]"
 rm -f "$VENV"/.rela-installed-*
 touch "$stamp"

@@ -77,8 +77,15 @@ def journal_rows(out: Path) -> int:
 def small_embed_config(data_dir: Path, out_dir: Path, **overrides) -> EmbedConfig:
     """A fast CPU configuration: random ResNet-18 prior at 32 px, no worker processes."""
     settings = dict(
-        data_dir=data_dir, prior="random:resnet18", out_dir=out_dir, image_size=32, batch_size=64,
-        num_workers=0, shard_size=64, progress=False, device="cpu",
+        data_dir=data_dir,
+        prior="random:resnet18",
+        out_dir=out_dir,
+        image_size=32,
+        batch_size=64,
+        num_workers=0,
+        shard_size=64,
+        progress=False,
+        device="cpu",
     )
     settings.update(overrides)
     return EmbedConfig(**settings)

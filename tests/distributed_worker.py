@@ -41,9 +41,20 @@ def without_batchnorm(module: nn.Module) -> nn.Module:
 
 def main(shards: str, out: str) -> None:
     config = TrainConfig(
-        shards=shards, out_dir=Path(out), method="byol-groupnorm", epochs=2, batch_size=32, image_size=32,
-        rela_schedule="constant:1", precision="fp32", data_path="memory", device="cpu", num_workers=0,
-        verify=False, progress=False, log_every=3,
+        shards=shards,
+        out_dir=Path(out),
+        method="byol-groupnorm",
+        epochs=2,
+        batch_size=32,
+        image_size=32,
+        rela_schedule="constant:1",
+        precision="fp32",
+        data_path="memory",
+        device="cpu",
+        num_workers=0,
+        verify=False,
+        progress=False,
+        log_every=3,
     )
     first: list[torch.Tensor] = []
 

@@ -97,9 +97,18 @@ def lightly_recipe(view) -> dict:
 
 
 def recipe_dict(r: ViewRecipe) -> dict:
-    return dict(size=r.size, scale=tuple(r.scale), ratio=tuple(r.ratio), interpolation=r.interpolation, flip_p=r.flip_p,
-                jitter_p=r.jitter_p, jitter_ranges=tuple(v for pair in r.jitter_ranges() for v in pair), gray_p=r.gray_p, blur_p=r.blur_p,
-                solarize_p=r.solarize_p)
+    return dict(
+        size=r.size,
+        scale=tuple(r.scale),
+        ratio=tuple(r.ratio),
+        interpolation=r.interpolation,
+        flip_p=r.flip_p,
+        jitter_p=r.jitter_p,
+        jitter_ranges=tuple(v for pair in r.jitter_ranges() for v in pair),
+        gray_p=r.gray_p,
+        blur_p=r.blur_p,
+        solarize_p=r.solarize_p,
+    )
 
 
 def lightly_reference_views(family: str, size: int) -> list:
@@ -115,16 +124,27 @@ def lightly_reference_views(family: str, size: int) -> list:
         return 0.0 if size <= 32 else p
 
     if family == "rela":
-        view = SimCLRViewTransform(input_size=size, min_scale=0.5, cj_prob=0.8, cj_strength=1.0, cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8,
-                                   cj_hue=0.2, random_gray_scale=0.2, gaussian_blur=0.0)
+        view = SimCLRViewTransform(
+            input_size=size,
+            min_scale=0.5,
+            cj_prob=0.8,
+            cj_strength=1.0,
+            cj_bright=0.8,
+            cj_contrast=0.8,
+            cj_sat=0.8,
+            cj_hue=0.2,
+            random_gray_scale=0.2,
+            gaussian_blur=0.0,
+        )
         return [view, view]
     if family == "byol":
-        return BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=blur(1.0)),
-                             view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=blur(0.1))).transforms
+        return BYOLTransform(
+            view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=blur(1.0)),
+            view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=blur(0.1)),
+        ).transforms
     if family == "simclr":
         return SimCLRTransform(input_size=size, gaussian_blur=blur(0.5)).transforms
-    return DINOTransform(global_crop_size=size, local_crop_size=max(8, round(size * 96 / 224)),
-                         gaussian_blur=(blur(1.0), blur(0.1), blur(0.5))).transforms
+    return DINOTransform(global_crop_size=size, local_crop_size=max(8, round(size * 96 / 224)), gaussian_blur=(blur(1.0), blur(0.1), blur(0.5))).transforms
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])
@@ -206,9 +226,12 @@ def test_method_views_errors():
 def test_output_shapes_dtype_device(size):
     images = colour_images(5, size)
     g = torch.Generator().manual_seed(0)
-    for views, sizes in ((batched_rela_views(size), [size] * 2), (batched_byol_views(size), [size] * 2),
-                         (batched_simclr_views(size), [size] * 2),
-                         (batched_dino_views(size, 2), [size] * 2 + [bv.dino_local_size(size)] * 2)):
+    for views, sizes in (
+        (batched_rela_views(size), [size] * 2),
+        (batched_byol_views(size), [size] * 2),
+        (batched_simclr_views(size), [size] * 2),
+        (batched_dino_views(size, 2), [size] * 2 + [bv.dino_local_size(size)] * 2),
+    ):
         out = views(images, g)
         assert [tuple(v.shape) for v in out] == [(5, 3, s, s) for s in sizes]
         for v in out:
@@ -248,8 +271,7 @@ def test_full_image_crop_without_jitter_is_plain_normalisation():
     expected = (images.float() / 255 - MEAN) / STD
     g = torch.Generator().manual_seed(0)
     for interpolation in ("bilinear", "bicubic"):
-        views = BatchedViews([ViewRecipe(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
-                                         interpolation=interpolation)] * 2, "plain")
+        views = BatchedViews([ViewRecipe(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, interpolation=interpolation)] * 2, "plain")
         params = views.sample_parameters(8, 32, 32, g)
         assert (params[0]["crop"] == torch.tensor([0, 0, 32, 32])).all()
         for v in views(images, g):
@@ -349,7 +371,7 @@ def test_parameter_ranges(family, size):
         assert ((w + 0.5) * (h + 0.5) >= recipe.scale[0] * area).all()
         assert ((w - 0.5) * (h - 0.5) <= recipe.scale[1] * area).all()
         assert ((w + 0.5) / (h - 0.5) >= recipe.ratio[0]).all() and ((w - 0.5) / (h + 0.5) <= recipe.ratio[1]).all()
-        fraction = (w * h / area)
+        fraction = w * h / area
         assert fraction.min() < recipe.scale[0] + 0.02 and fraction.max() > recipe.scale[1] - 0.1
         assert (top == 0).any() and (top[drawn] == height - h).any()
         assert_fraction(p["flip"], recipe.flip_p)
@@ -444,8 +466,13 @@ def test_color_jitter_with_per_sample_order_matches_torchvision_colorjitter():
     y = bv._color_jitter_(x.clone(), apply, factors, orders, planes, block)
     jitter = T.ColorJitter(0.8, 0.8, 0.8, 0.2)
     for i in range(n):
-        params = dict(fn_idx=orders[i], brightness_factor=float(factors[i, 0]), contrast_factor=float(factors[i, 1]),
-                      saturation_factor=float(factors[i, 2]), hue_factor=float(factors[i, 3]))
+        params = dict(
+            fn_idx=orders[i],
+            brightness_factor=float(factors[i, 0]),
+            contrast_factor=float(factors[i, 1]),
+            saturation_factor=float(factors[i, 2]),
+            hue_factor=float(factors[i, 3]),
+        )
         expected = jitter.transform(x[i], params) if apply[i] else x[i]
         torch.testing.assert_close(y[i], expected, atol=1e-3, rtol=0)
         if not apply[i]:
@@ -453,8 +480,8 @@ def test_color_jitter_with_per_sample_order_matches_torchvision_colorjitter():
 
 
 def crop_reference(x: torch.Tensor, box, flip: bool, size: int, interpolation) -> torch.Tensor:
-    t, l, h, w = (int(v) for v in box)
-    out = TF.resized_crop(x, t, l, h, w, [size, size], interpolation=interpolation, antialias=True)
+    top, left, h, w = (int(v) for v in box)
+    out = TF.resized_crop(x, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
     return TF.horizontal_flip(out) if flip else out
 
 
@@ -509,8 +536,7 @@ def test_views_match_per_sample_torchvision_pipeline(family):
             y = crop_reference(x[i], p["crop"][i], bool(p["flip"][i]), 32, TF.InterpolationMode.BILINEAR)
             if p["jitter"][i]:
                 f = p["factors"][i].tolist()
-                y = jitter.transform(y, dict(fn_idx=p["order"][i], brightness_factor=f[0], contrast_factor=f[1],
-                                             saturation_factor=f[2], hue_factor=f[3]))
+                y = jitter.transform(y, dict(fn_idx=p["order"][i], brightness_factor=f[0], contrast_factor=f[1], saturation_factor=f[2], hue_factor=f[3]))
             if p["gray"][i]:
                 y = TF.rgb_to_grayscale(y, 3)
             if p["solarize"][i]:

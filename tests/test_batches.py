@@ -123,7 +123,11 @@ def test_the_python_api_names_its_own_parameters_in_errors(shard_set):
     """``ShardBatches`` is called from Python: its errors name ``data_path``, ``cache_bytes`` and
     ``num_workers``, not only the CLI's flags."""
     shards, _ = shard_set
-    for settings, name in (({"data_path": "disk"}, "data_path must be one of"), ({"cache_bytes": -1}, "cache_bytes must be >= 0"),
-                           ({"num_workers": -2}, "num_workers must be >= 0"), ({"data_path": "memory", "cache_bytes": 10}, "data_path='memory'")):
+    for settings, name in (
+        ({"data_path": "disk"}, "data_path must be one of"),
+        ({"cache_bytes": -1}, "cache_bytes must be >= 0"),
+        ({"num_workers": -2}, "num_workers must be >= 0"),
+        ({"data_path": "memory", "cache_bytes": 10}, "data_path='memory'"),
+    ):
         with pytest.raises(RelaError, match=name):
             ShardBatches(str(shards), batch_size=8, device="cpu", verify=False, **settings)

@@ -15,10 +15,28 @@ import train_throughput  # noqa: E402
 def test_train_throughput_reports_both_phases_with_consistent_ratios(shard_set, tmp_path):
     shards, _ = shard_set
     out = tmp_path / "bench.json"
-    code = train_throughput.main([
-        "--shards", str(shards), "--backbone", "convnet", "--batch-size", "16", "--steps", "12",
-        "--warmup", "2", "--rounds", "2", "--device", "cpu", "--num-workers", "0", "--out", str(out),
-    ])
+    code = train_throughput.main(
+        [
+            "--shards",
+            str(shards),
+            "--backbone",
+            "convnet",
+            "--batch-size",
+            "16",
+            "--steps",
+            "12",
+            "--warmup",
+            "2",
+            "--rounds",
+            "2",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert [row["phase"] for row in result["rows"]] == ["ReLA phase", "BYOL phase"]
@@ -56,8 +74,17 @@ def test_ssl_settings_scores_trials_on_the_validation_split_and_resumes(tmp_path
     val = out / "table" / "data" / "val"
     assert sum(1 for _ in val.rglob("*.png")) == 100
     result = json.loads((trials / "crop" / "result.json").read_text())
-    again = run_eval(EvalConfig(checkpoint=trials / "crop" / "train" / "backbone.pt", train_dir=out / "table" / "data" / "train",
-                                test_dir=val, device="cpu", num_workers=0, probe_epochs=10, progress=False))
+    again = run_eval(
+        EvalConfig(
+            checkpoint=trials / "crop" / "train" / "backbone.pt",
+            train_dir=out / "table" / "data" / "train",
+            test_dir=val,
+            device="cpu",
+            num_workers=0,
+            probe_epochs=10,
+            progress=False,
+        )
+    )
     assert result["val_knn_top1"] == again["knn"]["top1"] and result["val_linear_probe_top1"] == again["linear_probe"]["top1"]
     # Rerun: nothing retrained; the same name with other settings is refused in one line.
     stamp = (trials / "crop" / "train" / "backbone.pt").stat().st_mtime_ns
@@ -90,10 +117,26 @@ def test_probe_protocol_reports_every_protocol_for_pixels_and_the_untrained_stud
 def test_train_distributed_compares_one_and_two_processes_at_the_same_budget(shard_set, tmp_path):
     shards, _ = shard_set
     out = tmp_path / "ddp.json"
-    code = train_distributed.main([
-        "--shards", str(shards), "--processes", "2", "--batch-size", "16", "--epochs", "1", "--data-ratio", "1.0",
-        "--rounds", "1", "--log-every", "4", "--out", str(out),
-    ])
+    code = train_distributed.main(
+        [
+            "--shards",
+            str(shards),
+            "--processes",
+            "2",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--data-ratio",
+            "1.0",
+            "--rounds",
+            "1",
+            "--log-every",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     for phase in ("ReLA phase", "BYOL (--no-rela)"):
@@ -106,8 +149,22 @@ def test_train_distributed_compares_one_and_two_processes_at_the_same_budget(sha
 def test_scale_stage_one_reports_the_approximate_search_and_its_recall(tmp_path):
     import scale_stage_one
 
-    report = scale_stage_one.main(["--samples", "20000", "--dim", "64", "--score-index", "ivf", "--device", "cpu", "--work", str(tmp_path / "work"),
-                                   "--out", str(tmp_path / "scale.json")])
+    report = scale_stage_one.main(
+        [
+            "--samples",
+            "20000",
+            "--dim",
+            "64",
+            "--score-index",
+            "ivf",
+            "--device",
+            "cpu",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "scale.json"),
+        ]
+    )
     search = report["scores"]["search"]
     assert search["kind"] == "ivf" and search["recall_at_k"] >= 0.95 and search["lost_queries"] == 0
     assert set(report["phases"]) == {"fit", "transport", "scores"} and report["scores"]["finite"]
@@ -138,8 +195,12 @@ def test_grouped_list_search_times_both_passes_and_finds_the_same_neighbours(tmp
     import grouped_list_search
 
     out = tmp_path / "grouped.json"
-    assert grouped_list_search.main(["--lists", "16", "--members-per-list", "50", "--queries-per-list", "200", "--nprobe", "4",
-                                     "--rounds", "2", "--out", str(out)]) == 0
+    assert (
+        grouped_list_search.main(
+            ["--lists", "16", "--members-per-list", "50", "--queries-per-list", "200", "--nprobe", "4", "--rounds", "2", "--out", str(out)]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["shapes"] == {"members": 800, "queries": 800, "mean_queries_per_list": 200.0}
     assert all(len(values) == 2 for values in report["seconds"].values())
@@ -163,7 +224,7 @@ def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
         assert section in record and "error" not in record[section], (section, record.get(section, {}).get("error"))
     assert record["environment"]["faiss"]["version"] and record["environment"]["resolved_precision"]["embed_auto"] == "fp32"
     images = record["data"]["train_images"]
-    for spec, entry in record["embed"]["priors"].items():
+    for entry in record["embed"]["priors"].values():
         runs = entry["runs"]
         assert {row["resolved"]["decode"] for row in runs.values()} == {"cpu", "gpu"}
         gpu_run = runs["gpu-decode bf16"]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE_ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -21,10 +20,24 @@ SEEDS = 2
 
 
 def run_table(out: Path, *extra: str) -> int:
-    return budget_table.main([
-        "--profile", "cpu", "--tiny", "--seeds", str(SEEDS), "--data", str(FIXTURE_ROOT), "--out", str(out),
-        "--device", "cpu", "--num-workers", "0", *extra,
-    ])
+    return budget_table.main(
+        [
+            "--profile",
+            "cpu",
+            "--tiny",
+            "--seeds",
+            str(SEEDS),
+            "--data",
+            str(FIXTURE_ROOT),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,16 +188,40 @@ def test_other_settings_in_the_same_directory_are_refused(table, capsys):
 
 def test_gpu_profile_is_the_papers_resnet18_setting_and_runs_tiny_on_cpu(tmp_path):
     gpu = budget_table.PROFILES["gpu"]
-    # MISSION.md step 6: ResNet-18 with the CIFAR stem at 32 px, AdamW 1e-3 / 0.01, batch 128, mixed
+    # The paper's setup (the authors' code): ResNet-18 with the CIFAR stem at 32 px, AdamW 1e-3 / 0.01, batch 128, mixed
     # precision (fp16 in the paper; auto resolves to bf16 on GPUs that have it).
     assert (gpu.backbone, gpu.cifar_stem, gpu.image_size, gpu.batch_size, gpu.lr, gpu.weight_decay, gpu.precision) == (
-        "resnet18", True, 32, 128, 1e-3, 0.01, "auto")
+        "resnet18",
+        True,
+        32,
+        128,
+        1e-3,
+        0.01,
+        "auto",
+    )
     assert gpu.limit_per_class is None  # the whole train split
     out = tmp_path / "gpu"
-    code = budget_table.main([
-        "--profile", "gpu", "--tiny", "--seeds", "1", "--epochs", "1", "--cells", "byol-rela-random-50", "--data", str(FIXTURE_ROOT),
-        "--out", str(out), "--device", "cpu", "--num-workers", "0",
-    ])
+    code = budget_table.main(
+        [
+            "--profile",
+            "gpu",
+            "--tiny",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--cells",
+            "byol-rela-random-50",
+            "--data",
+            str(FIXTURE_ROOT),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert [row["cell"] for row in payload["cells"] if row["kind"] == "cell"] == ["byol-100", "byol-rela-random-50"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tarfile
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -122,8 +122,25 @@ def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
 def paused_embed(out: Path, ready: Path, after_rows: int, *args: str, **popen) -> subprocess.Popen:
     """The real CLI's ``embed`` into ``out`` in a process that stops once ``after_rows`` rows are
     journalled, and says so by creating ``ready`` (``tests/pausing_cli.py``)."""
-    command = [sys.executable, PAUSING_CLI, "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
-               "--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--device", "cpu", *args]
+    command = [
+        sys.executable,
+        PAUSING_CLI,
+        "-q",
+        "embed",
+        "--data",
+        str(TRAIN_DIR),
+        "--out",
+        str(out),
+        "--prior",
+        "random:resnet18",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "1",
+        "--device",
+        "cpu",
+        *args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PAUSE_AFTER_ROWS": str(after_rows), "PAUSE_READY": str(ready)}
     return subprocess.Popen(command, text=True, cwd=Path(__file__).parent.parent, env=env, **popen)
 
@@ -143,14 +160,24 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     out, ready = tmp_path / "out", tmp_path / "paused"
     # A shell starts background jobs with SIGINT ignored, and children inherit that (CI may run the
     # suite so): give the CLI the default disposition, as an interactive terminal would.
-    process = paused_embed(out, ready, 1, "--checkpoint-seconds", "0.2", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = paused_embed(
+        out,
+        ready,
+        1,
+        "--checkpoint-seconds",
+        "0.2",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     wait_until_paused(process, ready)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: no manifest written; the finished work is kept in OUT: continue with --resume"]
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "interrupted: no manifest written; the finished work is kept in OUT: continue with --resume"
+    ]
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
     assert (out / ".work" / "journal.json").is_file() and journal_rows(out) >= 1
 

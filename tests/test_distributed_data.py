@@ -18,8 +18,9 @@ from rela_pipeline.shards.reader import open_shard_set
 
 
 def _batches(shards, world_size: int, rank: int, data_path: str, **options) -> ShardBatches:
-    settings = dict(batch_size=32, image_size=16, data_ratio=0.8, seed=3, device="cpu", data_path=data_path,
-                    num_workers=0, shuffle_buffer=20, verify=False, progress=False)
+    settings = dict(
+        batch_size=32, image_size=16, data_ratio=0.8, seed=3, device="cpu", data_path=data_path, num_workers=0, shuffle_buffer=20, verify=False, progress=False
+    )
     settings.update(options)
     return ShardBatches(shards, rank=rank, world_size=world_size, **settings)
 

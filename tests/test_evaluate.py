@@ -11,7 +11,6 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from tests.conftest import TEST_DIR, TRAIN_DIR
 from rela_pipeline.errors import RelaError
 from rela_pipeline.imagefolder import decode_rgb, scan_image_folder
 from rela_pipeline.models import build_backbone, save_backbone_checkpoint
@@ -24,6 +23,7 @@ from rela_pipeline.stages.evaluate import (
     linear_probe_accuracy,
     run_eval,
 )
+from tests.conftest import TEST_DIR, TRAIN_DIR
 
 PREPROCESSING = Preprocessing(32, 32, resize_mode="squash")
 
@@ -32,9 +32,7 @@ def make_checkpoint(path: Path, seed: int = 0, preprocessing: Preprocessing | No
     """Save a randomly initialised (seeded) convnet as a backbone checkpoint at step 7."""
     torch.manual_seed(seed)
     backbone = build_backbone("convnet")
-    save_backbone_checkpoint(
-        path, backbone, {"name": "convnet"}, preprocessing=preprocessing.to_dict() if preprocessing else None, step=7
-    )
+    save_backbone_checkpoint(path, backbone, {"name": "convnet"}, preprocessing=preprocessing.to_dict() if preprocessing else None, step=7)
     return path
 
 
@@ -202,14 +200,29 @@ def test_run_eval_on_fixture(checkpoint, fixture_features):
     result = run_eval(eval_config(checkpoint, knn_k=20, probe_lr=3e-4, probe_standardise=False))  # the paper's probe
     json.dumps(result)  # JSON-ready
     assert set(result) == {
-        "checkpoint", "step", "backbone", "feature_dim", "image_size", "train_samples", "test_samples",
-        "num_classes", "linear_probe", "knn", "timings_s",
+        "checkpoint",
+        "step",
+        "backbone",
+        "feature_dim",
+        "image_size",
+        "train_samples",
+        "test_samples",
+        "num_classes",
+        "linear_probe",
+        "knn",
+        "timings_s",
     }
     assert result["checkpoint"] == str(checkpoint) and result["step"] == 7
     assert result["backbone"] == {"name": "convnet"} and result["feature_dim"] == 256 and result["image_size"] == 32
     assert (result["train_samples"], result["test_samples"], result["num_classes"]) == (300, 100, 10)
-    assert result["linear_probe"] == {"top1": result["linear_probe"]["top1"], "epochs": 5, "lr": 3e-4, "batch_size": 256,
-                                      "standardised": False, "lr_held_out_top1": None}
+    assert result["linear_probe"] == {
+        "top1": result["linear_probe"]["top1"],
+        "epochs": 5,
+        "lr": 3e-4,
+        "batch_size": 256,
+        "standardised": False,
+        "lr_held_out_top1": None,
+    }
     assert result["knn"] == {"top1": result["knn"]["top1"], "k": 20, "temperature": 0.1}
     assert set(result["timings_s"]) == {"features", "linear_probe", "knn", "total"}
     assert all(v >= 0 for v in result["timings_s"].values())
@@ -275,8 +288,17 @@ def test_run_eval_undecodable_image_is_named(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("batch_size", 0), ("num_workers", -1), ("image_size", 4), ("probe_epochs", 0), ("probe_lr", 0.0),
-                    ("probe_batch_size", 0), ("knn_k", 0), ("knn_temperature", -0.1)]
+    "field,value",
+    [
+        ("batch_size", 0),
+        ("num_workers", -1),
+        ("image_size", 4),
+        ("probe_epochs", 0),
+        ("probe_lr", 0.0),
+        ("probe_batch_size", 0),
+        ("knn_k", 0),
+        ("knn_temperature", -0.1),
+    ],
 )
 def test_eval_config_validate(field, value, checkpoint):
     config = eval_config(checkpoint, **{field: value})
@@ -329,8 +351,25 @@ def test_run_eval_few_label_and_its_cli_lines(checkpoint, tmp_path):
     result = run_eval(eval_config(checkpoint, knn_k=20, few_label=(2, 5), few_label_draws=2))
     assert set(result["few_label"]) == {"2", "5"} and "few_label" in result["timings_s"]
     assert len(result["few_label"]["5"]["linear_probe"]["draws"]) == 2 and result["few_label"]["5"]["labelled"] == 50
-    code, stdout, _ = run_cli("eval", "--checkpoint", str(checkpoint), "--train", str(TRAIN_DIR), "--test", str(TEST_DIR),
-                              "--probe-epochs", "5", "--knn-k", "20", "--few-label", "2,5", "--few-label-draws", "2", "--num-workers", "0")
+    code, stdout, _ = run_cli(
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--train",
+        str(TRAIN_DIR),
+        "--test",
+        str(TEST_DIR),
+        "--probe-epochs",
+        "5",
+        "--knn-k",
+        "20",
+        "--few-label",
+        "2,5",
+        "--few-label-draws",
+        "2",
+        "--num-workers",
+        "0",
+    )
     assert code == 0
     lines = [line for line in stdout.splitlines() if "labels per class" in line]
     assert [line.split()[0] for line in lines] == ["2", "5"]

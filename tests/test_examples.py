@@ -1,4 +1,5 @@
-"""The README's own-loop example and the Lightning example run as written, on the real fixture."""
+"""The docs' examples (``docs/custom-methods.md``: the run_train example and the own-loop example) and the
+Lightning example run as written, on the real fixture."""
 
 from __future__ import annotations
 
@@ -12,23 +13,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_block(containing: str) -> str:
-    """The README's first ```python block whose text, or the line just before it, contains ``containing``."""
-    text = (ROOT / "README.md").read_text()
+EXAMPLES_PAGE = ROOT / "docs" / "custom-methods.md"
+
+
+def docs_block(containing: str, page: Path = EXAMPLES_PAGE) -> str:
+    """The first ```python block of a docs page whose text, or the line just before it, contains ``containing``."""
+    text = page.read_text()
     for match in re.finditer(r"([^\n]*)\n```python\n(.*?)```", text, re.S):
         if containing in match.group(1) or containing in match.group(2):
             return match.group(2)
-    raise AssertionError(f"no python block with {containing!r} in the README")
+    raise AssertionError(f"no python block with {containing!r} in {page.relative_to(ROOT)}")
 
 
-def test_readme_own_loop_example_runs_as_written_and_trains(shard_set, tmp_path, monkeypatch):
+def test_docs_own_loop_example_runs_as_written_and_trains(shard_set, tmp_path, monkeypatch):
     shards, _ = shard_set
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     os.symlink(shards, tmp_path / "runs" / "demo" / "shards")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(readme_block("class VICRegLite"), namespace)  # defines the method (the run_train call runs too)
-    exec(readme_block("own-loop example"), namespace)
+    exec(docs_block("class VICRegLite"), namespace)  # defines the method (the run_train call runs too)
+    exec(docs_block("own-loop example"), namespace)
     batches, model = namespace["batches"], namespace["model"]
     assert namespace["step"] == 2 * len(batches) > 0
     assert batches.data_path == "memory" and model.phase == "rela"  # 2 steps: the adaptive switch has not fired

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from rela_pipeline.scores import ScoreSearch, build_score_search, faiss_sees_gpu, score_rows
 from rela_pipeline.shards.manifest import verify_shard_set
@@ -34,8 +33,22 @@ def test_embed_on_cuda_verifies_and_matches_the_cpu_targets(shard_set, tmp_path)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_memory_path_training_run_on_cuda(shard_set, tmp_path, precision):
     shards, _ = shard_set
-    summary = run_train(TrainConfig(shards=str(shards), out_dir=tmp_path / "run", epochs=2, batch_size=32, image_size=32, data_ratio=0.8,
-                                    device="cuda", precision=precision, data_path="memory", num_workers=0, progress=False, log_every=2))
+    summary = run_train(
+        TrainConfig(
+            shards=str(shards),
+            out_dir=tmp_path / "run",
+            epochs=2,
+            batch_size=32,
+            image_size=32,
+            data_ratio=0.8,
+            device="cuda",
+            precision=precision,
+            data_path="memory",
+            num_workers=0,
+            progress=False,
+            log_every=2,
+        )
+    )
     assert summary["resolved"]["device"].startswith("cuda") and summary["resolved"]["precision"] == precision
     assert summary["resolved"]["data_path"] == "memory"
     assert summary["budget"]["steps"] == 2 * (240 // 32)
@@ -47,8 +60,21 @@ def test_a_memory_path_training_run_on_cuda(shard_set, tmp_path, precision):
 def test_eval_on_cuda_agrees_with_the_cpu(tmp_path, shard_set):
     shards, _ = shard_set
     run_train(TrainConfig(shards=str(shards), out_dir=tmp_path / "run", epochs=1, batch_size=32, device="cpu", num_workers=0, progress=False))
-    results = {device: run_eval(EvalConfig(checkpoint=tmp_path / "run" / "backbone.pt", train_dir=TRAIN_DIR, test_dir=TEST_DIR, device=device,
-                                           num_workers=0, progress=False, probe_epochs=5, knn_k=20)) for device in ("cpu", "cuda")}
+    results = {
+        device: run_eval(
+            EvalConfig(
+                checkpoint=tmp_path / "run" / "backbone.pt",
+                train_dir=TRAIN_DIR,
+                test_dir=TEST_DIR,
+                device=device,
+                num_workers=0,
+                progress=False,
+                probe_epochs=5,
+                knn_k=20,
+            )
+        )
+        for device in ("cpu", "cuda")
+    }
     # Same features up to kernel rounding: the k-NN votes agree on nearly every test image.
     assert abs(results["cuda"]["knn"]["top1"] - results["cpu"]["knn"]["top1"]) <= 0.02
 

@@ -45,6 +45,7 @@ def rewrite_shard(out: Path, name: str, edit) -> None:
 def replace_field(key_index: int, suffix: str, data: bytes):
     def edit(members):
         return [(m, data if m.name.endswith(suffix) and i // 4 == key_index else d) for i, (m, d) in enumerate(members)]
+
     return edit
 
 
@@ -82,8 +83,13 @@ def test_path_traversal_member_names_are_refused_and_never_extracted(shard_copy,
 
 
 def test_nan_target_is_refused(shard_copy, tmp_path):
-    target = np.load(io.BytesIO(tarfile.open(shard_copy / "shard-000001.tar").extractfile(
-        next(m for m in tarfile.open(shard_copy / "shard-000001.tar").getmembers() if m.name.endswith("target.npy"))).read()))
+    target = np.load(
+        io.BytesIO(
+            tarfile.open(shard_copy / "shard-000001.tar")
+            .extractfile(next(m for m in tarfile.open(shard_copy / "shard-000001.tar").getmembers() if m.name.endswith("target.npy")))
+            .read()
+        )
+    )
     target[3] = np.nan
     rewrite_shard(shard_copy, "shard-000001.tar", replace_field(0, "target.npy", npy_bytes(target)))
     report = verify_shard_set(shard_copy)
@@ -111,8 +117,10 @@ def test_target_whose_header_claims_a_huge_array_is_refused_before_allocating(sh
 
 def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     """A tiny PNG whose header declares ``width x height`` pixels (PIL refuses it on open)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -153,16 +161,20 @@ def test_manifest_with_extra_missing_or_unsafe_fields_is_refused(shard_copy, tmp
     manifest = json.loads((shard_copy / "manifest.json").read_text())
     edit(manifest)
     (shard_copy / "manifest.json").write_text(json.dumps(manifest))
-    for command in (["verify", str(shard_copy)], ["inspect", str(shard_copy)],
-                    ["train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), *TRAIN, "--no-verify"]):
+    for command in (
+        ["verify", str(shard_copy)],
+        ["inspect", str(shard_copy)],
+        ["train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), *TRAIN, "--no-verify"],
+    ):
         code, _, stderr = run_cli(*command)
         assert_one_line_error(code, stderr, fragment)
     assert not (tmp_path / "run").exists()
 
 
 def test_pickle_prior_with_code_is_refused_by_the_cli_and_never_runs(tmp_path):
-    from tests.test_priors import _Exploit
     import pickle
+
+    from tests.test_priors import _Exploit
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -86,10 +86,7 @@ def test_round_trip_reproduces_pixels_labels_and_layout(tmp_path, tiny_source):
         "out_dir": str(out),
     }
     for split, samples in (("train", train), ("test", test)):
-        expected = {
-            Path(FASHION_MNIST_CLASSES[label]) / f"{index:05d}.png": pixels
-            for index, (pixels, label) in enumerate(samples)
-        }
+        expected = {Path(FASHION_MNIST_CLASSES[label]) / f"{index:05d}.png": pixels for index, (pixels, label) in enumerate(samples)}
         assert png_files(out / split) == sorted(expected)
         for relative, pixels in expected.items():
             with Image.open(out / split / relative) as image:
@@ -107,10 +104,7 @@ def test_limit_per_class_keeps_first_images_of_each_class(tmp_path, tiny_source)
     first_index = {}
     for index, (_, label) in enumerate(train):
         first_index.setdefault(label, index)
-    expected = sorted(
-        Path(FASHION_MNIST_CLASSES[label]) / f"{index:05d}.png"
-        for label, index in first_index.items()
-    )
+    expected = sorted(Path(FASHION_MNIST_CLASSES[label]) / f"{index:05d}.png" for label, index in first_index.items())
     assert png_files(out / "train") == expected
     assert summary["splits"] == {"train": {"images": 3, "classes": 3}}
     assert not (out / "test").exists()

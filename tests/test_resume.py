@@ -72,10 +72,22 @@ def test_two_runs_write_byte_identical_shard_sets(fast_reference, tmp_path):
 def test_kill_9_while_embedding_then_resume_gives_the_uninterrupted_shard_set(slow_reference, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "paused"
     # The run stops once 40 rows are journalled (tests/pausing_cli.py), so the kill always lands mid-embedding.
-    command = [sys.executable, str(REPO / "tests" / "pausing_cli.py"), "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out),
-               *SLOW, "--checkpoint-seconds", "0.2"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env={**os.environ, "PAUSE_AFTER_ROWS": "40", "PAUSE_READY": str(ready)})
+    command = [
+        sys.executable,
+        str(REPO / "tests" / "pausing_cli.py"),
+        "-q",
+        "embed",
+        "--data",
+        str(TRAIN_DIR),
+        "--out",
+        str(out),
+        *SLOW,
+        "--checkpoint-seconds",
+        "0.2",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PAUSE_AFTER_ROWS": "40", "PAUSE_READY": str(ready)}
+    )
     deadline = time.monotonic() + 180
     while not ready.exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run did not reach its pause point"

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rela_pipeline import scores as scores_module
 from rela_pipeline.errors import RelaError
 from rela_pipeline.fileio import load_npz
-from rela_pipeline import scores as scores_module
 from rela_pipeline.scores import (
-    EXACT_MAX_SAMPLES, TARGET_RECALL, ScoreSearch, build_score_search, exact_neighbours, knn_scores, resolve_score_index, score_rows,
+    EXACT_MAX_SAMPLES,
+    TARGET_RECALL,
+    ScoreSearch,
+    build_score_search,
+    exact_neighbours,
+    knn_scores,
+    resolve_score_index,
+    score_rows,
 )
 from rela_pipeline.subsets import SubsetSampler
 from rela_pipeline.transport import LinearTransport

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from conftest import run_cli
 from distributed_worker import FIRST_STEP_GRADIENTS
 
@@ -24,8 +23,31 @@ WORKER = str(Path(__file__).parent / "distributed_worker.py")
 def train_args(shards: Path, out: Path, epochs: int = 2, *extra: str) -> list[str]:
     """``train`` options shared by the one-process and the two-process runs (240 of the 300
     samples per epoch: 7 steps of 32)."""
-    return ["train", "--shards", str(shards), "--out", str(out), "--epochs", str(epochs), "--batch-size", "32", "--image-size", "32",
-            "--data-ratio", "0.8", "--data-path", "memory", "--device", "cpu", "--num-workers", "0", "--no-verify", "--log-every", "3", *extra]
+    return [
+        "train",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--image-size",
+        "32",
+        "--data-ratio",
+        "0.8",
+        "--data-path",
+        "memory",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-verify",
+        "--log-every",
+        "3",
+        *extra,
+    ]
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300, python: bool = False) -> subprocess.CompletedProcess:
@@ -115,8 +137,7 @@ def test_two_processes_compute_what_one_process_computes(shard_set, tmp_path):
 def test_a_killed_rank_ends_the_job_and_resume_finishes_it(shard_set, tmp_path):
     shards, _ = shard_set
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-               CLI, "-q", *train_args(shards, run, 40)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", CLI, "-q", *train_args(shards, run, 40)]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 240

@@ -25,11 +25,37 @@ INTERRUPTING_CLI = str(Path(__file__).parent / "interrupting_cli.py")
 SLOW_PHASE_CLI = str(Path(__file__).parent / "slow_phase_cli.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per rank; the one-process runs match it
 # 300 images: 10 batches of 32, 8 shard blocks of 40 (each rank writes 4).
-FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "32", "--shard-size", "40",
-        "--device", "cpu", "--keep-embeddings"]
+FAST = [
+    "--prior",
+    "random:resnet18",
+    "--image-size",
+    "32",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "32",
+    "--shard-size",
+    "40",
+    "--device",
+    "cpu",
+    "--keep-embeddings",
+]
 # 224 px in batches of 4 with a record per batch: long enough to kill a rank in the middle.
-SLOW = ["--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "0", "--shard-size", "64", "--device", "cpu",
-        "--checkpoint-seconds", "1e-9", "--keep-embeddings"]
+SLOW = [
+    "--prior",
+    "random:resnet18",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--shard-size",
+    "64",
+    "--device",
+    "cpu",
+    "--checkpoint-seconds",
+    "1e-9",
+    "--keep-embeddings",
+]
 
 
 def one_process(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -37,8 +63,23 @@ def one_process(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def torchrun_command(out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-            CLI, "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        CLI,
+        "-q",
+        "embed",
+        "--data",
+        str(TRAIN_DIR),
+        "--out",
+        str(out),
+        *args,
+    ]
 
 
 def samples(out: Path) -> dict[str, dict]:
@@ -118,9 +159,26 @@ def test_a_rank_stopped_while_writing_shards_then_resume_with_the_same_world_siz
     one, out = tmp_path / "one", tmp_path / "out"
     assert one_process(one, *FAST).returncode == 0
     stopped = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", INTERRUPTING_CLI,
-         "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST],
-        capture_output=True, text=True, timeout=600, env={**ONE_THREAD, "INTERRUPT_RANK": "1", "INTERRUPT_AT_SAMPLE": "81"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            INTERRUPTING_CLI,
+            "-q",
+            "embed",
+            "--data",
+            str(TRAIN_DIR),
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ONE_THREAD, "INTERRUPT_RANK": "1", "INTERRUPT_AT_SAMPLE": "81"},
     )
     assert stopped.returncode != 0 and not (out / MANIFEST_NAME).exists()
     part = json.loads((out / ".work" / "rank-1.json").read_text())["state"]["shard_part"]
@@ -139,9 +197,27 @@ def test_the_other_ranks_wait_out_a_phase_rank_0_runs_alone(tmp_path):
     """Rank 0 fits the transport alone for 12 s (planted) while rank 1 waits: with a 4 s collective
     timeout the job still finishes, because the wait is bounded by --dist-wait-timeout; with a
     4 s wait timeout it fails with one line per rank, naming the lost contact."""
+
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SLOW_PHASE_CLI,
-                   "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *FAST, "--dist-timeout", "4", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            SLOW_PHASE_CLI,
+            "-q",
+            "embed",
+            "--data",
+            str(TRAIN_DIR),
+            "--out",
+            str(out),
+            *FAST,
+            "--dist-timeout",
+            "4",
+            *extra,
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**ONE_THREAD, "SLOW_PHASE_S": "12"})
 
     started = time.monotonic()

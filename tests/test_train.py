@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import math
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from rela_pipeline.errors import RelaError
-from rela_pipeline.models import load_backbone_checkpoint, safe_torch_load, save_backbone_checkpoint, build_backbone
+from rela_pipeline.models import build_backbone, load_backbone_checkpoint, safe_torch_load, save_backbone_checkpoint
 from rela_pipeline.priors import load_prior
-from rela_pipeline.stages.train import loop as train_loop
 from rela_pipeline.stages.embed import run_embed
 from rela_pipeline.stages.evaluate import EvalConfig, run_eval
 from rela_pipeline.stages.train import TrainConfig, run_train
+from rela_pipeline.stages.train import loop as train_loop
 from tests.conftest import TEST_DIR, TRAIN_DIR, assert_one_line_error, run_cli, small_embed_config
 
 
@@ -56,7 +56,11 @@ def test_train_then_eval_end_to_end_and_the_rela_loss_falls(shard_set, tmp_path)
     prior = load_prior(f"checkpoint:{run / 'backbone.pt'}")
     reembedded = run_embed(small_embed_config(TRAIN_DIR, tmp_path / "reembed", prior=f"checkpoint:{run / 'backbone.pt'}", image_size=None))
     assert reembedded["prior"]["embedding_dim"] == 256 and prior.preprocessing.crop_size == 32
-    result = run_eval(EvalConfig(checkpoint=run / "backbone.pt", train_dir=TRAIN_DIR, test_dir=TEST_DIR, device="cpu", num_workers=0, probe_epochs=5, knn_k=20, progress=False))
+    result = run_eval(
+        EvalConfig(
+            checkpoint=run / "backbone.pt", train_dir=TRAIN_DIR, test_dir=TEST_DIR, device="cpu", num_workers=0, probe_epochs=5, knn_k=20, progress=False
+        )
+    )
     assert result["step"] == 54 and 0.0 <= result["linear_probe"]["top1"] <= 1.0 and result["knn"]["top1"] > 0.2
 
 
@@ -91,8 +95,22 @@ def test_pil_views_follow_the_one_epoch_plan_on_both_data_paths(shard_set):
     from rela_pipeline.views import PerImageViews, byol_views, rela_views
 
     shards, _ = shard_set
-    paths = {path: ShardBatches(str(shards), batch_size=20, image_size=32, target_dim=16, data_ratio=0.4, seed=1, device="cpu", data_path=path,
-                                num_workers=2, verify=False, progress=False) for path in ("memory", "stream")}
+    paths = {
+        path: ShardBatches(
+            str(shards),
+            batch_size=20,
+            image_size=32,
+            target_dim=16,
+            data_ratio=0.4,
+            seed=1,
+            device="cpu",
+            data_path=path,
+            num_workers=2,
+            verify=False,
+            progress=False,
+        )
+        for path in ("memory", "stream")
+    }
     sampler = SubsetSampler(paths["memory"].num_samples, 0.4, seed=1, min_size=20)
     views = PerImageViews(rela_views(32))
     for epoch in (0, 1):
@@ -207,7 +225,9 @@ def test_any_method_gets_rela_through_the_python_api(shard_set, tmp_path):
 
     shards, _ = shard_set
     made, factory = recording_factory(ToyMethod)
-    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=batched_simclr_views(32))
+    summary = run_train(
+        config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5"), method_factory=factory, ssl_views=batched_simclr_views(32)
+    )
     toy = made[0]
     assert toy.calls == 9  # only the SSL half of the 18 steps called the method's loss
     assert toy.momentum_steps == list(range(18))  # its momentum hook ran on every step, ReLA phase included
@@ -223,7 +243,11 @@ def test_the_pil_path_switches_to_the_methods_views_on_the_next_batch(shard_set,
 
     shards, _ = shard_set
     made, factory = recording_factory(ViewCounter)
-    summary = run_train(config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1, augment="pil"), method_factory=factory, ssl_views=dino_views(32))
+    summary = run_train(
+        config(shards, tmp_path / "run", method="toy", rela_schedule="constant:0.5", num_workers=1, augment="pil"),
+        method_factory=factory,
+        ssl_views=dino_views(32),
+    )
     assert summary["rela_switch_step"] == 9
     assert made[0].view_counts == [8] * 9
 
@@ -256,8 +280,9 @@ def test_dino_trains_on_multi_crop_views(shard_set, tmp_path):
         made.append(method)
         return method
 
-    summary = run_train(config(shards, tmp_path / "run", method="dino", epochs=1, rela_schedule="none"), method_factory=factory,
-                        ssl_views=batched_method_views("dino", 32))
+    summary = run_train(
+        config(shards, tmp_path / "run", method="dino", epochs=1, rela_schedule="none"), method_factory=factory, ssl_views=batched_method_views("dino", 32)
+    )
     dino = made[0]
     assert summary["budget"]["steps"] == 9
     assert dino.sizes == [32, 32, 14, 14, 14, 14, 14, 14] * 9
@@ -274,7 +299,9 @@ def test_dino_trains_on_multi_crop_views(shard_set, tmp_path):
 
 def test_missing_shard_fails_with_its_name_or_is_skipped_with_a_warning(shard_copy, tmp_path, caplog):
     (shard_copy / "shard-000002.tar").unlink()
-    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "--device", "cpu")
+    code, _, stderr = run_cli(
+        "train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "--device", "cpu"
+    )
     assert_one_line_error(code, stderr, "shard-000002.tar is missing")
     assert not (tmp_path / "run").exists()
     logging.getLogger("rela_pipeline").addHandler(caplog.handler)  # the CLI stops propagation to the root logger
@@ -290,7 +317,9 @@ def test_missing_shard_fails_with_its_name_or_is_skipped_with_a_warning(shard_co
 def test_truncated_shard_is_named_before_training(shard_copy, tmp_path):
     shard = shard_copy / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
-    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--num-workers", "0", "--device", "cpu", "--batch-size", "32")
+    code, _, stderr = run_cli(
+        "train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--num-workers", "0", "--device", "cpu", "--batch-size", "32"
+    )
     assert_one_line_error(code, stderr, "shard-000001.tar is 5000 bytes")
     assert not (tmp_path / "run").exists()
 
@@ -303,7 +332,22 @@ def corrupt_in_place(shard: Path) -> None:
 
 def test_corrupt_shard_is_refused_by_verification_before_training(shard_copy, tmp_path, caplog):
     corrupt_in_place(shard_copy / "shard-000000.tar")
-    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--batch-size", "32", "--no-rela")
+    code, _, stderr = run_cli(
+        "train",
+        "--shards",
+        str(shard_copy),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--no-rela",
+    )
     assert_one_line_error(code, stderr, "does not verify (")
     assert "shard-000000.tar" in stderr and "--no-verify" in stderr
     assert not (tmp_path / "run").exists()
@@ -318,7 +362,23 @@ def test_corrupt_shard_is_refused_by_verification_before_training(shard_copy, tm
 
 def test_corrupt_shard_fails_while_streaming_without_verification_and_leaves_nothing(shard_copy, tmp_path):
     corrupt_in_place(shard_copy / "shard-000000.tar")
-    code, _, stderr = run_cli("train", "--shards", str(shard_copy), "--out", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--batch-size", "32", "--no-rela", "--no-verify")
+    code, _, stderr = run_cli(
+        "train",
+        "--shards",
+        str(shard_copy),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--no-rela",
+        "--no-verify",
+    )
     assert_one_line_error(code, stderr, "shard-000000.tar")
     assert "does not verify" not in stderr
     assert not (tmp_path / "run").exists()  # stopped before its first checkpoint: nothing half-written kept
@@ -455,7 +515,12 @@ def test_frozen_transfer_layer_keeps_its_initialisation_while_the_backbone_learn
         step = TrainStep(model, None, 1e-2, 0.01, "constant", 3, Precision("fp32", "cpu"))
         generator = torch.Generator().manual_seed(1)
         for _ in range(3):
-            step([torch.rand(8, 3, 32, 32, generator=generator) for _ in range(2)], torch.randn(8, 64, generator=generator), torch.zeros(8, dtype=torch.long), False)
+            step(
+                [torch.rand(8, 3, 32, 32, generator=generator) for _ in range(2)],
+                torch.randn(8, 64, generator=generator),
+                torch.zeros(8, dtype=torch.long),
+                False,
+            )
         return model, initial
 
     frozen, initial = trained("frozen")
@@ -481,8 +546,9 @@ def test_learning_rate_warms_up_linearly_then_follows_its_schedule():
 def test_optimiser_and_view_settings_reach_the_run(shard_set, tmp_path):
     shards, _ = shard_set
     run = tmp_path / "run"
-    run_train(config(shards, run, lr_schedule="cosine", warmup_epochs=1, teacher_momentum="constant", crop_min_scale=0.3,
-                     rela_schedule="none", log_every=1, epochs=2))
+    run_train(
+        config(shards, run, lr_schedule="cosine", warmup_epochs=1, teacher_momentum="constant", crop_min_scale=0.3, rela_schedule="none", log_every=1, epochs=2)
+    )
     lrs = [r["lr"] for r in intervals(run)]
     steps_per_epoch = len(lrs) // 2
     # Linear warm-up over the first epoch (the logged lr is the next step's), then a falling cosine.

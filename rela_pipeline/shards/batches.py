@@ -37,8 +37,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,8 +208,17 @@ class _ShardDecoder(torch.utils.data.IterableDataset):
         skip_bad_shards: warn and go on past unreadable shards and samples.
     """
 
-    def __init__(self, shards: list[tuple[int, str]], subset_mask: np.ndarray | None, target_dim: int, image_size: int,
-                 seed: int, epoch: int, shuffle_buffer: int | None, skip_bad_shards: bool) -> None:
+    def __init__(
+        self,
+        shards: list[tuple[int, str]],
+        subset_mask: np.ndarray | None,
+        target_dim: int,
+        image_size: int,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int | None,
+        skip_bad_shards: bool,
+    ) -> None:
         super().__init__()
         self.shards = shards
         self.mask = subset_mask
@@ -273,8 +283,12 @@ def _decode_shards(dataset: _ShardDecoder, workers: int, pin_memory: bool) -> It
         RelaError: a worker reported an error (its one line).
     """
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False,
     )
     pending: dict[int, list[dict[str, Any]]] = {}
     expected = 0
@@ -304,8 +318,16 @@ class ShardMemoryStore:
         self.images, self.targets, self.labels, self.contents = images, targets, labels, contents
 
     @classmethod
-    def load(cls, source: ShardSetSource, target_dim: int, image_size: int, device: torch.device, num_workers: int,
-             skip_bad_shards: bool = False, progress: bool = True) -> "ShardMemoryStore":
+    def load(
+        cls,
+        source: ShardSetSource,
+        target_dim: int,
+        image_size: int,
+        device: torch.device,
+        num_workers: int,
+        skip_bad_shards: bool = False,
+        progress: bool = True,
+    ) -> ShardMemoryStore:
         """Decode every readable sample of ``source`` (one pass over the shards, ``num_workers``
         processes) into tensors on ``device``.
 
@@ -458,7 +480,9 @@ class ShardBatches:
         if world_size > 1 and self.data_path == "stream":
             self._planned_contents = source.written_contents()
             if self._planned_contents is None:
-                raise RelaError(f"a distributed stream needs the manifest's shard_order to plan each rank's part, and {source.location} has none; use data_path='memory' (--data-path memory)")
+                raise RelaError(
+                    f"a distributed stream needs the manifest's shard_order to plan each rank's part, and {source.location} has none; use data_path='memory' (--data-path memory)"
+                )
         self.next_epoch = 0
         self._store: ShardMemoryStore | None = None
 
@@ -528,8 +552,17 @@ class ShardBatches:
         return self._stream_epoch(epoch, mask)
 
     def _batch(self, epoch: int, step: int, images, target, label, index) -> ShardBatch:
-        return ShardBatch(images, target, label, index, epoch, step, view_seed(self.seed, epoch, step),
-                          offset=self.rank * self.local_batch_size, global_batch_size=self.batch_size)
+        return ShardBatch(
+            images,
+            target,
+            label,
+            index,
+            epoch,
+            step,
+            view_seed(self.seed, epoch, step),
+            offset=self.rank * self.local_batch_size,
+            global_batch_size=self.batch_size,
+        )
 
     def _memory_epoch(self, epoch: int, mask: np.ndarray) -> Iterator[ShardBatch]:
         store = self.store()
@@ -559,8 +592,16 @@ class ShardBatches:
         visit = [(shard_id, int(mask[contents[shard_id]].sum())) for shard_id in shard_visit_order(sorted(contents), self.seed, epoch)]
         url_of = dict(zip(self.source.shard_ids, self.source.shard_urls))
         spans = shard_spans(visit, self.rank * steps * local, (self.rank + 1) * steps * local)
-        decoder = _ShardDecoder([(shard_id, url_of[shard_id], lo, hi) for shard_id, lo, hi in spans], mask, self.target_dim,
-                                self.image_size, self.seed, epoch, self.shuffle_buffer, skip_bad_shards=False)
+        decoder = _ShardDecoder(
+            [(shard_id, url_of[shard_id], lo, hi) for shard_id, lo, hi in spans],
+            mask,
+            self.target_dim,
+            self.image_size,
+            self.seed,
+            epoch,
+            self.shuffle_buffer,
+            skip_bad_shards=False,
+        )
 
         def check(step: int, index: torch.Tensor) -> None:  # on the host copy: no device sync
             if step >= steps or not np.array_equal(index.numpy(), planned[step]):
@@ -583,8 +624,7 @@ class ShardBatches:
         decoder = _ShardDecoder(visit, mask, self.target_dim, self.image_size, self.seed, epoch, self.shuffle_buffer, self.skip_bad_shards)
         yield from self._cut(_decode_shards(decoder, self.num_workers, pin_memory=self.device.type == "cuda"), epoch, self.batch_size)
 
-    def _cut(self, chunks: Iterator[dict[str, Any]], epoch: int, size: int,
-             check: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[ShardBatch]:
+    def _cut(self, chunks: Iterator[dict[str, Any]], epoch: int, size: int, check: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[ShardBatch]:
         """Cut decoded chunks (in order) into batches of ``size`` on the device; a last
         incomplete batch is dropped. ``check(step, host index tensor)`` sees each batch first."""
         cuda = self.device.type == "cuda"

@@ -42,8 +42,19 @@ from .location import error_line, open_url, read_url, resolve_location, sibling_
 
 #: Top-level fields every manifest of this schema version must have.
 REQUIRED_FIELDS = (
-    "schema", "schema_version", "created_at", "prior", "transport", "targets", "scores",
-    "dataset", "samples", "skipped", "shards", "software", "timings_s",
+    "schema",
+    "schema_version",
+    "created_at",
+    "prior",
+    "transport",
+    "targets",
+    "scores",
+    "dataset",
+    "samples",
+    "skipped",
+    "shards",
+    "software",
+    "timings_s",
 )
 #: Top-level fields a manifest may have besides the required ones; any other field is refused.
 OPTIONAL_FIELDS = ("ignored", "settings", "resolved", "shard_order", "run", "host", "throughput", "embeddings")
@@ -247,7 +258,9 @@ class _TargetChecks:
         worst_mean = float(np.abs(mean).max())
         worst_cov = float(np.abs(covariance - np.eye(self.dim)).max())
         if max(worst_mean, worst_cov) > TARGET_STATISTICS_TOLERANCE:
-            return [f"targets are not standardised principal components (max |mean| {worst_mean:.3g}, max |covariance - I| {worst_cov:.3g}): they do not come from one linear transport of these samples"]
+            return [
+                f"targets are not standardised principal components (max |mean| {worst_mean:.3g}, max |covariance - I| {worst_cov:.3g}): they do not come from one linear transport of these samples"
+            ]
         return []
 
 
@@ -404,7 +417,9 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
         reference_indices, reference_embeddings = arrays.get("reference_indices"), arrays.get("reference_embeddings")
         report.problems += transport.consistency_problems()
         if transport.components.shape != (targets["dim"], manifest["prior"]["embedding_dim"]):
-            report.problems.append(f"transport components are {transport.components.shape}, manifest says ({targets['dim']}, {manifest['prior']['embedding_dim']})")
+            report.problems.append(
+                f"transport components are {transport.components.shape}, manifest says ({targets['dim']}, {manifest['prior']['embedding_dim']})"
+            )
             transport = None
         elif transport.num_samples != written:
             report.problems.append(f"transport was fitted on {transport.num_samples} samples, manifest says {written} written")
@@ -417,7 +432,9 @@ def verify_shard_set(out_dir: str | os.PathLike) -> VerifyReport:
             report.problems.append(f"{shard['name']}: missing")
         else:
             try:
-                count, actual = _scan_shard(shard["name"], files.open(shard["name"]), written, int(targets["dim"]), str(targets["dtype"]), checks, report.problems)
+                count, actual = _scan_shard(
+                    shard["name"], files.open(shard["name"]), written, int(targets["dim"]), str(targets["dtype"]), checks, report.problems
+                )
             except Exception as error:  # tarfile.TarError, OSError, ValueError; gopen's own types for URLs
                 with contextlib.suppress(Exception):
                     compare_sha256(shard["name"], sha256_of(shard["name"]), shard["sha256"])
@@ -491,7 +508,10 @@ def describe_shard_set(out_dir: str | os.PathLike) -> str:
         f"prior          {prior['spec']}  [{prior['weights'].get('source')}]  embedding dim {prior['embedding_dim']}",
         f"preprocessing  resize {prior['preprocessing']['resize_size']} crop {prior['preprocessing']['crop_size']} {prior['preprocessing']['interpolation']}",
         f"dataset        {dataset['root']}  {dataset['fingerprint']['file_count']} images, {_format_bytes(dataset['fingerprint']['total_bytes'])}",
-        f"classes        {len(dataset['class_names'])}" + (f"  ({', '.join(dataset['class_names'][:10])}{', ...' if len(dataset['class_names']) > 10 else ''})" if dataset["class_names"] else "  (unlabelled)"),
+        f"classes        {len(dataset['class_names'])}"
+        + (
+            f"  ({', '.join(dataset['class_names'][:10])}{', ...' if len(dataset['class_names']) > 10 else ''})" if dataset["class_names"] else "  (unlabelled)"
+        ),
         f"samples        {samples['written']} written, {samples['skipped']} skipped",
         f"targets        {manifest['targets']['dim']} dims, {manifest['targets']['dtype']}; top-5 explained variance ratio {', '.join(f'{r:.3f}' for r in ratio[:5])}",
         f"shards         {len(shard_sizes)} files, {_format_bytes(sum(shard_sizes))} total"

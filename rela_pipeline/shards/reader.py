@@ -29,6 +29,7 @@ from .plan import written_shard_contents
 
 logger = logging.getLogger("rela_pipeline")
 
+
 @dataclass
 class ShardSetSource:
     """A located and checked shard set.
@@ -78,7 +79,7 @@ class ShardSetSource:
         """Class names ([] for unlabelled data)."""
         return list(self.manifest["dataset"].get("class_names") or [])
 
-    def without(self, names: list[str]) -> "ShardSetSource":
+    def without(self, names: list[str]) -> ShardSetSource:
         """A copy that leaves out the shards ``names`` (recorded in ``skipped_shards``).
 
         Raises:

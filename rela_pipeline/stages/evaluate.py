@@ -3,7 +3,7 @@
 Both protocols read frozen features of the backbone (eval mode, deterministic preprocessing, no
 augmentation) extracted once from a labelled train and test ImageFolder:
 
-* **Linear probe** (MISSION.md; ReLA appendix, following the frozen-feature linear evaluation of
+* **Linear probe** (ReLA appendix and the authors' code, following the frozen-feature linear evaluation of
   self-supervised learning): one ``nn.Linear`` layer trained on the frozen train features with
   Adam (no weight decay), cross-entropy, 100 epochs; reported as test top-1. Two defaults differ
   from the paper's fixed learning rate of 3e-4 on raw features, because that probe stops far from
@@ -29,7 +29,6 @@ The result is a JSON-ready dict (see :func:`run_eval`).
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -260,7 +259,7 @@ def linear_probe_accuracy(
 ) -> float:
     """Linear-probe top-1 accuracy on cached frozen features.
 
-    Protocol (MISSION.md; ReLA appendix): one ``nn.Linear(F, num_classes)`` (PyTorch's default
+    Protocol (ReLA appendix and the authors' code): one ``nn.Linear(F, num_classes)`` (PyTorch's default
     initialisation, drawn with ``torch.manual_seed(seed)`` without disturbing the global RNG)
     trained with Adam (``lr``, no weight decay) on the mean cross-entropy of shuffled minibatches
     of ``batch_size`` train rows (the last one may be smaller) for ``epochs`` epochs; the epoch
@@ -441,8 +440,18 @@ def select_probe_lr(
     held[_draw_per_class(train_labels, num_classes, lambda n: math.ceil(held_out * n), seed)] = True
     scores = {}
     for lr in grid:
-        scores[str(lr)] = linear_probe_accuracy(train_features[~held], train_labels[~held], train_features[held], train_labels[held],
-                                                num_classes=num_classes, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+        scores[str(lr)] = linear_probe_accuracy(
+            train_features[~held],
+            train_labels[~held],
+            train_features[held],
+            train_labels[held],
+            num_classes=num_classes,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
     best = max(grid, key=lambda lr: (scores[str(lr)], -lr))
     return best, scores
 
@@ -532,13 +541,30 @@ def few_label_accuracies(
             labelled = len(rows)
             x, y = train_features[rows], train_labels[rows]
             epochs = math.ceil(probe_steps / math.ceil(len(rows) / probe_batch_size))
-            probe.append(linear_probe_accuracy(x, y, test_features, test_labels, num_classes=num_classes, epochs=epochs,
-                                               lr=probe_lr, batch_size=probe_batch_size, seed=seed + d, device=device))
+            probe.append(
+                linear_probe_accuracy(
+                    x,
+                    y,
+                    test_features,
+                    test_labels,
+                    num_classes=num_classes,
+                    epochs=epochs,
+                    lr=probe_lr,
+                    batch_size=probe_batch_size,
+                    seed=seed + d,
+                    device=device,
+                )
+            )
             knn_train, knn_test = knn_features if knn_features is not None else (train_features, test_features)
-            knn.append(knn_accuracy(knn_train[rows].to(device), y, knn_test, test_labels, num_classes=num_classes,
-                                    k=min(knn_k, len(rows)), temperature=knn_temperature))
+            knn.append(
+                knn_accuracy(
+                    knn_train[rows].to(device), y, knn_test, test_labels, num_classes=num_classes, k=min(knn_k, len(rows)), temperature=knn_temperature
+                )
+            )
         results[str(n)] = {
-            "linear_probe": _spread(probe), "knn": _spread(knn), "labelled": labelled,
+            "linear_probe": _spread(probe),
+            "knn": _spread(knn),
+            "labelled": labelled,
         }
     return results
 
@@ -583,31 +609,69 @@ def evaluate_features(
         train_features, test_features = standardise(train_features, test_features)
     lr, lr_scores = config.probe_lr, None
     if lr is None:
-        lr, lr_scores = select_probe_lr(train_features, train_labels, num_classes=num_classes, epochs=config.probe_epochs,
-                                        batch_size=config.probe_batch_size, seed=config.seed, device=device)
+        lr, lr_scores = select_probe_lr(
+            train_features,
+            train_labels,
+            num_classes=num_classes,
+            epochs=config.probe_epochs,
+            batch_size=config.probe_batch_size,
+            seed=config.seed,
+            device=device,
+        )
     probe_top1 = linear_probe_accuracy(
-        train_features, train_labels, test_features, test_labels, num_classes=num_classes, epochs=config.probe_epochs,
-        lr=lr, batch_size=config.probe_batch_size, seed=config.seed, device=device,
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        num_classes=num_classes,
+        epochs=config.probe_epochs,
+        lr=lr,
+        batch_size=config.probe_batch_size,
+        seed=config.seed,
+        device=device,
     )
     timings["linear_probe"] = time.perf_counter() - t
     t = time.perf_counter()
     k = min(config.knn_k, len(knn_train))
     knn_top1 = knn_accuracy(
-        knn_train.to(device), train_labels, knn_test, test_labels, num_classes=num_classes, k=k, temperature=config.knn_temperature,
+        knn_train.to(device),
+        train_labels,
+        knn_test,
+        test_labels,
+        num_classes=num_classes,
+        k=k,
+        temperature=config.knn_temperature,
     )
     timings["knn"] = time.perf_counter() - t
     result: dict[str, Any] = {
-        "linear_probe": {"top1": float(probe_top1), "epochs": config.probe_epochs, "lr": float(lr), "batch_size": config.probe_batch_size,
-                         "standardised": config.probe_standardise, "lr_held_out_top1": lr_scores},
+        "linear_probe": {
+            "top1": float(probe_top1),
+            "epochs": config.probe_epochs,
+            "lr": float(lr),
+            "batch_size": config.probe_batch_size,
+            "standardised": config.probe_standardise,
+            "lr_held_out_top1": lr_scores,
+        },
         "knn": {"top1": float(knn_top1), "k": int(k), "temperature": float(config.knn_temperature)},
     }
     if config.few_label:
         t = time.perf_counter()
         result["few_label"] = few_label_accuracies(
-            train_features, train_labels, test_features, test_labels, num_classes=num_classes, per_class=tuple(config.few_label),
-            draws=config.few_label_draws, probe_steps=config.probe_epochs * math.ceil(len(train_features) / config.probe_batch_size),
-            probe_lr=lr, probe_batch_size=config.probe_batch_size, knn_k=config.knn_k,
-            knn_temperature=config.knn_temperature, seed=config.seed, device=device, knn_features=(knn_train, knn_test),
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            num_classes=num_classes,
+            per_class=tuple(config.few_label),
+            draws=config.few_label_draws,
+            probe_steps=config.probe_epochs * math.ceil(len(train_features) / config.probe_batch_size),
+            probe_lr=lr,
+            probe_batch_size=config.probe_batch_size,
+            knn_k=config.knn_k,
+            knn_temperature=config.knn_temperature,
+            seed=config.seed,
+            device=device,
+            knn_features=(knn_train, knn_test),
         )
         timings["few_label"] = time.perf_counter() - t
     result["timings_s"] = timings

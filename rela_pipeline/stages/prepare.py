@@ -97,19 +97,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     elif magic == IDX_LABELS_MAGIC:
         ndim = 1
     else:
-        raise RelaError(
-            f"malformed IDX file {path}: magic number {magic}, expected {IDX_IMAGES_MAGIC} "
-            f"(images) or {IDX_LABELS_MAGIC} (labels)"
-        )
+        raise RelaError(f"malformed IDX file {path}: magic number {magic}, expected {IDX_IMAGES_MAGIC} (images) or {IDX_LABELS_MAGIC} (labels)")
     header_bytes = 4 + 4 * ndim
     if len(data) < header_bytes:
         raise RelaError(f"malformed IDX file {path}: truncated header")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected_bytes = header_bytes + int(np.prod(dims, dtype=np.int64))
     if len(data) != expected_bytes:
-        raise RelaError(
-            f"malformed IDX file {path}: {len(data)} bytes, header {dims} implies {expected_bytes}"
-        )
+        raise RelaError(f"malformed IDX file {path}: {len(data)} bytes, header {dims} implies {expected_bytes}")
     return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(dims).copy()
 
 
@@ -168,22 +163,14 @@ def prepare_fashion_mnist(
             false; or if the output cannot be written.
     """
     splits = _validate_splits(splits)
-    if limit_per_class is not None and (
-        isinstance(limit_per_class, bool)
-        or not isinstance(limit_per_class, int)
-        or limit_per_class < 1
-    ):
-        raise RelaError(
-            f"limit_per_class must be a positive integer or None, got {limit_per_class!r}"
-        )
+    if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int) or limit_per_class < 1):
+        raise RelaError(f"limit_per_class must be a positive integer or None, got {limit_per_class!r}")
 
     out_dir = Path(out_dir)
     for split in splits:
         target = out_dir / split
         if _is_non_empty(target) and not overwrite:
-            raise RelaError(
-                f"{target} already exists and is not empty; pass --overwrite to replace it"
-            )
+            raise RelaError(f"{target} already exists and is not empty; pass --overwrite to replace it")
 
     source_dir = _resolve_source(source, splits, out_dir)
     summary = {"source": str(source_dir), "splits": {}, "out_dir": str(out_dir)}
@@ -210,9 +197,7 @@ def _validate_splits(splits: tuple[str, ...]) -> tuple[str, ...]:
     splits = tuple(splits)
     unknown = [s for s in splits if s not in IDX_FILE_NAMES]
     if not splits or unknown or len(set(splits)) != len(splits):
-        raise RelaError(
-            f"splits must be a non-empty subset of ('train', 'test'), got {splits!r}"
-        )
+        raise RelaError(f"splits must be a non-empty subset of ('train', 'test'), got {splits!r}")
     return splits
 
 
@@ -233,16 +218,10 @@ def _find_idx_file(directory: Path, base_name: str) -> Path | None:
 
 def _has_idx_files(directory: Path, splits: tuple[str, ...]) -> bool:
     """True if ``directory`` holds the images and labels IDX files of every split."""
-    return all(
-        _find_idx_file(directory, name) is not None
-        for split in splits
-        for name in IDX_FILE_NAMES[split]
-    )
+    return all(_find_idx_file(directory, name) is not None for split in splits for name in IDX_FILE_NAMES[split])
 
 
-def _resolve_source(
-    source: str | os.PathLike | None, splits: tuple[str, ...], out_dir: Path
-) -> Path:
+def _resolve_source(source: str | os.PathLike | None, splits: tuple[str, ...], out_dir: Path) -> Path:
     """Return the directory to read the IDX files of ``splits`` from (see prepare_fashion_mnist)."""
     if source is not None:
         source_dir = Path(source)
@@ -264,30 +243,20 @@ def _resolve_source(
         dataset = FashionMNIST(str(download_root), train=True, download=True)
         raw_dir = Path(dataset.raw_folder)
     except Exception as exc:  # no torchvision, no network, bad download: all mean "not available"
-        raise RelaError(
-            f"Fashion-MNIST not found in {SYSTEM_FASHION_MNIST_DIR} and download failed "
-            f"({type(exc).__name__}); {_INSTALL_HINT}"
-        ) from exc
+        raise RelaError(f"Fashion-MNIST not found in {SYSTEM_FASHION_MNIST_DIR} and download failed ({type(exc).__name__}); {_INSTALL_HINT}") from exc
     if not _has_idx_files(raw_dir, splits):
         raise RelaError(f"torchvision download left no IDX files in {raw_dir}; {_INSTALL_HINT}")
     return raw_dir
 
 
-def _check_pair(
-    images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path
-) -> None:
+def _check_pair(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path) -> None:
     """Check an images/labels pair: (N, 28, 28) images, (N,) labels in 0..9."""
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise RelaError(
-            f"{images_path} holds images of shape {images.shape}, expected (N, 28, 28)"
-        )
+        raise RelaError(f"{images_path} holds images of shape {images.shape}, expected (N, 28, 28)")
     if labels.ndim != 1:
         raise RelaError(f"{labels_path} is not a label file (shape {labels.shape})")
     if labels.shape[0] != images.shape[0]:
-        raise RelaError(
-            f"{labels_path} has {labels.shape[0]} labels but {images_path} has "
-            f"{images.shape[0]} images"
-        )
+        raise RelaError(f"{labels_path} has {labels.shape[0]} labels but {images_path} has {images.shape[0]} images")
     if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
         raise RelaError(f"{labels_path} has label {int(labels.max())}, expected 0..9")
 
@@ -296,10 +265,7 @@ def _select_indices(labels: np.ndarray, limit_per_class: int | None) -> np.ndarr
     """Return the sorted IDX positions to write: all, or the first ``limit_per_class`` per class."""
     if limit_per_class is None:
         return np.arange(labels.size)
-    per_class = [
-        np.flatnonzero(labels == label)[:limit_per_class]
-        for label in range(len(FASHION_MNIST_CLASSES))
-    ]
+    per_class = [np.flatnonzero(labels == label)[:limit_per_class] for label in range(len(FASHION_MNIST_CLASSES))]
     return np.sort(np.concatenate(per_class))
 
 
@@ -312,9 +278,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _write_split(
-    out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
-) -> None:
+def _write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
     """Write the selected images of one split as PNGs, then move the tree to ``out_dir/split``.
 
     Args:

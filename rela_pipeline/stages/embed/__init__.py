@@ -1,6 +1,6 @@
 """Stage one: embed an ImageFolder with a prior model and write a shard set.
 
-Steps (ReLA section 3 / MISSION.md "The method", items 1-2, plus subset scores):
+Steps (ReLA section 3 and the authors' code, plus subset scores):
 
 1. scan the ImageFolder (sorted relative paths; labels from class folders);
 2. embed every image with the prior in eval mode, deterministic preprocessing, batched through a
@@ -41,7 +41,24 @@ from .targets import REFERENCE_SAMPLES, TRANSPORT_CHUNK_ROWS, reference_sample_i
 from .writing import shard_write_order
 
 __all__ = [
-    "EmbedConfig", "EmbeddingResult", "LOCK_NAME", "REFERENCE_SAMPLES", "RUN_CONTROL_FIELDS", "TRANSPORT_CHUNK_ROWS", "WORK_DIR_NAME",
-    "default_batch_size", "embed_images", "embedding_dim", "identity_settings", "make_output_dir", "manifest_identity",
-    "prepare_output_dir", "reference_sample_indices", "run_embed", "run_identity", "shard_write_order", "transport_rows", "transport_targets",
+    "EmbedConfig",
+    "EmbeddingResult",
+    "LOCK_NAME",
+    "REFERENCE_SAMPLES",
+    "RUN_CONTROL_FIELDS",
+    "TRANSPORT_CHUNK_ROWS",
+    "WORK_DIR_NAME",
+    "default_batch_size",
+    "embed_images",
+    "embedding_dim",
+    "identity_settings",
+    "make_output_dir",
+    "manifest_identity",
+    "prepare_output_dir",
+    "reference_sample_indices",
+    "run_embed",
+    "run_identity",
+    "shard_write_order",
+    "transport_rows",
+    "transport_targets",
 ]

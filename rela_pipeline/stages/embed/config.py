@@ -10,17 +10,27 @@ import torch
 from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
 from ...runtime import PRECISIONS, default_num_workers
-from .decoding import DECODE_MODES
 from ...scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES
 from ...shards.format import TARGET_DTYPES
-
+from .decoding import DECODE_MODES
 
 #: :class:`EmbedConfig` fields that control how a run goes, not what it writes: left out of the
 #: manifest's ``settings`` and of the identity a resumed run must match.
 #: ``device``, ``precision`` and ``decode`` are here as given (``auto``): what they resolved to is recorded
 #: instead (the manifest's and the identity's ``resolved``).
-RUN_CONTROL_FIELDS = ("out_dir", "num_workers", "overwrite", "resume", "progress", "checkpoint_seconds", "dist_timeout_s", "dist_wait_timeout_s",
-                      "device", "precision", "decode")
+RUN_CONTROL_FIELDS = (
+    "out_dir",
+    "num_workers",
+    "overwrite",
+    "resume",
+    "progress",
+    "checkpoint_seconds",
+    "dist_timeout_s",
+    "dist_wait_timeout_s",
+    "device",
+    "precision",
+    "decode",
+)
 
 
 @dataclass

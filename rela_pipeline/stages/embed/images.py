@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from ...imagefolder import ImageFolderIndex
 from ...priors import PreprocessedImages, Prior
 from ...runtime import Precision
 from .decoding import DecodeCounts, EncodedImages, collate_encoded, decode_on_device
+
+#: The default device of :func:`embed_images`.
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -76,7 +80,7 @@ def embed_images(
     stop_row: int | None = None,
     batch_size: int = 256,
     num_workers: int = 2,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     precision: Precision | None = None,
     decode: str = "cpu",
     progress: bool = True,
@@ -170,7 +174,11 @@ def embed_images(
 
     start = time.perf_counter()
     # Deterministic cuDNN kernels, so a rerun or a resumed run computes the same embeddings.
-    with _deterministic_cudnn(), torch.inference_mode(), tqdm(total=stop_row, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        _deterministic_cudnn(),
+        torch.inference_mode(),
+        tqdm(total=stop_row, initial=start_row, unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar,
+    ):
         for first, images, decoded, reasons in device_batches():
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)

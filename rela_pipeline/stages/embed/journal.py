@@ -77,7 +77,7 @@ class EmbedJournal:
         self.state = state or {"embed": {"chunks": [], "failures": {}}, "shards": []}
 
     @classmethod
-    def load(cls, path: Path) -> "EmbedJournal | None":
+    def load(cls, path: Path) -> EmbedJournal | None:
         """Read a journal; None when there is none.
 
         Raises:
@@ -228,12 +228,12 @@ class RankProgress:
         self.state = state or {"world_size": world_size, "embed": {"chunks": [], "failures": {}}, "shard_part": None}
 
     @classmethod
-    def at(cls, work_dir: Path, rank: int, world_size: int) -> "RankProgress":
+    def at(cls, work_dir: Path, rank: int, world_size: int) -> RankProgress:
         """A new, empty record for ``rank`` in ``work_dir`` (written on its first record)."""
         return cls(Path(work_dir) / f"rank-{rank}.json", rank, world_size)
 
     @classmethod
-    def load(cls, path: Path) -> "RankProgress":
+    def load(cls, path: Path) -> RankProgress:
         """Read a rank's record.
 
         Raises:

@@ -19,9 +19,21 @@ from .images import EmbeddingResult
 from .output import identity_settings, package_versions
 
 
-def build_manifest(run: EmbedRun, *, result: EmbeddingResult | None, failures: dict[int, str], kept: np.ndarray, transport: LinearTransport,
-                    reference_samples: int, score_k: int, score_dims: int, labels: np.ndarray | None, shards: list[ShardInfo],
-                    files: dict[str, str], run_record: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    run: EmbedRun,
+    *,
+    result: EmbeddingResult | None,
+    failures: dict[int, str],
+    kept: np.ndarray,
+    transport: LinearTransport,
+    reference_samples: int,
+    score_k: int,
+    score_dims: int,
+    labels: np.ndarray | None,
+    shards: list[ShardInfo],
+    files: dict[str, str],
+    run_record: dict[str, Any],
+) -> dict[str, Any]:
     config, index, prior, device, out_dir = run.config, run.index, run.prior, run.device, run.out_dir
     class_counts = np.bincount(labels, minlength=len(index.class_names)) if labels is not None else []
     manifest = {
@@ -85,10 +97,17 @@ def build_manifest(run: EmbedRun, *, result: EmbeddingResult | None, failures: d
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_count": os.cpu_count(),
         },
-        "throughput": {"embed_images_per_s": round(result.images_per_second, 2) if result is not None else None,
-                       **({"decoded_by": result.decoded_by} if result is not None and result.decoded_by else {})},
+        "throughput": {
+            "embed_images_per_s": round(result.images_per_second, 2) if result is not None else None,
+            **({"decoded_by": result.decoded_by} if result is not None and result.decoded_by else {}),
+        },
         "timings_s": {},
     }
     if config.keep_embeddings:
-        manifest["embeddings"] = {"file": EMBEDDINGS_NAME, "sha256": sha256_file(out_dir / EMBEDDINGS_NAME), "dtype": "float32", "shape": [int(len(kept)), transport.input_dim]}
+        manifest["embeddings"] = {
+            "file": EMBEDDINGS_NAME,
+            "sha256": sha256_file(out_dir / EMBEDDINGS_NAME),
+            "dtype": "float32",
+            "shape": [int(len(kept)), transport.input_dim],
+        }
     return manifest

@@ -9,10 +9,10 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any
 
 from ... import __version__
 from ...errors import RelaError
@@ -23,7 +23,6 @@ from ...shards.format import EMBEDDINGS_NAME, MANIFEST_NAME, SCORES_NAME, SHARD_
 from ...shards.manifest import read_manifest
 from .config import RUN_CONTROL_FIELDS, EmbedConfig
 from .journal import EmbedJournal, first_difference, journal_path
-
 
 WORK_DIR_NAME = ".work"
 
@@ -144,7 +143,9 @@ def open_run(config: EmbedConfig, out_dir: Path, identity: dict[str, Any], say: 
         if journal is not None:
             difference = first_difference(journal.identity, identity)
             if difference:
-                raise RelaError(f"--resume refused: the interrupted run in {out_dir} was started differently ({difference}); rerun it as it was, or use --overwrite")
+                raise RelaError(
+                    f"--resume refused: the interrupted run in {out_dir} was started differently ({difference}); rerun it as it was, or use --overwrite"
+                )
             for partial in out_dir.glob("*" + PARTIAL_SUFFIX):
                 partial.unlink()
             return journal

@@ -10,8 +10,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from ...scores import RowScores, ScoreSearch, build_score_search, score_rows
 from ...shards.format import EMBEDDINGS_NAME, MANIFEST_NAME, SCORES_NAME, TRANSPORT_NAME
 from ...transport import LinearTransport, fit_linear_transport
 from .config import EmbedConfig, default_batch_size
-from .decoding import resolve_decode
 from .context import EmbedRun
+from .decoding import resolve_decode
 from .images import EmbeddingResult, embed_images, embedding_dim
 from .journal import EmbedJournal, first_difference
 from .manifest import build_manifest
@@ -88,16 +89,20 @@ def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.de
         config = dataclasses.replace(config, progress=config.progress and distribution.is_main)
     index = scan_image_folder(config.data_dir)
     timings["scan"] = time.perf_counter() - t0
-    say(f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes under {index.root}"
-        + (f"; {distribution.world_size} ranks ({distribution.backend})" if distribution.enabled else ""))
+    say(
+        f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes under {index.root}"
+        + (f"; {distribution.world_size} ranks ({distribution.backend})" if distribution.enabled else "")
+    )
 
     t = time.perf_counter()
     prior = load_prior(config.prior, seed=config.seed, image_size=config.image_size)
     if config.batch_size is None:  # resolved here so the manifest records the size used
         config = dataclasses.replace(config, batch_size=default_batch_size(device))
     timings["load_prior"] = time.perf_counter() - t
-    say(f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px, {resolve_prior_precision(config.precision, device).name}, "
-        f"decoding on the {'device' if resolve_decode(config.decode, device) == 'gpu' else 'CPU'}")
+    say(
+        f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px, {resolve_prior_precision(config.precision, device).name}, "
+        f"decoding on the {'device' if resolve_decode(config.decode, device) == 'gpu' else 'CPU'}"
+    )
 
     precision, decode = resolve_prior_precision(config.precision, device), resolve_decode(config.decode, device)
     run = EmbedRun(config, index, prior, device, precision, decode, distribution, out_dir, timings, say)
@@ -233,8 +238,18 @@ def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingRe
         recorder = run.recorder()
         for start, stop in mine:
             result = embed_images(
-                run.index, run.prior, embeddings, start_row=start, stop_row=stop, batch_size=config.batch_size, num_workers=config.num_workers,
-                device=run.device, precision=run.precision, decode=run.decode, progress=config.progress, checkpoint_seconds=config.checkpoint_seconds,
+                run.index,
+                run.prior,
+                embeddings,
+                start_row=start,
+                stop_row=stop,
+                batch_size=config.batch_size,
+                num_workers=config.num_workers,
+                device=run.device,
+                precision=run.precision,
+                decode=run.decode,
+                progress=config.progress,
+                checkpoint_seconds=config.checkpoint_seconds,
                 on_checkpoint=lambda a, b, failed: recorder.record_embedded(a, b, _rows_sha256(embeddings, a, b), failed),
             )
             images, seconds = images + result.images, seconds + result.seconds
@@ -257,8 +272,10 @@ def _embed_phase(run: EmbedRun) -> tuple[np.ndarray, dict[int, str], EmbeddingRe
     if images:
         result = EmbeddingResult({}, images, seconds, {k: decoded_by[k] for k in ("device", "cpu", "failed")} if run.decode == "gpu" else None)
         run.timings["embed"] = seconds
-        run.say(f"embedded {images} images in {seconds:.1f}s ({result.images_per_second:.0f} img/s"
-                + (f" over {distribution.world_size} ranks)" if distribution.enabled else ")"))
+        run.say(
+            f"embedded {images} images in {seconds:.1f}s ({result.images_per_second:.0f} img/s"
+            + (f" over {distribution.world_size} ranks)" if distribution.enabled else ")")
+        )
     return open_npy_memmap(path, np.float32, shape, mode="r"), failures, result, bool(done)
 
 
@@ -269,7 +286,9 @@ def _run_stages(run: EmbedRun) -> dict[str, Any]:
     ok[list(failures)] = False
     kept = np.flatnonzero(ok)
     if len(kept) < 2:
-        raise RelaError(f"only {len(kept)} of {len(index.files)} images could be decoded; nothing to transport (first failure: {next(iter(failures.values()), '-')})")
+        raise RelaError(
+            f"only {len(kept)} of {len(index.files)} images could be decoded; nothing to transport (first failure: {next(iter(failures.values()), '-')})"
+        )
 
     t = time.perf_counter()
     transport_path, targets_path = run.out_dir / TRANSPORT_NAME, run.work / "targets.npy"
@@ -289,7 +308,9 @@ def _run_stages(run: EmbedRun) -> dict[str, Any]:
         transport_rows(embeddings, kept, transport, targets, run.device, start, stop)
         targets.flush()
 
-    _shared_phase(run, "targets", targets_path, prepare=lambda: create_npy_memmap(targets_path, config.target_dtype, targets_shape).flush(), work=transport_share)
+    _shared_phase(
+        run, "targets", targets_path, prepare=lambda: create_npy_memmap(targets_path, config.target_dtype, targets_shape).flush(), work=transport_share
+    )
     targets = open_npy_memmap(targets_path, config.target_dtype, targets_shape, mode="r")
     if targets is None:
         raise RelaError(f"{targets_path} does not hold ({targets_shape[0]}, {targets_shape[1]}) {config.target_dtype} targets; start over with --overwrite")
@@ -318,8 +339,20 @@ def _run_stages(run: EmbedRun) -> dict[str, Any]:
         return {}
     run_record = {"resumed": resumed, "images_embedded": result.images if result else 0, "shards_reused": shards_reused, "world_size": distribution.world_size}
     files = {TRANSPORT_NAME: run.journal.phase_sha256("transport"), SCORES_NAME: run.journal.phase_sha256("scores")}
-    manifest = build_manifest(run, result=result, failures=failures, kept=kept, transport=transport, reference_samples=len(reference),
-                               score_k=score_k, score_dims=score_dims, labels=labels, shards=shards, files=files, run_record=run_record)
+    manifest = build_manifest(
+        run,
+        result=result,
+        failures=failures,
+        kept=kept,
+        transport=transport,
+        reference_samples=len(reference),
+        score_k=score_k,
+        score_dims=score_dims,
+        labels=labels,
+        shards=shards,
+        files=files,
+        run_record=run_record,
+    )
     manifest["scores"].update(scores_info)
     return manifest
 
@@ -346,10 +379,15 @@ def _score_phase(run: EmbedRun, targets: np.ndarray, labels: np.ndarray | None, 
         part = score_rows(search, targets, start, stop)
         held["kind"], held["device"] = search.kind, search.device
         if distribution.enabled:
-            write_npz_atomic(run.work / f"scores-rank-{distribution.rank}.npz", {
-                "rows": np.array([part.start, part.stop, part.searched_exactly], dtype=np.int64),
-                "knn_density": part.knn_density, "nn_similarity": part.nn_similarity, "nn_index": part.nn_index,
-            })
+            write_npz_atomic(
+                run.work / f"scores-rank-{distribution.rank}.npz",
+                {
+                    "rows": np.array([part.start, part.stop, part.searched_exactly], dtype=np.int64),
+                    "knn_density": part.knn_density,
+                    "nn_similarity": part.nn_similarity,
+                    "nn_index": part.nn_index,
+                },
+            )
         else:
             held["parts"] = [part]
 
@@ -366,12 +404,15 @@ def _score_phase(run: EmbedRun, targets: np.ndarray, labels: np.ndarray | None, 
         n = len(targets)
         if [(p.start, p.stop) for p in parts] != [rank_row_range(n, search.rows_per_call, r, distribution.world_size) for r in range(distribution.world_size)]:
             raise RelaError("the ranks' score parts do not cover every sample once; rerun with --resume")
-        write_npz_atomic(scores_path, {
-            "knn_density": np.concatenate([p.knn_density for p in parts]),
-            "nn_similarity": np.concatenate([p.nn_similarity for p in parts]),
-            "nn_index": np.concatenate([p.nn_index for p in parts]),
-            "label": labels if labels is not None else np.full(n, -1, dtype=np.int64),
-        })
+        write_npz_atomic(
+            scores_path,
+            {
+                "knn_density": np.concatenate([p.knn_density for p in parts]),
+                "nn_similarity": np.concatenate([p.nn_similarity for p in parts]),
+                "nn_index": np.concatenate([p.nn_index for p in parts]),
+                "label": labels if labels is not None else np.full(n, -1, dtype=np.int64),
+            },
+        )
         for stale in [index_path, index_path.with_name(index_path.name + ".json"), *run.work.glob("scores-rank-*.npz")]:
             stale.unlink(missing_ok=True)
         settings = dict(search.settings)

@@ -11,7 +11,6 @@ import torch
 from ...fileio import create_npy_memmap
 from ...transport import LinearTransport
 
-
 #: Rows transported per chunk (the unit ranks share: :mod:`rela_pipeline.stages.embed.plan`).
 TRANSPORT_CHUNK_ROWS = 65536
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -69,7 +70,9 @@ def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: d
     if sum(s.samples for s in reused) == len(kept):  # finished, by this world size or another
         return (reused if distribution.is_main else []), len(reused)
     if not distribution.enabled:
-        shards = _write_samples(run, kept, targets, scores, labels, order, run.out_dir, reused, lambda shards: run.journal.record_shards([s.to_dict() for s in shards]))
+        shards = _write_samples(
+            run, kept, targets, scores, labels, order, run.out_dir, reused, lambda shards: run.journal.record_shards([s.to_dict() for s in shards])
+        )
         return shards, len(reused)
 
     world, rank = distribution.world_size, distribution.rank
@@ -90,8 +93,17 @@ def write_shards(run: EmbedRun, kept: np.ndarray, targets: np.ndarray, scores: d
     share = rank_share(-(-len(kept) // config.shard_size), rank, world)
     first, last = share.start * config.shard_size, min(share.stop * config.shard_size, len(kept))
     recorder = run.recorder()
-    _write_samples(run, kept, targets, scores, labels, order[first:last], part_dir, finished,
-                   lambda shards: recorder.record_shard_part(rank, world, [s.to_dict() for s in shards]))
+    _write_samples(
+        run,
+        kept,
+        targets,
+        scores,
+        labels,
+        order[first:last],
+        part_dir,
+        finished,
+        lambda shards: recorder.record_shard_part(rank, world, [s.to_dict() for s in shards]),
+    )
     distribution.barrier()
     reused_parts = distribution.gather(len(finished))
     shards = distribution.on_main(lambda: _publish_parts(run, world, len(kept)))
@@ -134,15 +146,25 @@ def _publish_parts(run: EmbedRun, world: int, num_samples: int) -> list[ShardInf
     return shards
 
 
-def _write_samples(run: EmbedRun, kept, targets, scores: dict[str, np.ndarray], labels, order: np.ndarray, directory: Path,
-                   done: list[ShardInfo], on_shard: Callable[[list[ShardInfo]], None]) -> list[ShardInfo]:
+def _write_samples(
+    run: EmbedRun,
+    kept,
+    targets,
+    scores: dict[str, np.ndarray],
+    labels,
+    order: np.ndarray,
+    directory: Path,
+    done: list[ShardInfo],
+    on_shard: Callable[[list[ShardInfo]], None],
+) -> list[ShardInfo]:
     """Write the samples ``order[len(done's samples):]`` (indices into ``kept``) into shards in
     ``directory``, after the finished shards ``done``."""
     config, index = run.config, run.index
     position = sum(s.samples for s in done)
-    with ShardSetWriter(directory, config.shard_size, config.max_shard_bytes, finished=done, on_shard=on_shard) as writer, tqdm(
-        total=len(order), initial=position, unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True
-    ) as bar:
+    with (
+        ShardSetWriter(directory, config.shard_size, config.max_shard_bytes, finished=done, on_shard=on_shard) as writer,
+        tqdm(total=len(order), initial=position, unit="img", desc="shards", disable=not config.progress, dynamic_ncols=True) as bar,
+    ):
         # Shards hold samples in a seeded random order: an ImageFolder scan is sorted by class, and
         # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
         # of one or two classes. Keys stay the sample indices, so nothing else depends on the order.

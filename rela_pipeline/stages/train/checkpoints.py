@@ -87,8 +87,17 @@ class Progress:
     elapsed_s: float = 0.0
 
 
-def save_checkpoint(out: Path, config: TrainConfig, backbone_config: dict[str, Any], rela: ReLA, probe: nn.Module | None,
-                    step: TrainStep, epoch: int, budget: Budget, elapsed_s: float) -> None:
+def save_checkpoint(
+    out: Path,
+    config: TrainConfig,
+    backbone_config: dict[str, Any],
+    rela: ReLA,
+    probe: nn.Module | None,
+    step: TrainStep,
+    epoch: int,
+    budget: Budget,
+    elapsed_s: float,
+) -> None:
     """Write ``RUN/checkpoints/last.pt`` after ``epoch``: the backbone in the project's checkpoint
     format plus the training state (model with heads and teacher, transfer layer, probe,
     optimiser, LR schedule, loss scale, ReLA schedule, torch RNG), all loadable with
@@ -106,8 +115,13 @@ def save_checkpoint(out: Path, config: TrainConfig, backbone_config: dict[str, A
         "torch_rng": torch.get_rng_state(),
     }
     save_backbone_checkpoint(
-        out / LAST_CHECKPOINT, rela.backbone, backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
-        step=budget.steps, config=config.to_json(), training_state=training_state,
+        out / LAST_CHECKPOINT,
+        rela.backbone,
+        backbone_config,
+        preprocessing=eval_preprocessing(config.image_size).to_dict(),
+        step=budget.steps,
+        config=config.to_json(),
+        training_state=training_state,
     )
 
 

@@ -21,10 +21,23 @@ AUGMENT_PATHS = ("device", "pil")
 
 #: Settings that may differ when resuming: they do not change what is computed (the memory and
 #: stream data paths give the same batches and views).
-RESUMABLE_CHANGES = frozenset({
-    "resume", "overwrite", "progress", "num_workers", "device", "log_every", "skip_bad_shards", "verify",
-    "data_path", "cache_bytes", "sync_batchnorm", "dist_timeout_s", "dist_wait_timeout_s",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "progress",
+        "num_workers",
+        "device",
+        "log_every",
+        "skip_bad_shards",
+        "verify",
+        "data_path",
+        "cache_bytes",
+        "sync_batchnorm",
+        "dist_timeout_s",
+        "dist_wait_timeout_s",
+    }
+)
 
 
 @dataclass
@@ -184,7 +197,7 @@ class TrainConfig:
 
 @dataclass
 class Budget:
-    """Compute accounting of a run (MISSION.md item 5).
+    """Compute accounting of a run (the paper's budget: the fraction of the full run's steps).
 
     Attributes:
         steps: optimisation steps done.

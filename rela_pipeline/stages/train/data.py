@@ -12,7 +12,7 @@ schedule is in, so the switch from the ReLA views to the method's is exact on ev
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,8 +35,9 @@ def view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[str
     return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale)}
 
 
-def build_training_data(config: TrainConfig, source: ShardSetSource, target_dim: int, device: torch.device,
-                        distribution: Distribution | None = None) -> ShardBatches:
+def build_training_data(
+    config: TrainConfig, source: ShardSetSource, target_dim: int, device: torch.device, distribution: Distribution | None = None
+) -> ShardBatches:
     """The run's batches (:class:`ShardBatches` with the config's data settings). Under torchrun
     (``distribution``) each rank's batches are its ``B / W`` rows of every global batch.
 
@@ -45,10 +46,21 @@ def build_training_data(config: TrainConfig, source: ShardSetSource, target_dim:
     """
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
     return ShardBatches(
-        source, batch_size=config.batch_size, image_size=config.image_size, target_dim=target_dim,
-        data_ratio=config.data_ratio, subset=config.subset, dedup_threshold=config.dedup_threshold, seed=config.seed,
-        device=device, data_path=config.data_path, cache_bytes=config.cache_bytes, num_workers=workers,
-        shuffle_buffer=config.shuffle_buffer, skip_bad_shards=config.skip_bad_shards,
+        source,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        target_dim=target_dim,
+        data_ratio=config.data_ratio,
+        subset=config.subset,
+        dedup_threshold=config.dedup_threshold,
+        seed=config.seed,
+        device=device,
+        data_path=config.data_path,
+        cache_bytes=config.cache_bytes,
+        num_workers=workers,
+        shuffle_buffer=config.shuffle_buffer,
+        skip_bad_shards=config.skip_bad_shards,
         progress=config.progress and (distribution is None or distribution.is_main),
-        rank=distribution.rank if distribution else 0, world_size=distribution.world_size if distribution else 1,
+        rank=distribution.rank if distribution else 0,
+        world_size=distribution.world_size if distribution else 1,
     )

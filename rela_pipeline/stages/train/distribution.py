@@ -83,5 +83,3 @@ def agreed(distribution: Distribution, value: Any, what: str) -> list[Any]:
     if any(v != values[0] for v in values):
         raise RelaError(f"the ranks disagree on {what}: {values}")
     return values
-
-

@@ -10,7 +10,7 @@
 * :mod:`.checkpoints`  the run directory, checkpoints and resuming;
 * :mod:`.metrics`      ``metrics.jsonl``.
 
-Budget (MISSION.md item 5): the fraction of the full run's optimisation steps, the full run being
+Budget (the paper's, as in the authors' code): the fraction of the full run's optimisation steps, the full run being
 the same epochs over all N samples with the same batch size.
 """
 
@@ -19,26 +19,36 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...errors import RelaError
 from ...fileio import write_json_atomic
 from ...methods import build_method
 from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
-from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...runtime import resolve_precision
-from ...shards.reader import ShardSetSource, open_shard_set
-from .checkpoints import (BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_NAME, SUMMARY_NAME, Progress,
-                          eval_preprocessing, prepare_run_dir, restore_checkpoint, save_checkpoint)
+from ...shards.reader import ShardSetSource, open_shard_set, verified
+from .checkpoints import (
+    BACKBONE_NAME,
+    CONFIG_NAME,
+    LAST_CHECKPOINT,
+    METRICS_NAME,
+    SUMMARY_NAME,
+    Progress,
+    eval_preprocessing,
+    prepare_run_dir,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .config import Budget, TrainConfig
-from ...shards.reader import verified
 from .data import build_training_data, view_transforms
 from .distribution import agreed, check_distributed_settings
 from .metrics import Interval, MetricsLog, finite_or_none
@@ -151,8 +161,16 @@ def build_student(config: TrainConfig, source: ShardSetSource, device: torch.dev
     return Student(backbone, backbone_config, rela, probe, labelled)
 
 
-def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, distribution: Distribution, *, resuming: bool,
-           method_factory: Callable[[nn.Module], nn.Module] | None, ssl_views: Callable | None) -> dict[str, Any]:
+def _train(
+    config: TrainConfig,
+    source: ShardSetSource,
+    device: torch.device,
+    distribution: Distribution,
+    *,
+    resuming: bool,
+    method_factory: Callable[[nn.Module], nn.Module] | None,
+    ssl_views: Callable | None,
+) -> dict[str, Any]:
     """The run once the directory is ready: the student, the data, the step, the epochs, the summary."""
     out = Path(config.out_dir)
     main = distribution.is_main
@@ -170,26 +188,53 @@ def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, di
     # The step, then where the run stands.
     precision = resolve_precision(config.precision, device)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    step = TrainStep(rela, probe, config.lr, config.weight_decay, config.lr_schedule, total_steps, precision, warmup_steps,
-                     distribution=distribution, sync_batchnorm=config.sync_batchnorm)
+    step = TrainStep(
+        rela,
+        probe,
+        config.lr,
+        config.weight_decay,
+        config.lr_schedule,
+        total_steps,
+        precision,
+        warmup_steps,
+        distribution=distribution,
+        sync_batchnorm=config.sync_batchnorm,
+    )
     progress = restore_checkpoint(out, config, rela, probe, step, budget) if resuming else Progress()
     if resuming:
         logger.info("resuming %s after epoch %d (step %d)", out, progress.next_epoch, budget.steps)
     resolved = {
-        "device": str(device), "precision": precision.name, "data_path": data.data_path, "augment": config.augment,
-        "memory_format": "channels_last" if step.memory_format is not None else "contiguous", "target_dim": target_dim,
-        "world_size": distribution.world_size, "backend": distribution.backend,
+        "device": str(device),
+        "precision": precision.name,
+        "data_path": data.data_path,
+        "augment": config.augment,
+        "memory_format": "channels_last" if step.memory_format is not None else "contiguous",
+        "target_dim": target_dim,
+        "world_size": distribution.world_size,
+        "backend": distribution.backend,
     }
     if main:
         write_json_atomic(out / CONFIG_NAME, {**config.to_json(), "resolved": resolved})
     rela.schedule.start(budget.steps, total_steps)
     logger.info(
         "training %s + %s on %s (%s, %s views, %s data path): %s; %d steps per epoch x %d epochs = %d steps (%.1f%% of the full run's %d)",
-        config.method, config.backbone, device, precision.name, config.augment, data.data_path, data.sampler.describe(),
-        steps_per_epoch, config.epochs, total_steps, 100.0 * total_steps / max(budget.full_run_steps, 1), budget.full_run_steps,
+        config.method,
+        config.backbone,
+        device,
+        precision.name,
+        config.augment,
+        data.data_path,
+        data.sampler.describe(),
+        steps_per_epoch,
+        config.epochs,
+        total_steps,
+        100.0 * total_steps / max(budget.full_run_steps, 1),
+        budget.full_run_steps,
     )
     if source.skipped_shards:
-        logger.warning("training without %d skipped shards (%d of %d samples readable)", len(source.skipped_shards), source.readable_samples, source.num_samples)
+        logger.warning(
+            "training without %d skipped shards (%d of %d samples readable)", len(source.skipped_shards), source.readable_samples, source.num_samples
+        )
     t_start = time.perf_counter()  # the run's wall-clock includes the memory path's decoding pass
     data.prepare()  # the memory path's decoding pass
     data_load_s = time.perf_counter() - t_start
@@ -213,7 +258,9 @@ def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, di
                 was_active = rela.schedule.active
                 rela.step_end(result.output, budget.steps, total_steps)
                 if was_active and not rela.schedule.active:
-                    metrics.write({"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))})
+                    metrics.write(
+                        {"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))}
+                    )
                     logger.info("ReLA phase ends at step %d: training continues with the %s loss", rela.schedule.switch_step, method_name)
                 budget.steps += 1
                 budget.images_seen += config.batch_size
@@ -229,7 +276,17 @@ def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, di
             if epoch == config.epochs - 1 and interval.images:
                 metrics.write(interval.record(budget, epoch, getattr(rela.schedule, "rho", None), step.optimizer.param_groups[0]["lr"], distribution))
             elapsed = progress.elapsed_s + time.perf_counter() - t_start
-            metrics.write({"event": "epoch_end", "epoch": epoch, "step": budget.steps, "epoch_steps": epoch_steps, "images_seen": budget.images_seen, "budget_fraction": budget.fraction, "elapsed_s": round(elapsed, 2)})
+            metrics.write(
+                {
+                    "event": "epoch_end",
+                    "epoch": epoch,
+                    "step": budget.steps,
+                    "epoch_steps": epoch_steps,
+                    "images_seen": budget.images_seen,
+                    "budget_fraction": budget.fraction,
+                    "elapsed_s": round(elapsed, 2),
+                }
+            )
             if main:
                 save_checkpoint(out, config, student.backbone_config, rela, probe, step, epoch, budget, elapsed)
     finally:
@@ -244,8 +301,12 @@ def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, di
     samples_per_rank = distribution.gather(samples_trained)
     if main:
         save_backbone_checkpoint(
-            out / BACKBONE_NAME, backbone, student.backbone_config, preprocessing=eval_preprocessing(config.image_size).to_dict(),
-            step=budget.steps, config=config.to_json(),
+            out / BACKBONE_NAME,
+            backbone,
+            student.backbone_config,
+            preprocessing=eval_preprocessing(config.image_size).to_dict(),
+            step=budget.steps,
+            config=config.to_json(),
         )
     summary = {
         "run_dir": str(out),
@@ -264,8 +325,11 @@ def _train(config: TrainConfig, source: ShardSetSource, device: torch.device, di
         "shards": source.location,
         "skipped_shards": source.skipped_shards,
         "distributed": {
-            "world_size": distribution.world_size, "backend": distribution.backend, "rela_schedule_per_rank": schedule_states,
-            "steps_per_rank": steps_per_rank, "samples_per_rank_this_invocation": samples_per_rank,
+            "world_size": distribution.world_size,
+            "backend": distribution.backend,
+            "rela_schedule_per_rank": schedule_states,
+            "steps_per_rank": steps_per_rank,
+            "samples_per_rank_this_invocation": samples_per_rank,
         },
     }
     if main:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ...fileio import atomic_write
 from ...distributed import Distribution
+from ...fileio import atomic_write
 from ...runtime import synchronize
 from .config import Budget
 from .step import StepResult
@@ -70,8 +70,8 @@ class Interval:
         first_rela_loss, last_rela_loss: the ReLA loss of the first and last intervals that had one.
     """
 
-    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
-        self.device = device
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else torch.device("cpu")
         self.last_record: dict[str, Any] = {}
         self.first_rela_loss: float | None = None
         self.last_rela_loss: float | None = None
@@ -115,9 +115,14 @@ class Interval:
             totals = distribution.sum(torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float32) for n in names]))
             self.sums = {n: (totals[i] if n == "probe_correct" else totals[i] / distribution.world_size) for i, n in enumerate(names)}
         record: dict[str, Any] = {
-            "step": budget.steps, "epoch": epoch, "phase": self.phase, "rho": finite_or_none(rho), "lr": lr,
+            "step": budget.steps,
+            "epoch": epoch,
+            "phase": self.phase,
+            "rho": finite_or_none(rho),
+            "lr": lr,
             "images_per_s": self.images / max(seconds, 1e-9),
-            "images_seen": budget.images_seen, "budget_fraction": round(budget.fraction, 6),
+            "images_seen": budget.images_seen,
+            "budget_fraction": round(budget.fraction, 6),
         }
         for name in ("loss", "rela_loss", "ssl_loss", "probe_loss"):
             record[name] = float(self.sums[name]) / self.counts[name] if name in self.counts else None

@@ -81,8 +81,20 @@ class TrainStep:
         sync_batchnorm: convert BatchNorm layers to SyncBatchNorm first.
     """
 
-    def __init__(self, rela: ReLA, probe: nn.Module | None, lr: float, weight_decay: float, lr_schedule: str, total_steps: int, precision: Precision,
-                 warmup_steps: int = 0, *, distribution: Distribution | None = None, sync_batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        rela: ReLA,
+        probe: nn.Module | None,
+        lr: float,
+        weight_decay: float,
+        lr_schedule: str,
+        total_steps: int,
+        precision: Precision,
+        warmup_steps: int = 0,
+        *,
+        distribution: Distribution | None = None,
+        sync_batchnorm: bool = False,
+    ) -> None:
         self.rela = rela
         self.probe = probe
         self.precision = precision
