@@ -80,6 +80,28 @@ def parse_counts(value: str | None) -> tuple[int, ...]:
     return counts
 
 
+def distributed_options(command):
+    """The torchrun options both stages take: ``--dist-timeout`` and ``--dist-wait-timeout``
+    (:mod:`rela_pipeline.distributed`'s ``DEFAULT_TIMEOUT_S`` and ``DEFAULT_WAIT_TIMEOUT_S``,
+    written out so the CLI starts without importing torch; a test checks they agree)."""
+    command = click.option(
+        "--dist-wait-timeout",
+        "dist_wait_timeout_s",
+        default=14400.0,
+        show_default=True,
+        type=float,
+        help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
+    )(command)
+    return click.option(
+        "--dist-timeout",
+        "dist_timeout_s",
+        default=600.0,
+        show_default=True,
+        type=float,
+        help="Under torchrun: seconds a rank waits for the others before the job fails.",
+    )(command)
+
+
 class _Group(click.Group):
     """Click group that turns RelaError and Ctrl-C into one-line messages and exit codes."""
 
@@ -176,22 +198,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 @click.option(
     "--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses)."
 )
-@click.option(
-    "--dist-timeout",
-    "dist_timeout_s",
-    default=600.0,
-    show_default=True,
-    type=float,
-    help="Under torchrun: seconds a rank waits for the others before the job fails.",
-)
-@click.option(
-    "--dist-wait-timeout",
-    "dist_wait_timeout_s",
-    default=14400.0,
-    show_default=True,
-    type=float,
-    help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
-)
+@distributed_options
 @click.pass_context
 def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
@@ -321,22 +328,7 @@ def verify(location: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (with any number of processes).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
 @click.option("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
-@click.option(
-    "--dist-timeout",
-    "dist_timeout_s",
-    default=600.0,
-    show_default=True,
-    type=float,
-    help="Under torchrun: seconds a rank waits for the others before the job fails.",
-)
-@click.option(
-    "--dist-wait-timeout",
-    "dist_wait_timeout_s",
-    default=14400.0,
-    show_default=True,
-    type=float,
-    help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
-)
+@distributed_options
 @click.pass_context
 def train(
     ctx: click.Context,
