@@ -155,7 +155,18 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 
 
 @main.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg).")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg), a .txt/.csv file list, or local WebDataset shards (a brace pattern or glob, e.g. 'in/part-{000000..000099}.tar').",
+)
+@click.option(
+    "--label-field",
+    default=None,
+    help="Tar or list input: where labels are (cls or json:<key> for tars, a column of a .csv list) [default: .cls / the label column when every sample has one].",
+)
 @click.option(
     "--prior", required=True, help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | open_clip:<model>:<tag|file|random> | checkpoint:<file>."
 )

@@ -44,11 +44,35 @@ class ImageFolderIndex:
     file_bytes: np.ndarray
     ignored: dict[str, str] = field(default_factory=dict)
 
+    #: The source kind (:mod:`rela_pipeline.sources`).
+    kind = "imagefolder"
+
+    @property
+    def location(self) -> str:
+        """The root, as the manifest's ``dataset.root`` records it."""
+        return str(self.root)
+
     def fingerprint(self) -> dict:
         """Dataset root fingerprint: image count, total bytes, SHA-256 of the sorted relative paths
         joined by newlines (identifies the file list without reading the images)."""
         digest = hashlib.sha256("\n".join(self.files).encode("utf-8")).hexdigest()
         return {"file_count": len(self.files), "total_bytes": int(self.file_bytes.sum()), "paths_sha256": digest}
+
+    def read(self, row: int) -> bytes:
+        """The image file of sample ``row``, unchanged."""
+        return (self.root / self.files[row]).read_bytes()
+
+    def open_image(self, row: int) -> Image.Image:
+        """Sample ``row`` decoded as RGB (:func:`decode_rgb`)."""
+        return decode_rgb(self.root / self.files[row])
+
+    def image_field(self, row: int) -> str:
+        """The shard field of sample ``row``'s image: its file suffix, lowercased."""
+        return self.files[row].rsplit(".", 1)[-1].lower()
+
+    def origin(self, row: int) -> dict:
+        """Provenance for the output ``.json``: ``{"path": relative path}``."""
+        return {"path": self.files[row]}
 
 
 def _walk_images(directory: Path, root: Path, ignored: dict[str, str]) -> list[str]:

@@ -53,7 +53,13 @@ def test_embed_inspect_verify_end_to_end(tmp_path):
 
 def test_missing_data_dir(tmp_path):
     code, _, stderr = run_cli("embed", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *FAST)
-    assert_one_line_error(code, stderr, "data directory not found")
+    assert_one_line_error(code, stderr, "not found (tried an ImageFolder directory, a file list, and a tar pattern)")
+    (tmp_path / "notes.md").write_text("hello")
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "notes.md"), "--out", str(tmp_path / "out"), *FAST)
+    assert_one_line_error(code, stderr, "neither a directory, a .txt/.csv file list nor .tar shards")
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "part-{000..002}.tar"), "--out", str(tmp_path / "out"), *FAST)
+    assert_one_line_error(code, stderr, "the pattern matches no file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_data_dir(tmp_path):

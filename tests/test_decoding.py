@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rela_pipeline.imagefolder import scan_image_folder
 from rela_pipeline.priors import Preprocessing
 from rela_pipeline.stages.embed import run_embed
 from rela_pipeline.stages.embed.decoding import EncodedImages, EncodedItem, decode_on_device, device_decodable_jpeg
@@ -64,8 +65,10 @@ def test_jpegs_decoded_on_the_device_path_give_the_cpu_paths_targets(jpeg_folder
 
 def test_a_jpeg_the_device_decoder_refuses_is_skipped_and_the_rest_of_the_batch_is_decoded(jpeg_folder):
     preprocessing = Preprocessing(resize_size=32, crop_size=32, resize_mode="squash")
-    files = sorted(str(p.relative_to(jpeg_folder)) for p in jpeg_folder.rglob("*.jpg"))[:3]
-    items = [EncodedImages(jpeg_folder, files, preprocessing)[i] for i in range(3)]
+    source = scan_image_folder(jpeg_folder)
+    rows = [r for r, name in enumerate(source.files) if name.endswith(".jpg") and "zz-" not in name][:3]
+    files = [source.files[r] for r in rows]
+    items = [EncodedImages(source, r, r + 1, preprocessing)[0] for r in rows]
     assert all(item.jpeg is not None for item in items)
     # JPEG magic and end marker around garbage, handed over as a worker hands a JPEG it let
     # through: the device decoder refuses it, then PIL does.
@@ -81,8 +84,10 @@ def test_a_jpeg_the_device_decoder_refuses_is_skipped_and_the_rest_of_the_batch_
 
 def test_the_worker_refuses_a_decompression_bomb_as_the_cpu_path_does(jpeg_folder, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 28 x 28 image is then over the limit
-    name = str(next(jpeg_folder.rglob("0*.jpg")).relative_to(jpeg_folder))
-    item = EncodedImages(jpeg_folder, [name], Preprocessing(resize_size=32, crop_size=32))[0]
+    source = scan_image_folder(jpeg_folder)
+    row = next(r for r, name in enumerate(source.files) if name.endswith(".jpg") and "zz-" not in name)
+    name = source.files[row]
+    item = EncodedImages(source, row, row + 1, Preprocessing(resize_size=32, crop_size=32))[0]
     assert item.jpeg is None and item.pixels is None and "DecompressionBomb" in item.reason
     data = (jpeg_folder / name).read_bytes()
     with pytest.raises(Image.DecompressionBombError):

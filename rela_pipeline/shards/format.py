@@ -14,8 +14,10 @@ Each sample is one basename (``__key__``, the zero-padded sample index: no dots)
 ``<ext>``       the original encoded image bytes (``jpg``, ``png``, ...; never re-encoded)
 ``cls``         the class index as ASCII digits (labelled datasets only)
 ``target.npy``  the representation target, ``(K,)`` in the manifest's ``targets.dtype``
-``json``        ``{"index", "path", "label", "class_name", "image_field", "knn_density",
-                "nn_similarity", "nn_index"}``
+``json``        ``{"index", "label", "class_name", "image_field", "knn_density",
+                "nn_similarity", "nn_index"}`` and where the sample came from: ``"path"``
+                (ImageFolder and file-list input), or ``"source_shard"``, ``"source_key"`` and
+                the input sample's own ``.json``/``.txt`` under ``"source"`` (tar input)
 ==============  ===========================================================================
 """
 
@@ -57,7 +59,8 @@ def image_field(relative_path: str) -> str:
 
 def encode_sample(
     index: int,
-    relative_path: str,
+    origin: dict[str, Any],
+    image_field: str,
     image_bytes: bytes,
     target: np.ndarray,
     metadata: dict[str, Any],
@@ -67,17 +70,19 @@ def encode_sample(
 
     Args:
         index: sample index (the key).
-        relative_path: image path relative to the dataset root.
+        origin: where the sample came from, merged into the ``.json``: ``{"path": relative
+            path}`` (ImageFolder, file list) or ``{"source_shard", "source_key"[, "source"]}``
+            (tar input; :mod:`rela_pipeline.sources`).
+        image_field: the image's field name (its suffix, lowercased).
         image_bytes: the file's bytes, unchanged.
         target: ``(K,)`` array already in the output dtype.
-        metadata: JSON-ready per-sample fields (scores, label, ...); ``index`` and ``path`` are added.
+        metadata: JSON-ready per-sample fields (scores, label, ...); ``index`` is added.
         label: class index, or None for unlabelled data (no ``cls`` field then).
     """
-    field = image_field(relative_path)
-    record = dict(metadata, index=index, path=relative_path, image_field=field)
+    record = dict(metadata, index=index, image_field=image_field, **origin)
     sample = {
         "__key__": sample_key(index),
-        field: image_bytes,
+        image_field: image_bytes,
         TARGET_FIELD: npy_bytes(target),
         "json": json.dumps(record, sort_keys=True, allow_nan=False).encode("utf-8"),
     }

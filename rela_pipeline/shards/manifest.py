@@ -8,7 +8,9 @@ last and atomically by ``embed``; its presence marks a complete run. Fields (sch
 * ``transport``: file, sha256, input_dim, output_dim, explained_variance_ratio (first 16), num_samples
 * ``targets``: field, dtype, dim
 * ``scores``: file, sha256, k, dims, device, fields
-* ``dataset``: root, fingerprint (file_count, total_bytes, paths_sha256), class_names, labelled
+* ``dataset``: root (the ``--data`` given), kind (``imagefolder``, ``webdataset`` or ``filelist``;
+  absent: an ImageFolder), fingerprint (file_count, total_bytes, paths_sha256; for tars also each
+  shard's name, bytes and sha256, for lists the list's sha256), class_names, labelled
 * ``samples``: scanned, written, skipped, per_class
 * ``skipped`` / ``ignored``: ``[{"path", "reason"}]``
 * ``shards``: ``[{"name", "samples", "bytes", "sha256"}]``
@@ -69,7 +71,7 @@ SECTION_KEYS = {
     "samples": ("scanned", "written", "skipped", "per_class"),
     "embeddings": ("file", "sha256", "dtype", "shape"),
 }
-OPTIONAL_SECTION_KEYS = {"transport": ("reference_samples",), "scores": ("device", "search")}
+OPTIONAL_SECTION_KEYS = {"transport": ("reference_samples",), "scores": ("device", "search"), "dataset": ("kind",)}
 SHARD_KEYS = ("name", "samples", "bytes", "sha256")
 
 

@@ -38,7 +38,12 @@ class EmbedConfig:
     """Settings of one ``embed`` run (the CLI options, one to one).
 
     Attributes:
-        data_dir: ImageFolder root.
+        data_dir: the input (:func:`rela_pipeline.sources.open_image_source`): an ImageFolder
+            directory, a ``.txt``/``.csv`` file list, or a brace pattern or glob of local
+            WebDataset ``.tar`` shards.
+        label_field: where tar or list input keeps labels: ``cls`` or ``json:<key>`` (tars), a
+            column name (``.csv`` lists); None: ``.cls`` / the ``label`` column when every
+            sample has one, else unlabelled.
         prior: prior spec (see :mod:`rela_pipeline.priors`).
         out_dir: output directory of the shard set.
         batch_size: images per forward pass; None: 256 on CUDA, 32 on CPU (large batches are
@@ -76,6 +81,7 @@ class EmbedConfig:
     data_dir: Path
     prior: str
     out_dir: Path
+    label_field: str | None = None
     batch_size: int | None = None
     num_workers: int = field(default_factory=default_num_workers)
     device: str = "auto"

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ...distributed import Distribution
-from ...imagefolder import ImageFolderIndex
 from ...priors import Prior
 from ...runtime import Precision
+from ...sources import ImageSource
 from .config import EmbedConfig
 from .journal import EmbedJournal, RankProgress
 from .output import WORK_DIR_NAME
@@ -23,7 +23,8 @@ class EmbedRun:
 
     Attributes:
         config: the run's settings (``batch_size`` resolved; ``progress`` off on ranks other than 0).
-        index: the scanned ImageFolder (every rank scans; the ranks check they agree).
+        index: the scanned image source (:mod:`rela_pipeline.sources`; every rank scans, and the
+            ranks check they agree).
         prior: the prior model and its preprocessing.
         device: this rank's device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
         precision: the prior's resolved forward-pass precision.
@@ -36,7 +37,7 @@ class EmbedRun:
     """
 
     config: EmbedConfig
-    index: ImageFolderIndex
+    index: ImageSource
     prior: Prior
     device: torch.device
     precision: Precision

@@ -29,15 +29,15 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ...errors import RelaError
-from ...imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
+from ...imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ...priors import Preprocessing
+from ...sources import ImageSource, decode_named
 
 #: Accepted ``--decode`` values.
 DECODE_MODES = ("auto", "cpu", "gpu")
@@ -90,43 +90,45 @@ class EncodedItem:
     """One image as a worker hands it to the main process on the ``gpu`` decode path.
 
     Attributes:
-        row: index into the batch's file list.
-        path: the file (the CPU decoder reads it from there: error messages name it, not a buffer).
+        row: index into the batch's rows (0 for the first row the dataset covers).
+        name: the sample's key (errors of the CPU fallback name it).
         jpeg: the file's bytes as uint8 ``(L,)`` when the device decodes it, else None.
         pixels: uint8 ``(3, S, S)`` preprocessed on the CPU (non-JPEG files), else None.
         reason: why the image could not be read or decoded ("" when it could).
     """
 
     row: int
-    path: Path | None = None
+    name: str = ""
     jpeg: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     reason: str = ""
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """Image ``i`` of an ImageFolder for the ``gpu`` decode path, read in a DataLoader worker:
-    its JPEG bytes, or (for files the device does not decode) its preprocessed uint8 pixels.
+    """Rows ``start .. stop - 1`` of an image source (:mod:`rela_pipeline.sources`) for the ``gpu``
+    decode path, read in a DataLoader worker: each sample's JPEG bytes, or (for images the device
+    does not decode) its preprocessed uint8 pixels.
 
     Items are :class:`EncodedItem`; batch them with :func:`collate_encoded`.
     """
 
-    def __init__(self, root: Path, files: list[str], preprocessing: Preprocessing) -> None:
-        self.root, self.files = Path(root), files
+    def __init__(self, source: ImageSource, start: int, stop: int, preprocessing: Preprocessing) -> None:
+        self.source, self.start, self.stop = source, start, stop
         self.transform = preprocessing.to_uint8_transform()
 
     def __len__(self) -> int:
-        return len(self.files)
+        return self.stop - self.start
 
     def __getitem__(self, i: int) -> EncodedItem:
-        path = self.root / self.files[i]
+        row = self.start + i
+        name = self.source.files[row]
         try:
-            data = path.read_bytes()
+            data = self.source.read(row)
             if device_decodable_jpeg(data):
-                return EncodedItem(i, path, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            return EncodedItem(i, path, pixels=self.transform(decode_rgb(path)))
+                return EncodedItem(i, name, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            return EncodedItem(i, name, pixels=self.transform(self.source.open_image(row)))
         except UNDECODABLE_IMAGE_ERRORS as error:
-            return EncodedItem(i, path, reason=_reason(error))
+            return EncodedItem(i, name, reason=_reason(error))
 
 
 def collate_encoded(items: list[EncodedItem]) -> list[EncodedItem]:
@@ -195,8 +197,8 @@ def decode_on_device(
     for k in jpegs:
         if k not in pictures:  # the device decoder refused it: the CPU decoder decides
             try:
-                source = items[k].path if items[k].path is not None else io.BytesIO(items[k].jpeg.numpy().tobytes())
-                images[k] = preprocessing.to_uint8_transform()(decode_rgb(source)).to(device)
+                picture = decode_named(items[k].jpeg.numpy().tobytes(), items[k].name)
+                images[k] = preprocessing.to_uint8_transform()(picture).to(device)
                 decoded[k] = True
                 counts.cpu += 1
             except UNDECODABLE_IMAGE_ERRORS as error:

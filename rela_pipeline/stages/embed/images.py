@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...errors import RelaError
-from ...imagefolder import ImageFolderIndex
-from ...priors import PreprocessedImages, Prior
+from ...imagefolder import UNDECODABLE_IMAGE_ERRORS
+from ...priors import Preprocessing, Prior
 from ...runtime import Precision
+from ...sources import ImageSource
 from .decoding import DecodeCounts, EncodedImages, collate_encoded, decode_on_device
 
 #: The default device of :func:`embed_images`.
@@ -46,6 +47,31 @@ class EmbeddingResult:
         return self.images / max(self.seconds, 1e-9)
 
 
+class SourceImages(torch.utils.data.Dataset):
+    """Rows ``start .. stop - 1`` of an image source decoded and preprocessed to uint8 in a
+    DataLoader worker (the ``cpu`` decode path).
+
+    Items are ``(i, image uint8 (3, S, S), ok, reason)`` (``i`` counted from ``start``). An image
+    that does not decode yields zeros, ``ok=False`` and a one-line reason instead of raising, so
+    the main process skips and counts it.
+    """
+
+    def __init__(self, source: ImageSource, start: int, stop: int, preprocessing: Preprocessing) -> None:
+        self.source, self.start, self.stop = source, start, stop
+        self.transform = preprocessing.to_uint8_transform()
+        self.size = preprocessing.crop_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
+        try:
+            return i, self.transform(self.source.open_image(self.start + i)), True, ""
+        except UNDECODABLE_IMAGE_ERRORS as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'undecodable'}"
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason[:200]
+
+
 def embedding_dim(prior: Prior, device: torch.device) -> int:
     """Output dimension D of the prior (one forward pass on two blank images on ``device``; the
     model must already be there).
@@ -72,7 +98,7 @@ def _deterministic_cudnn():
 
 
 def embed_images(
-    index: ImageFolderIndex,
+    index: ImageSource,
     prior: Prior,
     embeddings: np.ndarray,
     *,
@@ -128,8 +154,7 @@ def embed_images(
         model = model.to(memory_format=torch.channels_last)
     failures: dict[int, str] = {}
     on_device = decode == "gpu"
-    files = index.files[start_row:stop_row]
-    dataset = EncodedImages(index.root, files, prior.preprocessing) if on_device else PreprocessedImages(index.root, files, prior.preprocessing)
+    dataset = (EncodedImages if on_device else SourceImages)(index, start_row, stop_row, prior.preprocessing)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

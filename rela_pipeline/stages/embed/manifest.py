@@ -66,7 +66,8 @@ def build_manifest(
             "metric": "cosine",
         },
         "dataset": {
-            "root": str(index.root),
+            "root": index.location,
+            **({"kind": index.kind} if index.kind != "imagefolder" else {}),
             "fingerprint": index.fingerprint(),
             "class_names": index.class_names,
             "labelled": labels is not None,

@@ -17,10 +17,10 @@ from typing import Any
 from ... import __version__
 from ...errors import RelaError
 from ...fileio import PARTIAL_SUFFIX
-from ...imagefolder import ImageFolderIndex
 from ...priors import Prior
 from ...shards.format import EMBEDDINGS_NAME, MANIFEST_NAME, SCORES_NAME, SHARD_GLOB, TRANSPORT_NAME
 from ...shards.manifest import read_manifest
+from ...sources import ImageSource
 from .config import RUN_CONTROL_FIELDS, EmbedConfig
 from .journal import EmbedJournal, first_difference, journal_path
 
@@ -96,7 +96,7 @@ def identity_settings(config: EmbedConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in RUN_CONTROL_FIELDS}
 
 
-def run_identity(config: EmbedConfig, index: ImageFolderIndex, prior: Prior, resolved: dict[str, str]) -> dict[str, Any]:
+def run_identity(config: EmbedConfig, index: ImageSource, prior: Prior, resolved: dict[str, str]) -> dict[str, Any]:
     """What must match for ``--resume`` to continue a run, or for two runs to give the same bytes:
     identity settings, what ``auto`` resolved to (``resolved``: the device type, the prior's
     precision and where images are decoded, so a resume never mixes rows computed differently),

@@ -20,11 +20,11 @@ import torch
 from ...distributed import Distribution, collective_failures, init_distribution, quiet_unless_main
 from ...errors import RelaError
 from ...fileio import create_npy_memmap, exclusive_lock, load_npz, open_npy_memmap, sha256_file, write_json_atomic, write_npz_atomic
-from ...imagefolder import scan_image_folder
 from ...priors import load_prior
 from ...runtime import resolve_prior_precision
 from ...scores import RowScores, ScoreSearch, build_score_search, score_rows
 from ...shards.format import EMBEDDINGS_NAME, MANIFEST_NAME, SCORES_NAME, TRANSPORT_NAME
+from ...sources import open_image_source
 from ...transport import LinearTransport, fit_linear_transport
 from .config import EmbedConfig, default_batch_size
 from .context import EmbedRun
@@ -62,7 +62,7 @@ def run_embed(config: EmbedConfig, on_phase: Callable[[str], None] | None = None
         returns it.
 
     Raises:
-        RelaError: any bad input (see :class:`EmbedConfig`, :func:`scan_image_folder`,
+        RelaError: any bad input (see :class:`EmbedConfig`, :func:`rela_pipeline.sources.open_image_source`,
             :func:`rela_pipeline.priors.load_prior`, :func:`make_output_dir`,
             :func:`prepare_output_dir`, :func:`open_run`); no decodable image; another ``embed``
             writing into the same OUT (it holds ``OUT/.rela-embed.lock``; the refused run touches
@@ -87,10 +87,10 @@ def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.de
     out_dir = Path(config.out_dir)
     if distribution.enabled:
         config = dataclasses.replace(config, progress=config.progress and distribution.is_main)
-    index = scan_image_folder(config.data_dir)
+    index = open_image_source(config.data_dir, config.label_field)
     timings["scan"] = time.perf_counter() - t0
     say(
-        f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes under {index.root}"
+        f"found {len(index.files)} images in {len(index.class_names) or 'no'} classes in {index.location}"
         + (f"; {distribution.world_size} ranks ({distribution.backend})" if distribution.enabled else "")
     )
 

@@ -169,8 +169,7 @@ def _write_samples(
         # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
         # of one or two classes. Keys stay the sample indices, so nothing else depends on the order.
         for i in order[position:].tolist():
-            row = kept[i]
-            relative = index.files[row]
+            row = int(kept[i])
             label = int(labels[i]) if labels is not None else None
             metadata = {
                 "label": label,
@@ -179,8 +178,7 @@ def _write_samples(
                 "nn_similarity": float(scores["nn_similarity"][i]),
                 "nn_index": int(scores["nn_index"][i]),
             }
-            image_bytes = (index.root / relative).read_bytes()
-            writer.write(encode_sample(i, relative, image_bytes, np.asarray(targets[i]), metadata, label))
+            writer.write(encode_sample(i, index.origin(row), index.image_field(row), index.read(row), np.asarray(targets[i]), metadata, label))
             bar.update(1)
     return writer.shards
 

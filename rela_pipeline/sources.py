@@ -1,0 +1,458 @@
+"""Where stage one reads its images: an ImageFolder, local WebDataset tars, or a file list.
+
+:func:`open_image_source` picks the kind from ``--data``:
+
+``imagefolder``  a directory (:func:`rela_pipeline.imagefolder.scan_image_folder`): sorted relative
+                 paths, labels from the class folders.
+``webdataset``   a brace pattern or glob of local ``.tar`` files in img2dataset's layout (per
+                 sample ``{key}.jpg|jpeg|png|webp|...``, optional ``{key}.cls``, ``{key}.json``,
+                 ``{key}.txt``; webdataset's rule: a sample is the consecutive members sharing the
+                 name before the basename's first dot). Order: the shards in the pattern's order
+                 (brace expansion, then each glob sorted), the samples in member order.
+``filelist``     a ``.txt`` (one path per line) or ``.csv`` (a ``path`` column and an optional
+                 ``label`` column) file; paths relative to the list's folder or absolute. Order:
+                 the list's rows.
+
+Every source has the same interface (:class:`ImageSource`): one key per sample in a fixed order,
+labels and class names, a fingerprint (for ``--resume`` and the manifest; for tars each shard's
+name, size and SHA-256, hashed in the one scanning pass), random access to each sample's image
+bytes (tars: the member's offset, found in that pass), and the sample's provenance for the
+output ``.json`` (``path``, or ``source_shard``, ``source_key`` and the input's own ``.json`` /
+``.txt`` under ``source``).
+
+Bad input is never fatal per sample: a tar member that is no ``key.ext`` name, a sample without
+an image, a duplicate key in a shard, a shard that ends early (truncated), or a listed file that
+is missing is left out, named with its reason in ``ignored`` (the manifest's ``ignored``) and
+warned about; images that do not decode are skipped later, when embedded, as for an ImageFolder.
+Nothing is ever written from a member's name: a name that climbs out of its folder
+(``../../x.png``) is only a string in ``source_key``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import RelaError
+from .fileio import HashingFile
+from .imagefolder import IMAGE_EXTENSIONS, ImageFolderIndex, decode_rgb, scan_image_folder
+
+logger = logging.getLogger("rela_pipeline")
+
+#: Accepted source kinds.
+SOURCE_KINDS = ("imagefolder", "webdataset", "filelist")
+#: Suffixes read as file lists.
+LIST_SUFFIXES = (".txt", ".csv")
+#: A tar member's sample key and extension (webdataset's ``base_plus_ext``).
+MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+#: Image extensions of a tar sample (the member name's extension, lowercased).
+TAR_IMAGE_FIELDS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+#: Side fields kept from a tar sample for labels and provenance (at most this many bytes each).
+SIDE_FIELDS = ("cls", "json", "txt")
+SIDE_FIELD_MAX_BYTES = 1 << 20
+
+
+class ImageSource(Protocol):
+    """What stage one reads its images from (module docstring).
+
+    Attributes:
+        kind: one of :data:`SOURCE_KINDS`.
+        location: the ``--data`` given, as a string (the manifest's ``dataset.root``).
+        files: one key per sample, in the source's order (the manifest's ``skipped`` names them).
+        labels: int64 ``(N,)`` class indices, or None when unlabelled.
+        class_names: the classes (empty when unlabelled).
+        ignored: ``{name: reason}`` of what was left out when scanning.
+    """
+
+    kind: str
+    files: list[str]
+    labels: np.ndarray | None
+    class_names: list[str]
+    ignored: dict[str, str]
+
+    @property
+    def location(self) -> str: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def read(self, row: int) -> bytes: ...
+
+    def open_image(self, row: int) -> Image.Image: ...
+
+    def image_field(self, row: int) -> str: ...
+
+    def origin(self, row: int) -> dict[str, Any]: ...
+
+
+def decode_named(data: bytes, name: str) -> Image.Image:
+    """:func:`rela_pipeline.imagefolder.decode_rgb` of in-memory bytes, with errors naming
+    ``name`` instead of a buffer object (so a manifest's reasons are reproducible).
+
+    Raises:
+        as :func:`rela_pipeline.imagefolder.decode_rgb`.
+    """
+    try:
+        return decode_rgb(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+
+
+def _class_labels(values: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Class indices and names from label strings: names sorted numerically when every label is an
+    integer, else lexicographically."""
+    unique = sorted(set(values), key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
+    index = {name: i for i, name in enumerate(unique)}
+    return np.asarray([index[v] for v in values], dtype=np.int64), unique
+
+
+@dataclass
+class _TarSample:
+    shard: int
+    key: str
+    extension: str = ""
+    offset: int = -1
+    size: int = 0
+    side: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class TarSource:
+    """Local WebDataset tars in img2dataset's layout (module docstring)."""
+
+    pattern: str
+    shard_paths: list[str]
+    shard_records: list[dict[str, Any]]
+    files: list[str]
+    fields: list[str]
+    shard_of: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str]
+    provenance: list[dict[str, Any]]
+    ignored: dict[str, str]
+    kind: str = "webdataset"
+
+    @property
+    def location(self) -> str:
+        return self.pattern
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Each shard's name, bytes and SHA-256 (read in the scanning pass), the sample count and
+        the SHA-256 of the sample keys."""
+        return {
+            "kind": self.kind,
+            "file_count": len(self.files),
+            "total_bytes": int(sum(r["bytes"] for r in self.shard_records)),
+            "paths_sha256": hashlib.sha256("\n".join(self.files).encode("utf-8")).hexdigest(),
+            "shards": self.shard_records,
+        }
+
+    def read(self, row: int) -> bytes:
+        """The image member's bytes of sample ``row``, unchanged.
+
+        Raises:
+            OSError: the shard cannot be read there any more.
+        """
+        with open(self.shard_paths[int(self.shard_of[row])], "rb") as handle:
+            handle.seek(int(self.offsets[row]))
+            data = handle.read(int(self.sizes[row]))
+        if len(data) != int(self.sizes[row]):
+            raise OSError(f"{self.files[row]}: the shard ends inside the image")
+        return data
+
+    def open_image(self, row: int) -> Image.Image:
+        """Sample ``row`` decoded as RGB (errors as :func:`decode_named`)."""
+        return decode_named(self.read(row), self.files[row])
+
+    def image_field(self, row: int) -> str:
+        return self.fields[row]
+
+    def origin(self, row: int) -> dict[str, Any]:
+        return self.provenance[row]
+
+
+def _scan_tar(path: str, shard: int, ignored: dict[str, str]) -> tuple[list[_TarSample], dict[str, Any]]:
+    """One pass over a tar: its samples (image offsets, side fields) and its record (name, bytes,
+    SHA-256). Members that do not form a sample, and the rest of a shard that ends early, go to
+    ``ignored``."""
+    name = os.path.basename(path)
+    samples: list[_TarSample] = []
+    finished: set[str] = set()
+    current: _TarSample | None = None
+
+    def finish(sample: _TarSample | None) -> None:
+        if sample is None:
+            return
+        where = f"{name}/{sample.key}"
+        if sample.key in finished:
+            ignored[where] = "duplicate key in the shard"
+        elif not sample.extension:
+            ignored[where] = "no image field"
+        else:
+            samples.append(sample)
+        finished.add(sample.key)
+
+    size = os.path.getsize(path)
+    end = 0  # where the last member's padded data ends
+    with open(path, "rb") as raw:
+        hashing = HashingFile(raw)
+        try:
+            with tarfile.open(fileobj=hashing, mode="r|") as archive:
+                for member in archive:
+                    end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    if not member.isfile():
+                        continue
+                    match = MEMBER_NAME.match(member.name)
+                    if match is None:
+                        ignored[f"{name}/{member.name}"] = "not a key.extension member name"
+                        continue
+                    key, extension = match.group(1), match.group(2).lower()
+                    if current is None or key != current.key:
+                        finish(current)
+                        current = _TarSample(shard, key)
+                    if member.offset_data + member.size > size:  # tarfile's stream mode stops quietly at the end
+                        raise tarfile.ReadError(f"{member.name} is cut off")
+                    if extension in TAR_IMAGE_FIELDS:
+                        if current.extension:
+                            ignored[f"{name}/{member.name}"] = "a second image in one sample"
+                            continue
+                        current.extension, current.offset, current.size = extension, member.offset_data, member.size
+                    elif extension in SIDE_FIELDS and member.size <= SIDE_FIELD_MAX_BYTES:
+                        current.side[extension] = archive.extractfile(member).read()
+            if size < end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut inside a header
+                raise tarfile.ReadError("no end-of-archive marker")
+        except (tarfile.TarError, EOFError, OSError) as error:
+            ignored[name] = f"the shard ends early or is not a tar ({type(error).__name__}); kept its first samples"
+            current = None  # its last sample may be cut off: left out
+        finish(current)
+        hashing.drain()
+    record = {"name": name, "bytes": size, "sha256": hashing.hexdigest()}
+    return samples, record
+
+
+def _label_of(sample: _TarSample, label_field: str) -> str | None:
+    """The label text of a sample from ``cls`` or ``json:<key>``; None when it has none."""
+    if label_field == "cls":
+        return sample.side["cls"].decode("utf-8", "replace").strip() if "cls" in sample.side else None
+    key = label_field.split(":", 1)[1]
+    try:
+        value = json.loads(sample.side["json"]).get(key) if "json" in sample.side else None
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else str(value)
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """The files of a brace pattern and/or glob, in the pattern's order (brace expansion, then
+    each glob sorted), each once.
+
+    Raises:
+        RelaError: it matches no file.
+    """
+    import braceexpand
+
+    found: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(part)) if glob.has_magic(part) else ([part] if os.path.isfile(part) else [])
+        found += [m for m in matches if m not in found]
+    if not found:
+        raise RelaError(f"--data {pattern}: the pattern matches no file")
+    return found
+
+
+def open_tar_source(pattern: str, label_field: str | None = None) -> TarSource:
+    """Scan local tars (module docstring).
+
+    Args:
+        pattern: a brace pattern or glob of ``.tar`` files.
+        label_field: ``cls`` or ``json:<key>``: every sample must have it; None: labels from
+            ``.cls`` when every sample has one, else unlabelled.
+
+    Raises:
+        RelaError: no file matches, a file is not a ``.tar``, no sample has an image, or
+            ``label_field`` is malformed or missing from a sample (naming the first such key).
+    """
+    if label_field is not None and label_field != "cls" and not label_field.startswith("json:"):
+        raise RelaError(f"--label-field must be cls or json:<key>, got {label_field!r}")
+    paths = expand_pattern(pattern)
+    wrong = next((p for p in paths if not p.endswith(".tar")), None)
+    if wrong is not None:
+        raise RelaError(f"--data {pattern}: {wrong} is not a .tar shard")
+    ignored: dict[str, str] = {}
+    samples: list[_TarSample] = []
+    records = []
+    for shard, path in enumerate(paths):
+        found, record = _scan_tar(path, shard, ignored)
+        samples += found
+        records.append(record)
+    if not samples:
+        raise RelaError(f"--data {pattern}: no sample with an image in {len(paths)} shard(s)")
+    names = [r["name"] for r in records]
+    texts = [_label_of(s, label_field or "cls") for s in samples]
+    labels, class_names = None, []
+    if label_field is not None:
+        missing = next((i for i, t in enumerate(texts) if t is None), None)
+        if missing is not None:
+            raise RelaError(f"--label-field {label_field}: sample {names[samples[missing].shard]}/{samples[missing].key} has none")
+    if all(t is not None for t in texts):
+        labels, class_names = _class_labels(texts)
+    provenance = []
+    for s in samples:
+        record: dict[str, Any] = {"source_shard": names[s.shard], "source_key": s.key}
+        extra = {}
+        if "json" in s.side:
+            try:
+                extra["json"] = json.loads(s.side["json"])
+            except ValueError:
+                extra["json"] = None
+        if "txt" in s.side:
+            extra["txt"] = s.side["txt"].decode("utf-8", "replace")
+        if extra:
+            record["source"] = extra
+        provenance.append(record)
+    for name, reason in ignored.items():  # once the input is known to hold images: a useless one is one error line
+        logger.warning("left out %s: %s", name, reason)
+    return TarSource(
+        pattern=pattern,
+        shard_paths=paths,
+        shard_records=records,
+        files=[f"{names[s.shard]}/{s.key}" for s in samples],
+        fields=[s.extension for s in samples],
+        shard_of=np.asarray([s.shard for s in samples], dtype=np.int64),
+        offsets=np.asarray([s.offset for s in samples], dtype=np.int64),
+        sizes=np.asarray([s.size for s in samples], dtype=np.int64),
+        labels=labels,
+        class_names=class_names,
+        provenance=provenance,
+        ignored=ignored,
+    )
+
+
+@dataclass
+class FileListSource:
+    """A ``.txt`` or ``.csv`` list of image paths (module docstring)."""
+
+    list_path: Path
+    files: list[str]
+    paths: list[str]
+    file_bytes: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str]
+    ignored: dict[str, str]
+    kind: str = "filelist"
+
+    @property
+    def location(self) -> str:
+        return str(self.list_path)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The list's SHA-256, the image count, their total bytes and the SHA-256 of the paths."""
+        return {
+            "kind": self.kind,
+            "file_count": len(self.files),
+            "total_bytes": int(self.file_bytes.sum()),
+            "paths_sha256": hashlib.sha256("\n".join(self.files).encode("utf-8")).hexdigest(),
+            "list_sha256": hashlib.sha256(self.list_path.read_bytes()).hexdigest(),
+        }
+
+    def read(self, row: int) -> bytes:
+        return Path(self.paths[row]).read_bytes()
+
+    def open_image(self, row: int) -> Image.Image:
+        return decode_rgb(self.paths[row])
+
+    def image_field(self, row: int) -> str:
+        return self.files[row].rsplit(".", 1)[-1].lower() if "." in os.path.basename(self.files[row]) else "jpg"
+
+    def origin(self, row: int) -> dict[str, Any]:
+        return {"path": self.files[row]}
+
+
+def open_file_list(path: Path, label_field: str | None = None) -> FileListSource:
+    """Read a ``.txt`` or ``.csv`` list (module docstring); listed files that are missing are left
+    out (``ignored``).
+
+    Raises:
+        RelaError: an unreadable list, a ``.csv`` without a ``path`` column, a ``label_field``
+            column it lacks, or no listed file that exists.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RelaError(f"cannot read the file list {path}: {error}") from None
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        columns = set(rows[0]) if rows else set()
+        if "path" not in columns:
+            raise RelaError(f"file list {path} has no 'path' column (columns: {', '.join(sorted(columns)) or 'none'})")
+        label_column = label_field or ("label" if "label" in columns else None)
+        if label_column is not None and label_column not in columns:
+            raise RelaError(f"--label-field {label_column}: file list {path} has no such column")
+        entries = [(row["path"].strip(), (row.get(label_column) or "").strip() if label_column else None) for row in rows]
+    else:
+        if label_field is not None:
+            raise RelaError("--label-field needs a .csv file list (a .txt list holds paths only)")
+        entries = [(line.strip(), None) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    files, paths, sizes, texts, ignored = [], [], [], [], {}
+    for listed, label in entries:
+        full = listed if os.path.isabs(listed) else str(path.parent / listed)
+        if not os.path.isfile(full):
+            ignored[listed] = "listed file is missing"
+            continue
+        files.append(listed)
+        paths.append(full)
+        sizes.append(os.path.getsize(full))
+        texts.append(label)
+    if not files:
+        raise RelaError(f"file list {path} names no existing image ({len(entries)} entries)")
+    for name, reason in ignored.items():
+        logger.warning("left out %s: %s", name, reason)
+    labels, class_names = None, []
+    if texts and all(t for t in texts):
+        labels, class_names = _class_labels(texts)
+    elif label_field is not None:
+        first = next(f for f, t in zip(files, texts) if not t)
+        raise RelaError(f"--label-field {label_field}: {first} has no label")
+    return FileListSource(path, files, paths, np.asarray(sizes, dtype=np.int64), labels, class_names, ignored)
+
+
+def open_image_source(data: str | os.PathLike, label_field: str | None = None) -> ImageSource:
+    """The source ``--data`` names: a directory (ImageFolder), a ``.txt``/``.csv`` file list, or a
+    pattern of local ``.tar`` shards (module docstring).
+
+    Raises:
+        RelaError: one line naming what was tried when ``data`` is none of these, or any error of
+            the source's own opening.
+    """
+    text = str(data)
+    if text.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
+        raise RelaError(f"--data {text}: remote tar input is not supported yet; copy the shards to a local folder and give their pattern")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if label_field is not None:
+            raise RelaError("--label-field applies to tar and file-list input (an ImageFolder's labels are its class folders)")
+        return scan_image_folder(path)
+    if path.is_file() and path.suffix in LIST_SUFFIXES:
+        return open_file_list(path, label_field)
+    if path.is_file() and path.suffix == ".tar" or any(c in text for c in "{*?["):
+        return open_tar_source(text, label_field)
+    if path.exists():
+        raise RelaError(f"--data {text}: neither a directory, a .txt/.csv file list nor .tar shards")
+    raise RelaError(f"--data {text}: not found (tried an ImageFolder directory, a file list, and a tar pattern)")
+
+
+__all__ = ["ImageSource", "ImageFolderIndex", "TarSource", "FileListSource", "open_image_source", "open_tar_source", "open_file_list", "SOURCE_KINDS"]

@@ -1,0 +1,210 @@
+"""Stage one's other inputs: the real fixture as WebDataset tars (img2dataset's layout) and as a
+file list give the ImageFolder run's targets, with provenance a team can join back on; hostile
+tars and lists are skipped and counted; bad ``--data`` is one line."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rela_pipeline.imagefolder import scan_image_folder
+from rela_pipeline.shards.manifest import verify_shard_set
+from rela_pipeline.stages.embed import run_embed
+from tests.conftest import TRAIN_DIR, assert_one_line_error, run_cli, small_embed_config
+from tests.test_torchrun_embed import samples
+
+#: Samples per input shard (300 images: 3 shards).
+PER_SHARD = 100
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path | str]:
+    """The fixture's train split three ways, in the ImageFolder's order: ``tars`` (a brace
+    pattern of 3 shards: ``{key}.png`` + ``.cls`` + ``.json`` + ``.txt``) and ``list`` (a
+    ``.csv`` of relative paths and class names)."""
+    root = tmp_path_factory.mktemp("inputs")
+    index = scan_image_folder(TRAIN_DIR)
+    for shard in range(len(index.files) // PER_SHARD):
+        with tarfile.open(root / f"part-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+            for row in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
+                key = f"{row:06d}"
+                add_member(archive, f"{key}.png", (index.root / index.files[row]).read_bytes())
+                add_member(archive, f"{key}.cls", str(int(index.labels[row])).encode())
+                add_member(archive, f"{key}.json", json.dumps({"url": f"https://example.org/{key}.png", "label": int(index.labels[row])}).encode())
+                add_member(archive, f"{key}.txt", f"caption {key}".encode())
+    listing = root / "images.csv"
+    with listing.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for relative in index.files:
+            writer.writerow([os.path.relpath(index.root / relative, root), relative.split("/")[0]])
+    return {"tars": str(root / "part-{000000..000002}.tar"), "list": listing, "root": root}
+
+
+@pytest.fixture(scope="module")
+def imagefolder_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imagefolder") / "out"
+    run_embed(small_embed_config(TRAIN_DIR, out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tars", "list"])
+def test_tars_and_file_lists_give_the_imagefolder_runs_targets(inputs, imagefolder_run, tmp_path, kind):
+    out = tmp_path / "out"
+    manifest = run_embed(small_embed_config(inputs[kind], out))
+    assert manifest["dataset"]["kind"] == ("webdataset" if kind == "tars" else "filelist")
+    assert manifest["samples"]["written"] == 300 and manifest["dataset"]["labelled"]
+    # Same images in the same order, same labels: the transport, the scores and every target are the same bytes.
+    for name in ("transport.npz", "scores.npz"):
+        assert (out / name).read_bytes() == (imagefolder_run / name).read_bytes(), name
+    ours, reference = samples(out), samples(imagefolder_run)
+    assert ours.keys() == reference.keys()
+    assert all(np.array_equal(ours[k]["target"], reference[k]["target"]) for k in ours)
+    assert verify_shard_set(out).ok
+    some = ours["000000123"]["json"]
+    if kind == "tars":
+        # Provenance: the input shard and key, and the input's own .json and .txt.
+        assert some["source_shard"] == "part-000001.tar" and some["source_key"] == "000123" and "path" not in some
+        assert some["source"] == {"json": {"url": "https://example.org/000123.png", "label": some["label"]}, "txt": "caption 000123"}
+        shards = manifest["dataset"]["fingerprint"]["shards"]
+        assert [s["name"] for s in shards] == [f"part-{i:06d}.tar" for i in range(3)]
+        assert all(s["sha256"] == hashlib.sha256((inputs["root"] / s["name"]).read_bytes()).hexdigest() for s in shards)
+        assert manifest["dataset"]["class_names"] == [str(i) for i in range(10)]
+    else:
+        assert some["path"].endswith(reference["000000123"]["json"]["path"])  # the path as listed
+        assert manifest["dataset"]["class_names"] == json.loads((imagefolder_run / "manifest.json").read_text())["dataset"]["class_names"]
+
+
+def hostile_tar(path: Path, good: list[bytes]) -> None:
+    """A tar with good samples and every bad kind of member."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for i, data in enumerate(good):
+            add_member(archive, f"good{i}.png", data)
+        add_member(archive, "truncated.png", good[0][: len(good[0]) // 2])
+        add_member(archive, "text.jpg", b"not an image at all\n")
+        add_member(archive, "nolabel.cls", b"3")  # a sample with no image
+        add_member(archive, "good0.txt", b"a duplicate key, after another key")
+        add_member(archive, "../../escape.png", good[1])
+        add_member(archive, "README", b"no extension")
+
+
+def test_hostile_tars_are_skipped_and_counted_and_nothing_lands_outside_out(inputs, tmp_path, caplog):
+    index = scan_image_folder(TRAIN_DIR)
+    good = [(index.root / f).read_bytes() for f in index.files[:20]]
+    data = tmp_path / "in"
+    data.mkdir()
+    hostile_tar(data / "a.tar", good)
+    (data / "b.tar").write_bytes(b"")  # empty
+    whole = data / "c.tar"
+    with tarfile.open(whole, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for i, payload in enumerate(good[:4]):
+            add_member(archive, f"c{i}.png", payload)
+    data_cut = data / "d.tar"
+    data_cut.write_bytes(whole.read_bytes()[: 2048 + len(good[1]) // 2])  # cut inside its second image
+    whole.write_bytes(whole.read_bytes()[: 1536 + 100])  # cut inside its second header
+    manifest = run_embed(small_embed_config(str(data / "*.tar"), tmp_path / "out", batch_size=8, shard_size=16))
+    ignored = {entry["path"]: entry["reason"] for entry in manifest["ignored"]}
+    assert ignored["a.tar/nolabel"] == "no image field"
+    assert ignored["a.tar/good0"] == "duplicate key in the shard"
+    assert ignored["a.tar/README"] == "not a key.extension member name"
+    assert all("ends early" in ignored[name] for name in ("b.tar", "c.tar", "d.tar"))
+    skipped = {entry["path"] for entry in manifest["skipped"]}
+    assert skipped == {"a.tar/truncated", "a.tar/text"}
+    # 20 good + the escaping name (read as bytes, named only in the provenance) + d.tar's first sample. A shard
+    # that ends early loses the sample it was in (its fields may be incomplete): c.tar's only one, d.tar's second.
+    assert manifest["samples"]["written"] == 22 and manifest["samples"]["skipped"] == 2
+    escaped = [s for s in samples(tmp_path / "out").values() if s["json"].get("source_key") == "../../escape"]
+    assert len(escaped) == 1
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
+    assert not manifest["dataset"]["labelled"]  # not every sample has a .cls
+
+
+def test_bad_tar_and_list_input_is_one_line(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    code, _, stderr = run_cli("embed", "--data", str(tmp_path / "empty.tar"), "--out", str(tmp_path / "out"), "--prior", "random:resnet18", "--device", "cpu")
+    assert_one_line_error(code, stderr, "no sample with an image in 1 shard(s)")
+    assert not (tmp_path / "out").exists()
+    index = scan_image_folder(TRAIN_DIR)
+    with tarfile.open(tmp_path / "labels.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+        for i in range(3):
+            add_member(archive, f"s{i}.png", (index.root / index.files[i]).read_bytes())
+            add_member(archive, f"s{i}.json", json.dumps({"label": "cat"} if i != 1 else {}).encode())
+    code, _, stderr = run_cli(
+        "embed",
+        "--data",
+        str(tmp_path / "labels.tar"),
+        "--out",
+        str(tmp_path / "out"),
+        "--label-field",
+        "json:label",
+        "--prior",
+        "random:resnet18",
+        "--device",
+        "cpu",
+    )
+    assert_one_line_error(code, stderr, "--label-field json:label: sample labels.tar/s1 has none")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{index.root / index.files[0]}\nmissing.png\n{index.root / index.files[1]}\n")
+    manifest = run_embed(small_embed_config(listing, tmp_path / "listed", batch_size=2, shard_size=2))
+    assert manifest["samples"]["written"] == 2 and {e["path"]: e["reason"] for e in manifest["ignored"]} == {"missing.png": "listed file is missing"}
+    (tmp_path / "nothing.txt").write_text("gone.png\n")
+    code, _, stderr = run_cli(
+        "embed", "--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "out2"), "--prior", "random:resnet18", "--device", "cpu"
+    )
+    assert_one_line_error(code, stderr, "names no existing image")
+
+
+def test_a_killed_run_on_tar_input_resumes_into_the_uninterrupted_bytes(inputs, tmp_path):
+    fast = [
+        "--prior",
+        "random:resnet18",
+        "--image-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "64",
+        "--device",
+        "cpu",
+        "--checkpoint-seconds",
+        "1e-9",
+    ]
+    reference = tmp_path / "reference"
+    code, _, stderr = run_cli("embed", "--data", inputs["tars"], "--out", str(reference), *fast)
+    assert code == 0, stderr
+    out, ready = tmp_path / "out", tmp_path / "paused"
+    command = [sys.executable, str(Path(__file__).parent / "pausing_cli.py"), "-q", "embed", "--data", inputs["tars"], "--out", str(out), *fast]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PAUSE_AFTER_ROWS": "100", "PAUSE_READY": str(ready)}
+    )
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not reach its pause point"
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=60)
+    code, _, stderr = run_cli("embed", "--data", inputs["tars"], "--out", str(out), *fast, "--resume")
+    assert code == 0, stderr
+    for path in sorted(reference.iterdir()):
+        if path.name != "manifest.json":
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert json.loads((out / "manifest.json").read_text())["run"]["resumed"] is True
