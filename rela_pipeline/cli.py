@@ -159,8 +159,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
     "--data",
     "data_dir",
     required=True,
-    type=click.Path(path_type=Path),
-    help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg), a .txt/.csv file list, or local WebDataset shards (a brace pattern or glob, e.g. 'in/part-{000000..000099}.tar').",
+    help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg), a .txt/.csv file list, or WebDataset shards (a brace pattern or glob of local tars, e.g. 'in/part-{000000..000099}.tar', an http(s):// URL pattern, or a pipe: command).",
 )
 @click.option(
     "--label-field",
@@ -211,7 +210,7 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
 )
 @distributed_options
 @click.pass_context
-def embed(ctx: click.Context, data_dir: Path, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
+def embed(ctx: click.Context, data_dir: str, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
     score every sample, and write WebDataset shards with a manifest."""
     from .stages.embed import EmbedConfig, run_embed

@@ -4,7 +4,9 @@
 
 ``imagefolder``  a directory (:func:`rela_pipeline.imagefolder.scan_image_folder`): sorted relative
                  paths, labels from the class folders.
-``webdataset``   a brace pattern or glob of local ``.tar`` files in img2dataset's layout (per
+``webdataset``   a brace pattern or glob of local ``.tar`` files, or remote ones (an ``http(s)://``
+                 URL pattern, a ``pipe:`` command: each copied once into a temporary folder), in
+                 img2dataset's layout (per
                  sample ``{key}.jpg|jpeg|png|webp|...``, optional ``{key}.cls``, ``{key}.json``,
                  ``{key}.txt``; webdataset's rule: a sample is the consecutive members sharing the
                  name before the basename's first dot). Order: the shards in the pattern's order
@@ -274,24 +276,113 @@ def expand_pattern(pattern: str) -> list[str]:
     return found
 
 
+def is_remote_pattern(pattern: str) -> bool:
+    """Whether ``--data`` names remote tars: an ``http(s)://`` URL (pattern) or a ``pipe:`` command."""
+    return pattern.startswith(("http://", "https://", "pipe:"))
+
+
+def _download(url: str, target: Path) -> None:
+    """Copy one remote tar to ``target`` (``http(s)://`` with the standard library, checking the
+    length the server announced; ``pipe:`` through webdataset's ``gopen``).
+
+    Raises:
+        RelaError: one line naming the URL (an HTTP error such as 404, a refused or dropped
+            connection, a failing command).
+    """
+    import http.client
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    try:
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+                expected = response.headers.get("Content-Length")
+                shutil.copyfileobj(response, out, 1 << 20)
+                copied = out.tell()
+            if expected is not None and copied != int(expected):
+                raise RelaError(f"cannot read {url}: the connection closed after {copied} of {expected} bytes")
+        else:
+            from .shards.location import open_url
+
+            with open_url(url) as stream, open(target, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+    except RelaError:
+        raise
+    except urllib.error.HTTPError as error:
+        raise RelaError(f"cannot read {url}: HTTP {error.code} {error.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        text = str(getattr(error, "reason", None) or error)
+        raise RelaError(f"cannot read {url}: {type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}") from None
+
+
+def _spool(pattern: str) -> tuple[list[str], str]:
+    """Download the remote tars of ``pattern`` (brace-expanded) into a new temporary folder, each
+    read once; returns their local paths (named by the URL's file name) and the folder."""
+    import tempfile
+
+    import braceexpand
+
+    urls = list(braceexpand.braceexpand(pattern))
+    folder = tempfile.mkdtemp(prefix="rela-embed-input-")
+    paths = []
+    try:
+        for position, url in enumerate(urls):
+            name = os.path.basename(url.split("?", 1)[0].rstrip("/")) or f"shard-{position:06d}.tar"
+            target = Path(folder) / (name if not any(os.path.basename(p) == name for p in paths) else f"{position:06d}-{name}")
+            _download(url, target)
+            paths.append(str(target))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return paths, folder
+
+
 def open_tar_source(pattern: str, label_field: str | None = None) -> TarSource:
-    """Scan local tars (module docstring).
+    """Scan tars (module docstring): local files, or remote ones (``http(s)://`` URLs with brace
+    patterns, ``pipe:`` commands), which are first copied into a temporary folder (``TMPDIR``;
+    removed when the source is) in the same single read.
 
     Args:
-        pattern: a brace pattern or glob of ``.tar`` files.
+        pattern: a brace pattern or glob of ``.tar`` files, or of tar URLs.
         label_field: ``cls`` or ``json:<key>``: every sample must have it; None: labels from
             ``.cls`` when every sample has one, else unlabelled.
 
     Raises:
-        RelaError: no file matches, a file is not a ``.tar``, no sample has an image, or
-            ``label_field`` is malformed or missing from a sample (naming the first such key).
+        RelaError: no file matches, a file is not a ``.tar``, a remote tar cannot be read (naming
+            its URL), no sample has an image, or ``label_field`` is malformed or missing from a
+            sample (naming the first such key).
     """
     if label_field is not None and label_field != "cls" and not label_field.startswith("json:"):
         raise RelaError(f"--label-field must be cls or json:<key>, got {label_field!r}")
-    paths = expand_pattern(pattern)
-    wrong = next((p for p in paths if not p.endswith(".tar")), None)
-    if wrong is not None:
-        raise RelaError(f"--data {pattern}: {wrong} is not a .tar shard")
+    spool = None
+    if is_remote_pattern(pattern):
+        paths, spool = _spool(pattern)
+    else:
+        paths = expand_pattern(pattern)
+        wrong = next((p for p in paths if not p.endswith(".tar")), None)
+        if wrong is not None:
+            raise RelaError(f"--data {pattern}: {wrong} is not a .tar shard")
+    try:
+        source = _scan_tars(pattern, paths, label_field)
+    except BaseException:
+        if spool is not None:
+            import shutil
+
+            shutil.rmtree(spool, ignore_errors=True)
+        raise
+    if spool is not None:
+        import shutil
+        import weakref
+
+        weakref.finalize(source, shutil.rmtree, spool, True)
+    return source
+
+
+def _scan_tars(pattern: str, paths: list[str], label_field: str | None) -> TarSource:
+    """:func:`open_tar_source` on local ``paths``."""
     ignored: dict[str, str] = {}
     samples: list[_TarSample] = []
     records = []
@@ -439,8 +530,10 @@ def open_image_source(data: str | os.PathLike, label_field: str | None = None) -
             the source's own opening.
     """
     text = str(data)
-    if text.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
-        raise RelaError(f"--data {text}: remote tar input is not supported yet; copy the shards to a local folder and give their pattern")
+    if is_remote_pattern(text):
+        return open_tar_source(text, label_field)
+    if "://" in text:
+        raise RelaError(f"--data {text}: only http(s):// URLs and pipe: commands are read (e.g. pipe:aws s3 cp s3://bucket/part-000000.tar -)")
     path = Path(text).expanduser()
     if path.is_dir():
         if label_field is not None:

@@ -208,3 +208,132 @@ def test_a_killed_run_on_tar_input_resumes_into_the_uninterrupted_bytes(inputs, 
         if path.name != "manifest.json":
             assert (out / path.name).read_bytes() == path.read_bytes(), path.name
     assert json.loads((out / "manifest.json").read_text())["run"]["resumed"] is True
+
+
+def test_two_ranks_embed_tar_input_into_the_one_process_bytes(inputs, tmp_path):
+    """Every rank scans the same tars (the ranks compare fingerprints) and reads its rows by offset."""
+    from tests.test_torchrun_embed import CLI, FAST, ONE_THREAD
+
+    one = subprocess.run(
+        [CLI, "-q", "embed", "--data", inputs["tars"], "--out", str(tmp_path / "one"), *FAST], capture_output=True, text=True, timeout=600, env=ONE_THREAD
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        CLI,
+        "-q",
+        "embed",
+        "--data",
+        inputs["tars"],
+        "--out",
+        str(tmp_path / "two"),
+        *FAST,
+    ]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["run"]["world_size"] == 2
+
+
+class _Server:
+    """A real HTTP server on localhost serving a folder (the standard library's ``http.server``),
+    in a thread; a path containing ``drop`` is answered with its full length announced and half
+    its bytes, then the connection is closed."""
+
+    def __init__(self, root: Path) -> None:
+        import functools
+        import http.server
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                if "drop" in self.path:
+                    data = (root / self.path.lstrip("/").replace("drop-", "")).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.close()
+                    return
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def served(inputs, imagefolder_run, tmp_path):
+    """The input tars under ``/in/`` and a complete shard set under ``/set/``, over HTTP."""
+    import shutil
+
+    root = tmp_path / "www"
+    (root / "in").mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(inputs["root"] / f"part-{i:06d}.tar", root / "in")
+    shutil.copytree(imagefolder_run, root / "set")
+    server = _Server(root)
+    yield server
+    server.close()
+
+
+def test_embed_verify_and_train_over_http_with_a_real_server(served, inputs, tmp_path):
+    local = tmp_path / "local"
+    assert run_embed(small_embed_config(inputs["tars"], local))["dataset"]["kind"] == "webdataset"
+    out = tmp_path / "remote"
+    pattern = f"{served.url}/in/part-{{000000..000002}}.tar"
+    manifest = run_embed(small_embed_config(pattern, out))
+    assert manifest["dataset"]["root"] == pattern
+    for name in ("transport.npz", "scores.npz"):
+        assert (out / name).read_bytes() == (local / name).read_bytes()
+    assert samples(out)["000000007"]["json"]["source_shard"] == "part-000000.tar"
+    code, stdout, stderr = run_cli("verify", f"{served.url}/set/manifest.json")
+    assert code == 0 and stdout.startswith("OK"), stderr
+    code, _, stderr = run_cli(
+        "train",
+        "--shards",
+        f"{served.url}/set/manifest.json",
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--data-ratio",
+        "0.3",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-verify",
+    )
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["budget"]["steps"] == 90 // 32
+
+
+def test_a_missing_or_dropped_remote_tar_is_one_line_naming_the_url_and_nothing_is_written(served, tmp_path):
+    for path, fragment in (("in/part-000009.tar", "HTTP 404"), ("in/drop-part-000001.tar", "cannot read")):
+        url = f"{served.url}/{path}"
+        code, _, stderr = run_cli("embed", "--data", url, "--out", str(tmp_path / "out"), "--prior", "random:resnet18", "--device", "cpu")
+        assert_one_line_error(code, stderr, f"cannot read {url}")
+        assert fragment in stderr
+        assert not (tmp_path / "out").exists()

@@ -78,7 +78,7 @@ class EmbedConfig:
             (fitting the transport, building the score index; :mod:`rela_pipeline.distributed`).
     """
 
-    data_dir: Path
+    data_dir: str | Path
     prior: str
     out_dir: Path
     label_field: str | None = None
