@@ -244,3 +244,36 @@ def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
     refused = subprocess.run([sys.executable, str(GPU_CHECK), "--out", str(tmp_path / "full.json")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and refused.stderr.startswith("error: no CUDA device")
     assert not (tmp_path / "full.json").exists()
+
+
+def test_scale_images_measures_both_kinds_phase_by_phase_and_resumes(tmp_path):
+    import scale_images
+
+    out = tmp_path / "scale.json"
+    argv = [
+        "--sizes",
+        "200",
+        "400",
+        "--embed-sizes",
+        "200",
+        "400",
+        "--image-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
+    record = scale_images.main(argv)
+    for n in ("200", "400"):
+        cell = record["cells"][n]
+        assert cell["scan"]["imagefolder_files_per_s"] > 0 and cell["scan"]["tar_samples_per_s"] > 0
+        for kind in ("webdataset", "imagefolder"):
+            assert cell[kind]["written"] == int(n) and set(cell[kind]["phases"]) >= {"scan", "embed", "transport", "scores", "write_shards"}
+            assert 0 < cell[kind]["not_embedding_fraction"] < 1 and cell[kind]["peak_rss_mib"] > 0
+    assert set(record["growth_exponents"]) >= {"webdataset", "imagefolder", "sizes"} and "imagefolder_s" in record["scan_growth_exponents"]
+    before = out.read_text()
+    again = scale_images.main(argv)  # every cell is there: nothing is measured again
+    assert json.dumps(again["cells"], sort_keys=True) == json.dumps(json.loads(before)["cells"], sort_keys=True)
