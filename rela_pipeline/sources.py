@@ -11,8 +11,8 @@
                  ``{key}.txt``; webdataset's rule: a sample is the consecutive members sharing the
                  name before the basename's first dot). Order: the shards in the pattern's order
                  (brace expansion, then each glob sorted), the samples in member order.
-``filelist``     a ``.txt`` (one path per line) or ``.csv`` (a ``path`` column and an optional
-                 ``label`` column) file; paths relative to the list's folder or absolute. Order:
+``filelist``     a ``.txt`` (one path per line), ``.csv`` or ``.parquet`` (a ``path`` column and an
+                 optional ``label`` column) file; paths relative to the list's folder or absolute. Order:
                  the list's rows.
 
 Every source has the same interface (:class:`ImageSource`): one key per sample in a fixed order,
@@ -56,8 +56,8 @@ logger = logging.getLogger("rela_pipeline")
 
 #: Accepted source kinds.
 SOURCE_KINDS = ("imagefolder", "webdataset", "filelist")
-#: Suffixes read as file lists.
-LIST_SUFFIXES = (".txt", ".csv")
+#: Suffixes read as file lists (``.parquet`` needs pyarrow: the ``parquet`` extra).
+LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 #: A tar member's sample key and extension (webdataset's ``base_plus_ext``).
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 #: Image extensions of a tar sample (the member name's extension, lowercased).
@@ -473,20 +473,46 @@ class FileListSource:
         return {"path": self.files[row]}
 
 
-def open_file_list(path: Path, label_field: str | None = None) -> FileListSource:
-    """Read a ``.txt`` or ``.csv`` list (module docstring); listed files that are missing are left
-    out (``ignored``).
-
-    Raises:
-        RelaError: an unreadable list, a ``.csv`` without a ``path`` column, a ``label_field``
-            column it lacks, or no listed file that exists.
-    """
+def _list_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RelaError(f"cannot read the file list {path}: {error}") from None
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
+
+
+def _parquet_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``.parquet`` list as dicts of strings (pyarrow).
+
+    Raises:
+        RelaError: pyarrow is not installed, or the file does not read.
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RelaError(f"reading the .parquet list {path} needs pyarrow: pip install 'rela-pipeline[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError family
+        raise RelaError(f"cannot read the file list {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    columns = {name: [("" if v is None else str(v)) for v in table.column(name).to_pylist()] for name in table.column_names}
+    return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
+
+
+def open_file_list(path: Path, label_field: str | None = None) -> FileListSource:
+    """Read a ``.txt``, ``.csv`` or ``.parquet`` list (module docstring); listed files that are
+    missing are left out (``ignored``).
+
+    Raises:
+        RelaError: an unreadable list, a ``.csv``/``.parquet`` without a ``path`` column, a ``label_field``
+            column it lacks, or no listed file that exists.
+    """
+    if path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(_list_text(path))))
+    else:
+        rows = None
+    if rows is not None:
         columns = set(rows[0]) if rows else set()
         if "path" not in columns:
             raise RelaError(f"file list {path} has no 'path' column (columns: {', '.join(sorted(columns)) or 'none'})")
@@ -496,8 +522,8 @@ def open_file_list(path: Path, label_field: str | None = None) -> FileListSource
         entries = [(row["path"].strip(), (row.get(label_column) or "").strip() if label_column else None) for row in rows]
     else:
         if label_field is not None:
-            raise RelaError("--label-field needs a .csv file list (a .txt list holds paths only)")
-        entries = [(line.strip(), None) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+            raise RelaError("--label-field needs a .csv or .parquet file list (a .txt list holds paths only)")
+        entries = [(line.strip(), None) for line in _list_text(path).splitlines() if line.strip() and not line.startswith("#")]
     files, paths, sizes, texts, ignored = [], [], [], [], {}
     for listed, label in entries:
         full = listed if os.path.isabs(listed) else str(path.parent / listed)

@@ -337,3 +337,29 @@ def test_a_missing_or_dropped_remote_tar_is_one_line_naming_the_url_and_nothing_
         assert_one_line_error(code, stderr, f"cannot read {url}")
         assert fragment in stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_parquet_list_and_a_decompression_bomb_in_a_tar(inputs, imagefolder_run, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    with open(inputs["list"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    table = pa.table({"path": [str((Path(inputs["list"]).parent / r["path"]).resolve()) for r in rows], "label": [r["label"] for r in rows]})
+    pq.write_table(table, tmp_path / "images.parquet")
+    manifest = run_embed(small_embed_config(tmp_path / "images.parquet", tmp_path / "out"))
+    assert manifest["dataset"]["kind"] == "filelist" and manifest["samples"]["written"] == 300
+    assert (tmp_path / "out" / "transport.npz").read_bytes() == (imagefolder_run / "transport.npz").read_bytes()
+
+    index = scan_image_folder(TRAIN_DIR)
+    big = io.BytesIO()
+    Image.new("RGB", (4000, 4000)).save(big, "PNG")  # 16 Mpx, over the limit set below
+    with tarfile.open(tmp_path / "bomb.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+        for i in range(4):
+            add_member(archive, f"s{i}.png", (index.root / index.files[i]).read_bytes())
+        add_member(archive, "bomb.png", big.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # in this process: embed decodes in it (num_workers=0)
+    manifest = run_embed(small_embed_config(tmp_path / "bomb.tar", tmp_path / "bombed", batch_size=2, shard_size=2))
+    assert manifest["samples"]["written"] == 4
+    assert [s["path"] for s in manifest["skipped"]] == ["bomb.tar/bomb"] and "DecompressionBomb" in manifest["skipped"][0]["reason"]
