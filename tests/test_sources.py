@@ -212,30 +212,11 @@ def test_a_killed_run_on_tar_input_resumes_into_the_uninterrupted_bytes(inputs, 
 
 def test_two_ranks_embed_tar_input_into_the_one_process_bytes(inputs, tmp_path):
     """Every rank scans the same tars (the ranks compare fingerprints) and reads its rows by offset."""
-    from tests.test_torchrun_embed import CLI, FAST, ONE_THREAD
+    from tests.test_torchrun_embed import FAST, ONE_THREAD, one_process, torchrun_command
 
-    one = subprocess.run(
-        [CLI, "-q", "embed", "--data", inputs["tars"], "--out", str(tmp_path / "one"), *FAST], capture_output=True, text=True, timeout=600, env=ONE_THREAD
-    )
+    one = one_process(tmp_path / "one", *FAST, data=inputs["tars"])
     assert one.returncode == 0, one.stderr[-2000:]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--no-python",
-        CLI,
-        "-q",
-        "embed",
-        "--data",
-        inputs["tars"],
-        "--out",
-        str(tmp_path / "two"),
-        *FAST,
-    ]
-    two = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    two = subprocess.run(torchrun_command(tmp_path / "two", *FAST, data=inputs["tars"]), capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert two.returncode == 0, two.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())

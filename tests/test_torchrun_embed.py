@@ -58,11 +58,11 @@ SLOW = [
 ]
 
 
-def one_process(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+def one_process(out: Path, *args: str, data: str | Path = TRAIN_DIR) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "-q", "embed", "--data", str(data), "--out", str(out), *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD)
 
 
-def torchrun_command(out: Path, *args: str) -> list[str]:
+def torchrun_command(out: Path, *args: str, data: str | Path = TRAIN_DIR) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -75,7 +75,7 @@ def torchrun_command(out: Path, *args: str) -> list[str]:
         "-q",
         "embed",
         "--data",
-        str(TRAIN_DIR),
+        str(data),
         "--out",
         str(out),
         *args,
