@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
             source = open_tar_source(pattern)
             tar_s = time.perf_counter() - t
             cell["scan"] = {
-                "imagefolder_s": round(folder_s, 2),
-                "imagefolder_files_per_s": round(len(index.files) / folder_s),
-                "tars_s": round(tar_s, 2),
-                "tar_samples_per_s": round(len(source.files) / tar_s),
+                "imagefolder_s": round(folder_s, 4),
+                "imagefolder_files_per_s": round(len(index.files) / max(folder_s, 1e-9)),
+                "tars_s": round(tar_s, 4),
+                "tar_samples_per_s": round(len(source.files) / max(tar_s, 1e-9)),
                 "tar_bytes": int(sum(r["bytes"] for r in source.shard_records)),
             }
             del index, source
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = math.log(scanned[-1] / scanned[0])
         record["scan_growth_exponents"] = {
             "sizes": [scanned[0], scanned[-1]],
-            **{key: round(math.log(last[key] / first[key]) / ratio, 2) for key in ("imagefolder_s", "tars_s")},
+            **{key: round(math.log(max(last[key], 1e-4) / max(first[key], 1e-4)) / ratio, 2) for key in ("imagefolder_s", "tars_s")},
         }
     sizes = [n for n in sizes if any(kind in record["cells"][str(n)] for kind in args.kinds)]
     if len(sizes) >= 2:
