@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if phase in small[kind]["timings_s"]
                 }
         record["growth_exponents"] = {"sizes": [sizes[0], sizes[-1]], **exponents}
-        write_json_atomic(args.out, record)
+    write_json_atomic(args.out, record)
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)
     print(json.dumps(record, indent=1))
