@@ -194,11 +194,12 @@ def decode_on_device(
         images[rows] = transform(torch.stack([pictures[k] for k in rows]))
         decoded[rows] = True
         counts.device += len(rows)
+    fallback = preprocessing.to_uint8_transform()
     for k in jpegs:
         if k not in pictures:  # the device decoder refused it: the CPU decoder decides
             try:
                 picture = decode_named(items[k].jpeg.numpy().tobytes(), items[k].name)
-                images[k] = preprocessing.to_uint8_transform()(picture).to(device)
+                images[k] = fallback(picture).to(device)
                 decoded[k] = True
                 counts.cpu += 1
             except UNDECODABLE_IMAGE_ERRORS as error:

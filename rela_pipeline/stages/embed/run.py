@@ -99,12 +99,12 @@ def _run_embed(config: EmbedConfig, distribution: Distribution, device: torch.de
     if config.batch_size is None:  # resolved here so the manifest records the size used
         config = dataclasses.replace(config, batch_size=default_batch_size(device))
     timings["load_prior"] = time.perf_counter() - t
+    precision, decode = resolve_prior_precision(config.precision, device), resolve_decode(config.decode, device)
     say(
-        f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px, {resolve_prior_precision(config.precision, device).name}, "
-        f"decoding on the {'device' if resolve_decode(config.decode, device) == 'gpu' else 'CPU'}"
+        f"prior {config.prior} on {device}, input {prior.preprocessing.crop_size} px, {precision.name}, "
+        f"decoding on the {'device' if decode == 'gpu' else 'CPU'}"
     )
 
-    precision, decode = resolve_prior_precision(config.precision, device), resolve_decode(config.decode, device)
     run = EmbedRun(config, index, prior, device, precision, decode, distribution, out_dir, timings, say)
     identity = run_identity(config, index, prior, run.resolved)
     if distribution.enabled:  # every rank must see the same images and build the same prior
