@@ -10,7 +10,8 @@ For each size N (default 100,000 and 1,000,000) it writes N small JPEGs (``--ima
 * ``run_embed`` end to end for each kind (``--kinds``) with the cheapest real prior that fits the
   run (``--prior``, default a random ResNet-18 at ``--image-size`` 32): the manifest's per-phase
   seconds (scan, load_prior, embed = read + decode + forward, transport, scores, write_shards) and
-  the process's peak resident memory;
+  the process's peak resident memory, and its peak anonymous memory (``RssAnon``: without the
+  file pages of memory-mapped arrays), from which the bytes each sample costs;
 * from the two sizes, each phase's growth exponent ``log(t2 / t1) / log(N2 / N1)``.
 
 Each (size, kind) cell is saved as soon as it is measured (``--out`` JSON, rewritten after every
@@ -31,6 +32,7 @@ import resource
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +106,45 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AnonymousMemoryPeak:
+    """Peak anonymous resident memory (``RssAnon`` of ``/proc/self/status``, MiB) while in the
+    ``with`` block, sampled every ``interval_s`` seconds on a thread.
+
+    ``ru_maxrss`` also counts the file pages of memory-mapped arrays (the embeddings, the targets),
+    which the kernel drops under pressure; ``RssAnon`` is the memory a run really holds, so the
+    bytes a sample costs are the difference of its peaks at two sizes. Linux only (else 0)."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s, self.peak_mib = interval_s, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mib = max(self.peak_mib, self.current_mib())
+
+    def __enter__(self) -> AnonymousMemoryPeak:
+        self.peak_mib = self.current_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.current_mib())
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Measure every (size, kind) cell not yet in ``--out``; write the JSON after each."""
     import json
@@ -169,9 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
                 overwrite=True,
                 **({"num_workers": args.num_workers} if args.num_workers is not None else {}),
             )
-            before = peak_rss_mib()
+            before, anonymous_before = peak_rss_mib(), AnonymousMemoryPeak.current_mib()
             t = time.perf_counter()
-            manifest = run_embed(config)
+            with AnonymousMemoryPeak() as anonymous:
+                manifest = run_embed(config)
             wall = time.perf_counter() - t
             timings = manifest["timings_s"]
             phases = {k: v for k, v in timings.items() if k != "total"}
@@ -183,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "not_embedding_fraction": round(1.0 - forward_and_decode / timings["total"], 3),
                 "peak_rss_mib": round(peak_rss_mib(), 1),
                 "peak_rss_mib_before": round(before, 1),
+                "peak_anonymous_rss_mib": round(anonymous.peak_mib, 1),
+                "anonymous_rss_mib_before": round(anonymous_before, 1),
                 "written": manifest["samples"]["written"],
                 "shard_bytes": int(sum(s["bytes"] for s in manifest["shards"])),
                 "phases": list(phases),
@@ -213,6 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
                     if phase in small[kind]["timings_s"]
                 }
         record["growth_exponents"] = {"sizes": [sizes[0], sizes[-1]], **exponents}
+        record["memory_bytes_per_sample"] = {
+            kind: round((large[kind]["peak_anonymous_rss_mib"] - small[kind]["peak_anonymous_rss_mib"]) * 2**20 / (sizes[-1] - sizes[0]))
+            for kind in args.kinds
+            if "peak_anonymous_rss_mib" in small.get(kind, {}) and "peak_anonymous_rss_mib" in large.get(kind, {})
+        }
     write_json_atomic(args.out, record)
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)

@@ -56,6 +56,9 @@ logger = logging.getLogger("rela_pipeline")
 
 #: Accepted source kinds.
 SOURCE_KINDS = ("imagefolder", "webdataset", "filelist")
+#: Tars holding fewer bytes than this together are scanned in one process (a pool of processes
+#: takes about a second to start).
+PARALLEL_SCAN_MIN_BYTES = 256 * 2**20
 #: Suffixes read as file lists (``.parquet`` needs pyarrow: the ``parquet`` extra).
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 #: A tar member's sample key and extension (webdataset's ``base_plus_ext``).
@@ -187,11 +190,12 @@ class TarSource:
         return self.provenance[row]
 
 
-def _scan_tar(path: str, shard: int, ignored: dict[str, str]) -> tuple[list[_TarSample], dict[str, Any]]:
-    """One pass over a tar: its samples (image offsets, side fields) and its record (name, bytes,
-    SHA-256). Members that do not form a sample, and the rest of a shard that ends early, go to
-    ``ignored``."""
+def _scan_tar(path: str, shard: int) -> tuple[list[_TarSample], dict[str, Any], dict[str, str]]:
+    """One pass over a tar: its samples (image offsets, side fields), its record (name, bytes,
+    SHA-256), and what was left out: members that do not form a sample, and the rest of a shard
+    that ends early, each with its reason."""
     name = os.path.basename(path)
+    ignored: dict[str, str] = {}
     samples: list[_TarSample] = []
     finished: set[str] = set()
     current: _TarSample | None = None
@@ -243,7 +247,7 @@ def _scan_tar(path: str, shard: int, ignored: dict[str, str]) -> tuple[list[_Tar
         finish(current)
         hashing.drain()
     record = {"name": name, "bytes": size, "sha256": hashing.hexdigest()}
-    return samples, record
+    return samples, record, ignored
 
 
 def _label_of(sample: _TarSample, label_field: str) -> str | None:
@@ -381,15 +385,34 @@ def open_tar_source(pattern: str, label_field: str | None = None) -> TarSource:
     return source
 
 
-def _scan_tars(pattern: str, paths: list[str], label_field: str | None) -> TarSource:
-    """:func:`open_tar_source` on local ``paths``."""
+def _scan_each(paths: list[str], workers: int | None, min_parallel_bytes: int):
+    """:func:`_scan_tar` of every path, in order: in a pool of processes (the scan is Python's
+    tarfile parsing and SHA-256, one core per shard) or, for few or small shards, here."""
+    from .runtime import default_num_workers
+
+    workers = min(len(paths), workers or default_num_workers() + 1)
+    if workers < 2 or sum(os.path.getsize(p) for p in paths) < min_parallel_bytes:
+        return (_scan_tar(path, shard) for shard, path in enumerate(paths))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_scan_tar, paths, range(len(paths))))
+
+
+def _scan_tars(
+    pattern: str, paths: list[str], label_field: str | None, workers: int | None = None, min_parallel_bytes: int = PARALLEL_SCAN_MIN_BYTES
+) -> TarSource:
+    """:func:`open_tar_source` on local ``paths``: the shards are scanned in ``workers`` processes
+    (default :func:`rela_pipeline.runtime.default_num_workers` + 1) when there are several and they
+    hold at least ``min_parallel_bytes`` together, else in this process; the result is the same."""
     ignored: dict[str, str] = {}
     samples: list[_TarSample] = []
     records = []
-    for shard, path in enumerate(paths):
-        found, record = _scan_tar(path, shard, ignored)
+    for found, record, left_out in _scan_each(paths, workers, min_parallel_bytes):
         samples += found
         records.append(record)
+        ignored.update(left_out)
     if not samples:
         raise RelaError(f"--data {pattern}: no sample with an image in {len(paths)} shard(s)")
     names = [r["name"] for r in records]

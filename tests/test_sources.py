@@ -136,6 +136,37 @@ def test_hostile_tars_are_skipped_and_counted_and_nothing_lands_outside_out(inpu
     assert not manifest["dataset"]["labelled"]  # not every sample has a .cls
 
 
+def test_a_pool_of_processes_scans_tars_into_the_one_process_source(inputs, tmp_path):
+    from rela_pipeline.sources import _scan_tars, expand_pattern
+
+    index = scan_image_folder(TRAIN_DIR)
+    hostile_tar(tmp_path / "a.tar", [(index.root / f).read_bytes() for f in index.files[:20]])
+    paths = expand_pattern(inputs["tars"]) + [str(tmp_path / "a.tar")]
+    alone = _scan_tars("pattern", paths, None, workers=1)
+    pooled = _scan_tars("pattern", paths, None, workers=2, min_parallel_bytes=0)
+    for name, value in vars(alone).items():
+        other = getattr(pooled, name)
+        assert np.array_equal(other, value) if isinstance(value, np.ndarray) else other == value, name
+    assert len(alone.files) == 300 + 23 and "a.tar/nolabel" in alone.ignored  # 20 good, truncated, text, escape
+
+
+def test_read_ahead_keeps_the_order_and_raises_the_first_failing_read():
+    from rela_pipeline.stages.embed.writing import read_ahead
+
+    def read(row: int) -> bytes:
+        time.sleep(0.001 * (row % 3))  # later reads finish first
+        if row == 57:
+            raise OSError("row 57 vanished")
+        return str(row).encode()
+
+    assert list(read_ahead(read, range(50), threads=4, lookahead=8)) == [str(r).encode() for r in range(50)]
+    got = []
+    with pytest.raises(OSError, match="row 57"):
+        for data in read_ahead(read, range(100), threads=4, lookahead=8):
+            got.append(data)
+    assert got == [str(r).encode() for r in range(57)]
+
+
 def test_bad_tar_and_list_input_is_one_line(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     code, _, stderr = run_cli("embed", "--data", str(tmp_path / "empty.tar"), "--out", str(tmp_path / "out"), "--prior", "random:resnet18", "--device", "cpu")
