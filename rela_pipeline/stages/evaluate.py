@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RelaError
 from ..imagefolder import ImageFolderIndex, scan_image_folder
-from ..models import load_backbone_checkpoint
+from ..models import check_input_size, load_backbone_checkpoint
 from ..priors import PreprocessedImages, Preprocessing
 from ..runtime import autocast_for, default_num_workers, resolve_device
 
@@ -721,8 +721,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                            "few_label": float (with few_label), "total": float}}   # seconds
 
     Raises:
-        RelaError: bad settings; checkpoint missing, unsafe or not this project's format; a
-            folder missing or without images; a folder without class sub-folders (unlabelled);
+        RelaError: bad settings; checkpoint missing, unsafe or not this project's format; an
+            ``--image-size`` a fixed-size student (a torchvision ViT) cannot take; a folder
+            missing or without images; a folder without class sub-folders (unlabelled);
             class names that differ between train and test; an image that fails to decode;
             CUDA requested but unavailable.
     """
@@ -730,6 +731,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     backbone, meta = load_backbone_checkpoint(config.checkpoint)
     preprocessing = eval_preprocessing(meta.get("preprocessing"), config.image_size)
+    check_input_size(backbone, preprocessing.crop_size, f"checkpoint {config.checkpoint} ({meta['backbone']['name']})")
     device = resolve_device(config.device)
     train_index, test_index = scan_labelled_splits(config.train_dir, config.test_dir)
     num_classes = len(train_index.class_names)

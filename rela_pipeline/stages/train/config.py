@@ -9,7 +9,7 @@ from typing import Any
 from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
 from ...methods import METHODS, MOMENTUM_SCHEDULES
-from ...models import BACKBONES
+from ...models import check_backbone_name
 from ...rela import TRANSFER_MODES, parse_schedule
 from ...runtime import PRECISIONS
 from ...shards.batches import DATA_PATHS
@@ -144,8 +144,7 @@ class TrainConfig:
         """
         if not custom_method and self.method not in METHODS:
             raise RelaError(f"unknown SSL method '{self.method}'; choose one of: {', '.join(METHODS)}")
-        if self.backbone not in BACKBONES:
-            raise RelaError(f"unknown backbone '{self.backbone}'; choose one of: {', '.join(BACKBONES)}")
+        check_backbone_name(self.backbone)
         if not 0.0 < self.data_ratio <= 1.0:
             raise RelaError(f"--data-ratio must be in (0, 1], got {self.data_ratio}")
         if self.subset not in SUBSET_RULES:

@@ -32,6 +32,7 @@ from ...distributed import Distribution, collective_failures, init_distribution,
 from ...errors import RelaError
 from ...fileio import write_json_atomic
 from ...methods import build_method
+from ...models import backbone_config as make_backbone_config
 from ...models import build_backbone, save_backbone_checkpoint
 from ...rela import ReLA, parse_schedule
 from ...runtime import resolve_precision
@@ -127,7 +128,9 @@ class Student:
 
     Attributes:
         backbone: the network being pretrained (``backbone.feature_dim`` = F).
-        backbone_config: how to rebuild it (``{"name", "cifar_stem"}``, saved in checkpoints).
+        backbone_config: how to rebuild it (``{"name", "cifar_stem"}``, plus ``"image_size"`` for
+            ``torchvision:``/``timm:`` students; :func:`rela_pipeline.models.backbone_config`),
+            saved in checkpoints.
         rela: the :class:`ReLA` wrapper around the method, on the training device.
         probe: a linear classifier ``F -> classes`` on the device, or None (unlabelled set, or
             ``online_probe=False``).
@@ -149,8 +152,8 @@ def build_student(config: TrainConfig, source: ShardSetSource, device: torch.dev
         RelaError: a custom method that does not keep the backbone it was given.
     """
     torch.manual_seed(config.seed)
-    backbone_config = {"name": config.backbone, "cifar_stem": config.use_cifar_stem}
-    backbone = build_backbone(config.backbone, cifar_stem=config.use_cifar_stem)
+    backbone_config = make_backbone_config(config.backbone, config.use_cifar_stem, config.image_size)
+    backbone = build_backbone(**backbone_config)
     method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone, config.teacher_momentum)
     if getattr(method, "backbone", None) is not backbone:
         raise RelaError("the custom method must keep the backbone it was given as its .backbone")
