@@ -167,7 +167,9 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
     help="Tar or list input: where labels are (cls or json:<key> for tars, a column of a .csv list) [default: .cls / the label column when every sample has one].",
 )
 @click.option(
-    "--prior", required=True, help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | open_clip:<model>:<tag|file|random> | checkpoint:<file>."
+    "--prior",
+    required=True,
+    help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | timm:<name>[:<file>|random] | open_clip:<model>:<tag|file|random> | checkpoint:<file>.",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory for shards, transport, scores and manifest.")
 @click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")

@@ -9,12 +9,19 @@ Spec forms (ReLA section 4 uses CLIP, BYOL-trained and random priors):
 ``open_clip:<model>:<pretrained tag>``              open_clip weights by tag (hub or cache)
 ``open_clip:<model>:<weights file>``                local open_clip checkpoint
 ``open_clip:<model>:random``                        randomly initialised open_clip image tower
+``timm:<name>``                                     timm's pretrained weights from the Hugging Face
+                                                    cache (downloaded into it when the hub resolves)
+``timm:<name>:<weights file>``                      local state_dict (``.safetensors`` or torch)
+``timm:<name>:random``                              randomly initialised, seeded
 ``checkpoint:<file>``                               a backbone written by ``rela-pipeline train``
 ==================================================  =============================================
 
 Every prior exposes a module mapping a normalised float batch ``(B, 3, S, S)`` to ``(B, D)``
 embeddings. Torchvision classifiers lose their final linear layer (replaced by identity), so D is
-the penultimate (pooled) feature size. Files are loaded with ``torch.load(weights_only=True)``.
+the penultimate (pooled) feature size; timm models are built with ``num_classes=0`` (pooled
+pre-logits features, ``D = model.num_features``) and, where they take it, ``dynamic_img_size=True``
+(ViTs then take any ``--image-size``, their position embeddings interpolated). Files are loaded
+with ``torch.load(weights_only=True)``, or ``safetensors.torch.load_file`` for ``.safetensors``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -37,7 +45,7 @@ from torchvision.transforms import v2 as T
 from .errors import RelaError
 from .fileio import sha256_file
 from .imagefolder import UNDECODABLE_IMAGE_ERRORS, decode_rgb
-from .models import load_backbone_checkpoint, load_state_dict_strict, safe_torch_load
+from .models import check_backbone_name, check_input_size, create_timm_model, load_backbone_checkpoint, load_state_dict_strict, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +54,7 @@ SPEC_FORMS = (
     "random:<torchvision arch>",
     "torchvision:<arch>[:<weights file>]",
     "open_clip:<model>:<pretrained tag|weights file|random>",
+    "timm:<name>[:<weights file>|random]",
     "checkpoint:<file>",
 )
 
@@ -350,12 +359,111 @@ def _load_open_clip(model_name: str, pretrained: str) -> tuple[nn.Module, Prepro
     return _ImageEncoder(clip_model), preprocessing, record
 
 
+def _load_weights_file(path: str, what: str) -> Any:
+    """A state dict from ``path``: ``safetensors.torch.load_file`` for ``.safetensors`` (no code
+    can run), else :func:`rela_pipeline.models.safe_torch_load` (weights-only unpickler).
+
+    Raises:
+        RelaError: missing, unreadable or unsafe file.
+    """
+    if not os.path.isfile(path):
+        raise RelaError(f"{what} not found: {path}")
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as error:  # SafetensorError, OSError: a damaged or foreign file
+            raise RelaError(f"cannot read {what} {path} as safetensors: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    return safe_torch_load(path, what)
+
+
+def _without_unexpected_classifier(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the classifier's keys (timm's ``pretrained_cfg["classifier"]``, e.g. ``head`` or
+    ``fc``) when the headless model has none: a file saved from a timm classifier then loads into
+    the ``num_classes=0`` model, every other key still checked strictly."""
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    expected = model.state_dict()
+    return {k: v for k, v in state.items() if k in expected or not any(k.removeprefix("module.").startswith(c + ".") for c in classifiers)}
+
+
+def _timm_hub_cache() -> str:
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        return str(hf_constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return "the Hugging Face cache"
+
+
+def _load_timm(name: str, source: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A timm model without classifier (``num_classes=0``, ``dynamic_img_size=True`` where it
+    takes it) from pretrained weights (``source`` empty), a local weights file, or ``random``.
+
+    Raises:
+        RelaError: unknown name (with close matches), no pretrained weights for it, weights not in
+            the cache while the hub is unreachable, a missing/unsafe/mismatched weights file.
+    """
+    import timm
+
+    check_backbone_name(f"timm:{name}")
+    spec = f"timm:{name}" + (f":{source}" if source else "")
+    if source == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, _ = create_timm_model(name, dynamic=True)
+        return model, {"source": f"random init (timm), seed {seed}", "path": None, "sha256": None}
+    if source:
+        model, _ = create_timm_model(name, dynamic=True)
+        state = _load_weights_file(source, f"timm weights file for {name}")
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if isinstance(state, dict):
+            state = _without_unexpected_classifier(model, state)
+        load_state_dict_strict(model, state, f"weights file {source} for timm {name}")
+        return model, _file_record(source, "local file")
+    pretrained = timm.list_pretrained()
+    if name not in pretrained and not any(p.startswith(name + ".") for p in pretrained):
+        raise RelaError(f"timm {name} has no pretrained weights; use timm:{name}:random or timm:{name}:<weights file>")
+    with _huggingface_offline_if_unreachable() as offline:
+        try:
+            model, _ = create_timm_model(name, dynamic=True, pretrained=True)
+        except Exception as error:  # hub errors (LocalEntryNotFoundError, HTTPError), URLError, RuntimeError
+            how = "the model hub is unreachable and the weights are not in the local cache" if offline else f"download failed ({type(error).__name__})"
+            raise RelaError(f"cannot load {spec}: {how} ({_timm_hub_cache()}); pass timm:{name}:<weights file> or timm:{name}:random") from None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return model, {"source": f"timm pretrained {tag}", "path": None, "sha256": None}
+
+
+def _timm_preprocessing(model: nn.Module) -> Preprocessing:
+    """The prior's preprocessing from timm's own data config
+    (``timm.data.resolve_model_data_config``): ``crop_size`` = its input size,
+    ``resize_size = floor(crop / crop_pct)``, its interpolation (bilinear unless bicubic), mean and
+    std; crop mode ``squash`` resizes both sides."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    crop = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    return Preprocessing(
+        resize_size=int(math.floor(crop / crop_pct)),
+        crop_size=crop,
+        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
+        resize_mode="squash" if cfg.get("crop_mode") == "squash" else "shortest",
+    )
+
+
 def load_prior(spec: str, *, seed: int = 0, image_size: int | None = None) -> Prior:
     """Load a prior model from its spec (see module docstring for the forms).
 
     Args:
         spec: prior spec string.
-        seed: seed of the random initialisation for ``random:`` and ``open_clip:<m>:random``.
+        seed: seed of the random initialisation for ``random:``, ``open_clip:<m>:random`` and
+            ``timm:<name>:random``.
         image_size: if given, resize and crop to this size (pixels) instead of the prior's own
             preprocessing: the whole image is resized to image_size x image_size without a crop
             (e.g. 32 for CIFAR-scale data); mean/std stay the prior's.
@@ -365,7 +473,8 @@ def load_prior(spec: str, *, seed: int = 0, image_size: int | None = None) -> Pr
 
     Raises:
         RelaError: unknown spec form (the message lists the valid forms), unknown architecture,
-            missing/unsafe/mismatched weights file, or hub weights unavailable offline.
+            missing/unsafe/mismatched weights file, hub weights unavailable offline, or an
+            ``image_size`` a fixed-size ``checkpoint:`` backbone (a torchvision ViT) cannot take.
     """
     kind, _, rest = spec.partition(":")
     if not rest:
@@ -388,6 +497,10 @@ def load_prior(spec: str, *, seed: int = 0, image_size: int | None = None) -> Pr
             weights["source"] += f", seed {seed}"
         else:
             model, preprocessing, weights = _load_open_clip(model_name, pretrained)
+    elif kind == "timm":
+        model_name, _, source = rest.partition(":")
+        model, weights = _load_timm(model_name, source, seed)
+        preprocessing = _timm_preprocessing(model)
     elif kind == "checkpoint":
         model, meta = load_backbone_checkpoint(rest)
         weights = _file_record(rest, f"rela-pipeline checkpoint ({meta['backbone']['name']}, step {meta.get('step', 0)})")
@@ -399,6 +512,7 @@ def load_prior(spec: str, *, seed: int = 0, image_size: int | None = None) -> Pr
         if image_size < 8:
             raise RelaError(f"--image-size must be at least 8 pixels, got {image_size}")
         preprocessing = Preprocessing(image_size, image_size, preprocessing.interpolation, preprocessing.mean, preprocessing.std, "squash")
+    check_input_size(model, preprocessing.crop_size, f"prior {spec}")
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
