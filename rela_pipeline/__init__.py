@@ -45,6 +45,7 @@ _API = {
     "run_train": "rela_pipeline.stages.train.loop",
     "EvalConfig": "rela_pipeline.stages.evaluate",
     "run_eval": "rela_pipeline.stages.evaluate",
+    "export_backbone": "rela_pipeline.stages.export",
     "ReLA": "rela_pipeline.rela",
     "alignment_loss": "rela_pipeline.rela",
     "AdaptiveSchedule": "rela_pipeline.rela",

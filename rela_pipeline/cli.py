@@ -392,6 +392,29 @@ def train(
     )
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "export_format",
+    required=True,
+    help="torchvision (keys of torchvision.models.get_model(arch)) | timm (keys of timm.create_model(name, num_classes=0)) | state_dict (the project's keys).",
+)
+@click.option("--safetensors", "as_safetensors", is_flag=True, help="Write safetensors instead of torch.save of a plain dict.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="The weights file to write (its sidecar FILE.json is written beside it).")
+def export(run: Path, export_format: str, as_safetensors: bool, out: Path) -> None:
+    """Write the backbone of RUN (a run directory or a checkpoint file) under the keys of its
+    library's own model, with a sidecar FILE.json, and print the lines that load it."""
+    from .stages.export import export_backbone
+
+    result = export_backbone(run, export_format, out, safetensors=as_safetensors)
+    click.echo(
+        f"wrote {result['tensors']} tensors ({result['format']} keys, {result['file_format']}) to {result['path']} and {result['sidecar']}; load them with:"
+    )
+    for line in result["load"]:
+        click.echo(f"    {line}")
+
+
 @main.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A backbone checkpoint (RUN/backbone.pt or RUN/checkpoints/last.pt).")
 @click.option("--train", "train_dir", required=True, type=click.Path(path_type=Path), help="Labelled ImageFolder to fit the linear probe and the k-NN bank on.")
