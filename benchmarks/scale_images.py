@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "shard_bytes": int(sum(s["bytes"] for s in manifest["shards"])),
                 "phases": list(phases),
                 "num_workers": config.num_workers,
+                "load_average_1min_after": round(os.getloadavg()[0], 2),  # another job on the machine shows here
             }
             shutil.rmtree(out, ignore_errors=True)
             write_json_atomic(args.out, record)

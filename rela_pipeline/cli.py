@@ -80,26 +80,106 @@ def parse_counts(value: str | None) -> tuple[int, ...]:
     return counts
 
 
-def distributed_options(command):
-    """The torchrun options both stages take: ``--dist-timeout`` and ``--dist-wait-timeout``
-    (:mod:`rela_pipeline.distributed`'s ``DEFAULT_TIMEOUT_S`` and ``DEFAULT_WAIT_TIMEOUT_S``,
-    written out so the CLI starts without importing torch; a test checks they agree)."""
-    command = click.option(
-        "--dist-wait-timeout",
-        "dist_wait_timeout_s",
-        default=14400.0,
-        show_default=True,
-        type=float,
-        help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
-    )(command)
+#: The settings dataclass of each stage's command (imported when first needed; they import no torch).
+SETTINGS_CLASSES = {"embed": "rela_pipeline.stages.embed.config:EmbedConfig", "train": "rela_pipeline.stages.train.config:TrainConfig"}
+
+
+def settings_class(stage: str) -> type:
+    """The settings dataclass of ``stage`` (``embed`` or ``train``)."""
+    import importlib
+
+    module, name = SETTINGS_CLASSES[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class SettingOption(click.Option):
+    """An option that sets one field (its parameter name) of a stage's settings dataclass.
+
+    It holds no default of its own: a flag that is not given leaves the field to ``--config``, else
+    to the dataclass's default, which ``--help`` shows (:mod:`rela_pipeline.settings`: the
+    dataclasses are the one source of each default)."""
+
+    def __init__(self, *param_decls, stage: str, **attrs) -> None:
+        if not attrs.get("is_flag"):
+            attrs.setdefault("default", None)
+        self.stage = stage
+        super().__init__(*param_decls, **attrs)
+
+    def get_help_record(self, ctx: click.Context):
+        from .settings import setting_defaults
+
+        default = setting_defaults(settings_class(self.stage)).get(self.name)
+        if default is None or (self.is_flag and not self.secondary_opts):
+            return super().get_help_record(ctx)
+        own_default, self.default, self.show_default = self.default, default, True  # shown, never used
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.default = own_default
+
+
+def setting(stage: str, *param_decls, **attrs):
+    """``click.option`` of a :class:`SettingOption` of ``stage``."""
+    return click.option(*param_decls, cls=SettingOption, stage=stage, **attrs)
+
+
+def given_settings(ctx: click.Context) -> dict:
+    """The settings the command line sets explicitly (flags given, or their environment
+    variables): ``{field: value}`` of every :class:`SettingOption` whose value did not come from
+    its default."""
+    from click.core import ParameterSource
+
+    return {
+        param.name: ctx.params[param.name]
+        for param in ctx.command.params
+        if isinstance(param, SettingOption) and ctx.get_parameter_source(param.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+
+
+def stage_settings(ctx: click.Context, stage: str, config_file: Path | None, given: dict, required: dict[str, str]):
+    """The settings dataclass of ``stage`` from its defaults, ``--config`` and the flags given
+    (:mod:`rela_pipeline.settings`).
+
+    Raises:
+        RelaError: a bad settings file, or a required setting in neither (one line).
+    """
+    from .settings import merge_settings, read_settings_file
+
+    cls = settings_class(stage)
+    from_file = read_settings_file(config_file, cls) if config_file is not None else {}
+    return merge_settings(cls, from_file, {**given, "progress": not ctx.obj["quiet"]}, required)
+
+
+def config_option(stage: str):
+    """The ``--config FILE`` option of ``stage``'s command."""
     return click.option(
-        "--dist-timeout",
-        "dist_timeout_s",
-        default=600.0,
-        show_default=True,
-        type=float,
-        help="Under torchrun: seconds a rank waits for the others before the job fails.",
-    )(command)
+        "--config",
+        "config_file",
+        default=None,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=(
+            "Settings file (YAML or JSON) of field names to values; flags given here override it. "
+            + ("A run's own RUN/config.json reruns it." if stage == "train" else "A shard set's manifest.json reruns its settings.")
+        ),
+    )
+
+
+def distributed_options(stage: str):
+    """The torchrun options both stages take: ``--dist-timeout`` and ``--dist-wait-timeout``."""
+
+    def decorate(command):
+        command = setting(
+            stage,
+            "--dist-wait-timeout",
+            "dist_wait_timeout_s",
+            type=float,
+            help="Under torchrun: seconds the other ranks wait while rank 0 works alone (verifying, fitting the transport, building the score index).",
+        )(command)
+        return setting(stage, "--dist-timeout", "dist_timeout_s", type=float, help="Under torchrun: seconds a rank waits for the others before the job fails.")(
+            command
+        )
+
+    return decorate
 
 
 class _Group(click.Group):
@@ -154,72 +234,68 @@ def prepare(dataset: str, out_dir: Path, source: Path | None, limit_per_class: i
         click.echo(f"{split}: {info['images']} images in {info['classes']} classes -> {Path(summary['out_dir']) / split}")
 
 
+def embed_setting(*param_decls, **attrs):
+    """An ``embed`` option that sets one :class:`~rela_pipeline.stages.embed.config.EmbedConfig` field."""
+    return setting("embed", *param_decls, **attrs)
+
+
 @main.command()
-@click.option(
+@config_option("embed")
+@embed_setting(
     "--data",
     "data_dir",
-    required=True,
-    help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg), a .txt/.csv file list, or WebDataset shards (a brace pattern or glob of local tars, e.g. 'in/part-{000000..000099}.tar', an http(s):// URL pattern, or a pipe: command).",
+    help="ImageFolder root (DIR/<class>/*.jpg or DIR/*.jpg), a .txt/.csv/.parquet file list, or WebDataset shards (a brace pattern or glob of local tars, e.g. 'in/part-{000000..000099}.tar', an http(s):// URL pattern, or a pipe: command). Required.",
 )
-@click.option(
+@embed_setting(
     "--label-field",
-    default=None,
     help="Tar or list input: where labels are (cls or json:<key> for tars, a column of a .csv list) [default: .cls / the label column when every sample has one].",
 )
-@click.option(
+@embed_setting(
     "--prior",
-    required=True,
-    help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | timm:<name>[:<file>|random] | open_clip:<model>:<tag|file|random> | checkpoint:<file>.",
+    help="Prior spec: random:<arch> | torchvision:<arch>[:<file>] | timm:<name>[:<file>|random] | open_clip:<model>:<tag|file|random> | checkpoint:<file>. Required.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory for shards, transport, scores and manifest.")
-@click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")
-@click.option("--num-workers", default=None, type=int, help="DataLoader decode workers [default: min(8, CPUs - 1)].")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option(
+@embed_setting("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory for shards, transport, scores and manifest. Required.")
+@embed_setting("--batch-size", type=int, help="Images per forward pass [default: 256 on CUDA, 32 on CPU].")
+@embed_setting("--num-workers", type=int, help="DataLoader decode workers [default: min(8, CPUs - 1)].")
+@embed_setting("--device", help="auto | cpu | cuda | cuda:N.")
+@embed_setting(
     "--precision",
-    default="auto",
-    show_default=True,
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     help="The prior's forward pass; auto = fp32 (bf16 decorrelates the trailing transported components; see the docs).",
 )
 @click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
-@click.option(
+@embed_setting(
     "--decode",
-    default="auto",
-    show_default=True,
     type=click.Choice(["auto", "cpu", "gpu"]),
     help="Where JPEGs are decoded, resized and cropped: in the CPU workers, or batched on the device (nvJPEG); auto = gpu on CUDA.",
 )
-@click.option("--image-size", type=int, default=None, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random priors and of the sample order in shards.")
-@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Samples per shard.")
-@click.option("--max-shard-bytes", default=3e9, show_default=True, type=float, help="Bytes per shard at most.")
-@click.option("--target-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Storage dtype of targets.")
-@click.option("--score-k", default=10, show_default=True, type=int, help="Neighbours for the k-NN density score.")
-@click.option("--score-dims", default=64, show_default=True, type=int, help="Leading transported components used for scores (0: all).")
-@click.option(
+@embed_setting("--image-size", type=int, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
+@embed_setting("--seed", type=int, help="Seed of random priors and of the sample order in shards.")
+@embed_setting("--shard-size", type=int, help="Samples per shard.")
+@embed_setting("--max-shard-bytes", type=float, help="Bytes per shard at most.")
+@embed_setting("--target-dtype", type=click.Choice(["float16", "float32"]), help="Storage dtype of targets.")
+@embed_setting("--score-k", type=int, help="Neighbours for the k-NN density score.")
+@embed_setting("--score-dims", type=int, help="Leading transported components used for scores (0: all).")
+@embed_setting(
     "--score-index",
-    default="auto",
-    show_default=True,
     type=click.Choice(["auto", "exact", "ivf", "hnsw"]),
     help="Neighbour search for the scores: exact, or an approximate faiss index tuned to recall@k >= 0.95 (auto: exact up to 200,000 samples on CPU, 2M on GPU).",
 )
-@click.option("--keep-embeddings", is_flag=True, help="Also write the raw prior embeddings (embeddings.npy, float32).")
-@click.option("--overwrite", is_flag=True, help="Replace a previous shard set (or interrupted run) in OUT.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
-@click.option(
-    "--checkpoint-seconds", default=60.0, show_default=True, type=float, help="Seconds between progress records while embedding (the most work a crash loses)."
-)
-@distributed_options
+@embed_setting("--keep-embeddings", is_flag=True, help="Also write the raw prior embeddings (embeddings.npy, float32).")
+@embed_setting("--overwrite", is_flag=True, help="Replace a previous shard set (or interrupted run) in OUT.")
+@embed_setting("--resume", is_flag=True, help="Continue the interrupted run in OUT (same settings); finished, checksum-verified work is kept.")
+@embed_setting("--checkpoint-seconds", type=float, help="Seconds between progress records while embedding (the most work a crash loses).")
+@distributed_options("embed")
 @click.pass_context
-def embed(ctx: click.Context, data_dir: str, prior: str, out_dir: Path, num_workers: int | None, precision: str, no_amp: bool, **options) -> None:
+def embed(ctx: click.Context, config_file: Path | None, no_amp: bool, **_) -> None:
     """Stage one: embed DATA with a prior, transport the embeddings into representation targets,
     score every sample, and write WebDataset shards with a manifest."""
-    from .stages.embed import EmbedConfig, run_embed
+    from .stages.embed import run_embed
 
-    config = EmbedConfig(data_dir=data_dir, prior=prior, out_dir=out_dir, precision="fp32" if no_amp else precision, progress=not ctx.obj["quiet"], **options)
-    if num_workers is not None:
-        config.num_workers = num_workers
+    given = given_settings(ctx)
+    if no_amp:
+        given["precision"] = "fp32"
+    config = stage_settings(ctx, "embed", config_file, given, {"data_dir": "--data", "prior": "--prior", "out_dir": "--out"})
     manifest = run_embed(config)
     from .distributed import torchrun_world
 
@@ -227,7 +303,7 @@ def embed(ctx: click.Context, data_dir: str, prior: str, out_dir: Path, num_work
         return  # rank 0 reports for the job
     run, rate = manifest.get("run", {}), manifest["throughput"].get("embed_images_per_s")
     click.echo(
-        f"wrote {manifest['samples']['written']} samples in {len(manifest['shards'])} shards to {out_dir} "
+        f"wrote {manifest['samples']['written']} samples in {len(manifest['shards'])} shards to {config.out_dir} "
         f"({manifest['samples']['skipped']} skipped, {manifest['timings_s']['total']:.1f}s"
         + (f", {run.get('images_embedded')} images embedded at {rate:.0f} img/s" if rate else "")
         + (f"; resumed, {run.get('shards_reused', 0)} finished shards reused" if run.get("resumed") else "")
@@ -263,114 +339,101 @@ def verify(location: str) -> None:
     )
 
 
+def train_setting(*param_decls, **attrs):
+    """A ``train`` option that sets one :class:`~rela_pipeline.stages.train.config.TrainConfig` field."""
+    return setting("train", *param_decls, **attrs)
+
+
 @main.command()
-@click.option(
+@config_option("train")
+@train_setting(
     "--shards",
-    required=True,
-    help="Shard set: an embed output directory, or the URL of its manifest.json (any URL webdataset opens, e.g. pipe:curl -s http://host/set/manifest.json).",
+    help="Shard set: an embed output directory, or the URL of its manifest.json (any URL webdataset opens, e.g. pipe:curl -s http://host/set/manifest.json). Required.",
 )
-@click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory (config, metrics.jsonl, checkpoints, backbone.pt, summary.json)."
+@train_setting(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Run directory (config, metrics.jsonl, TensorBoard events, checkpoints, backbone.pt, summary.json). Required.",
 )
-@click.option("--method", default="byol", show_default=True, help="SSL method: byol | simclr | dino.")
-@click.option("--backbone", default="convnet", show_default=True, help="Student: convnet | resnet18 | resnet50.")
-@click.option("--cifar-stem/--imagenet-stem", default=None, help="ResNet stem [default: CIFAR stem at 64 px and below].")
-@click.option("--image-size", default=32, show_default=True, type=int, help="Pixels of the square training views.")
-@click.option("--epochs", default=10, show_default=True, type=int, help="Epochs (each over a fresh subset).")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Images per optimisation step.")
-@click.option("--data-ratio", default=1.0, show_default=True, type=float, help="Fraction of the samples in each epoch's subset, in (0, 1].")
-@click.option("--subset", default="random", show_default=True, help="Subset rule: random (the paper) | density | dedup (stage-one scores; see the README).")
-@click.option("--dedup-threshold", default=0.98, show_default=True, type=float, help="Cosine at which the dedup rule calls a nearest neighbour a duplicate.")
-@click.option("--rela-schedule", default="adaptive", show_default=True, help="adaptive (plateau switch) | constant:<fraction of steps>.")
-@click.option("--no-rela", is_flag=True, help="Train without the ReLA loss (the baselines).")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
-@click.option("--weight-decay", default=0.01, show_default=True, type=float, help="AdamW weight decay.")
-@click.option("--lr-schedule", default="cosine", show_default=True, help="cosine (to 0 at the last step) | constant (the paper).")
-@click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Epochs of linear learning-rate warm-up before the schedule.")
-@click.option(
+@train_setting("--method", help="SSL method: byol | simclr | dino.")
+@train_setting("--backbone", help="Student: convnet | resnet18 | resnet50 | torchvision:<arch> | timm:<name>.")
+@train_setting("--cifar-stem/--imagenet-stem", default=None, help="ResNet stem [default: CIFAR stem at 64 px and below].")
+@train_setting("--image-size", type=int, help="Pixels of the square training views.")
+@train_setting("--epochs", type=int, help="Epochs (each over a fresh subset).")
+@train_setting("--batch-size", type=int, help="Images per optimisation step.")
+@train_setting("--data-ratio", type=float, help="Fraction of the samples in each epoch's subset, in (0, 1].")
+@train_setting("--subset", help="Subset rule: random (the paper) | density | dedup (stage-one scores; see the docs).")
+@train_setting("--dedup-threshold", type=float, help="Cosine at which the dedup rule calls a nearest neighbour a duplicate.")
+@train_setting("--rela-schedule", help="adaptive (plateau switch) | constant:<fraction of steps> | none (no ReLA loss: the baselines).")
+@click.option("--no-rela", is_flag=True, help="Same as --rela-schedule none.")
+@train_setting("--lr", type=float, help="AdamW learning rate.")
+@train_setting("--weight-decay", type=float, help="AdamW weight decay.")
+@train_setting("--lr-schedule", help="cosine (to 0 at the last step) | constant (the paper).")
+@train_setting("--warmup-epochs", type=float, help="Epochs of linear learning-rate warm-up before the schedule.")
+@train_setting(
     "--transfer",
-    default="trained",
-    show_default=True,
     type=click.Choice(["trained", "frozen"]),
     help="ReLA transfer layer: trained with the backbone, or frozen at its random initialisation (the authors' code).",
 )
-@click.option(
+@train_setting(
     "--teacher-momentum",
-    default="cosine",
-    show_default=True,
     type=click.Choice(["cosine", "constant"]),
     help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.",
 )
-@click.option("--crop-min-scale", default=None, type=float, help="Lower bound of the SSL views' crop scale [default: the method's, 0.08 for BYOL/SimCLR].")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
-@click.option(
+@train_setting("--crop-min-scale", type=float, help="Lower bound of the SSL views' crop scale [default: the method's, 0.08 for BYOL/SimCLR].")
+@train_setting("--device", help="auto | cpu | cuda | cuda:N.")
+@train_setting(
     "--precision",
-    default="auto",
-    show_default=True,
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     help="Autocast dtype of the forward pass; auto = bf16 on CUDA and on CPUs with native bf16, else fp32. Losses, EMA and probe stay fp32.",
 )
 @click.option("--no-amp", is_flag=True, hidden=True, help="Same as --precision fp32.")
-@click.option(
+@train_setting(
     "--augment",
-    default="device",
-    show_default=True,
     type=click.Choice(["device", "pil"]),
     help="device: batched views on the training device; pil: per-image PIL views (lightly's transforms; the reference).",
 )
-@click.option(
+@train_setting(
     "--data-path",
-    default="auto",
-    show_default=True,
     type=click.Choice(["auto", "memory", "stream"]),
     help="memory: decode the shard set once into memory; stream: read the shards every epoch; auto: memory when it fits --cache-bytes.",
 )
-@click.option(
+@train_setting(
     "--cache-bytes",
-    default=None,
     callback=lambda ctx, param, value: parse_bytes(value),
     help="Budget of the memory path, e.g. 8G or 5e9 [default: half the free RAM, or half the free GPU memory on CUDA].",
 )
-@click.option("--num-workers", default=None, type=int, help="Shard decoding workers [default: min(8, CPUs - 1)].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, subsets, shuffles and views.")
-@click.option("--log-every", default=20, show_default=True, type=int, help="Steps per metrics.jsonl record.")
-@click.option("--no-online-probe", is_flag=True, help="Do not train the online linear probe.")
-@click.option("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples (and shards that fail verification) instead of failing.")
-@click.option("--no-verify", is_flag=True, help="Do not verify the shard set before training (a remote set is otherwise streamed once for it).")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (with any number of processes).")
-@click.option("--overwrite", is_flag=True, help="Replace the run in OUT.")
-@click.option("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
-@distributed_options
+@train_setting("--num-workers", type=int, help="Shard decoding workers [default: min(8, CPUs - 1)].")
+@train_setting("--seed", type=int, help="Seed of initialisation, subsets, shuffles and views.")
+@train_setting("--log-every", type=int, help="Steps per metrics.jsonl (and logger) record.")
+@train_setting(
+    "--logger",
+    type=click.Choice(["tensorboard", "wandb", "none"]),
+    help="Where metrics go besides metrics.jsonl: TensorBoard event files in RUN/tensorboard, Weights & Biases (offline unless WANDB_MODE says otherwise), or nowhere.",
+)
+@train_setting("--online-probe/--no-online-probe", default=None, help="Train the online linear probe on detached features (labelled sets).")
+@train_setting("--skip-bad-shards", is_flag=True, help="Warn and skip unreadable shards or samples (and shards that fail verification) instead of failing.")
+@train_setting("--verify/--no-verify", default=None, help="Verify the shard set before training (a remote set is streamed once for it).")
+@train_setting("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint (with any number of processes).")
+@train_setting("--overwrite", is_flag=True, help="Replace the run in OUT.")
+@train_setting("--sync-batchnorm", is_flag=True, help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
+@distributed_options("train")
 @click.pass_context
-def train(
-    ctx: click.Context,
-    shards: str,
-    out_dir: Path,
-    no_rela: bool,
-    rela_schedule: str,
-    precision: str,
-    no_amp: bool,
-    no_online_probe: bool,
-    no_verify: bool,
-    **options,
-) -> None:
+def train(ctx: click.Context, config_file: Path | None, no_rela: bool, no_amp: bool, **_) -> None:
     """Stage two: train a self-supervised student on a shard set with the ReLA alignment loss,
     on a fresh dynamic subset every epoch. Under torchrun (torchrun --nproc-per-node N --no-python
     rela-pipeline train ...) it trains one model with DistributedDataParallel; --batch-size stays
     the global batch."""
     from .distributed import torchrun_world
-    from .stages.train import TrainConfig, run_train
+    from .stages.train import run_train
 
-    config = TrainConfig(
-        shards=shards,
-        out_dir=out_dir,
-        rela_schedule="none" if no_rela else rela_schedule,
-        precision="fp32" if no_amp else precision,
-        online_probe=not no_online_probe,
-        verify=not no_verify,
-        progress=not ctx.obj["quiet"],
-        **options,
-    )
+    given = given_settings(ctx)
+    if no_rela:
+        given["rela_schedule"] = "none"
+    if no_amp:
+        given["precision"] = "fp32"
+    config = stage_settings(ctx, "train", config_file, given, {"shards": "--shards", "out_dir": "--out"})
     summary = run_train(config)
     world = torchrun_world()
     if world is not None and world[0] != 0:

@@ -37,16 +37,11 @@ import torch
 import torch.distributed as dist
 
 from .errors import RelaError
+from .settings import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
 
 logger = logging.getLogger("rela_pipeline")
-
-#: Seconds a collective waits for the other ranks before the job fails (the process group's timeout).
-DEFAULT_TIMEOUT_S = 600.0
-
-#: Seconds the other ranks wait while rank 0 runs a phase alone (:meth:`Distribution.on_main`).
-DEFAULT_WAIT_TIMEOUT_S = 4 * 3600.0
 
 
 def torchrun_world() -> tuple[int, int] | None:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import RelaError
-
-
-def default_num_workers() -> int:
-    """DataLoader workers when none are given, in every stage (``embed``, ``train``, ``eval``):
-    ``min(8, CPUs - 1)``, at least 1, so one core stays with the main process that drives the
-    model."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+from .settings import default_num_workers  # noqa: F401  (re-exported)
 
 
 def resolve_device(device: str) -> torch.device:

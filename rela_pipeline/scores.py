@@ -61,13 +61,10 @@ import numpy as np
 from faiss.contrib.clustering import two_level_clustering
 
 from .errors import RelaError
+from .settings import DEFAULT_K, DEFAULT_SCORE_DIMS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("rela_pipeline")
 
-#: Default neighbourhood size for ``knn_density``.
-DEFAULT_K = 10
-#: Default number of leading transported components used for scoring.
-DEFAULT_SCORE_DIMS = 64
 #: Accepted ``--score-index`` values.
 SCORE_INDEXES = ("auto", "exact", "ivf", "hnsw")
 #: ``auto`` searches exactly up to this many samples (about 40 s on 2 CPU cores at 64 dims), on

@@ -395,9 +395,14 @@ def _scan_each(paths: list[str], workers: int | None, min_parallel_bytes: int):
         return (_scan_tar(path, shard) for shard, path in enumerate(paths))
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_scan_tar, paths, range(len(paths))))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_scan_tar, paths, range(len(paths))))
+    except BrokenProcessPool:  # the workers cannot start (e.g. a __main__ read from stdin): scan here
+        logger.debug("the scanning processes did not start; scanning %d shards in this process", len(paths))
+        return (_scan_tar(path, shard) for shard, path in enumerate(paths))
 
 
 def _scan_tars(

@@ -233,12 +233,3 @@ def test_a_non_positive_dist_timeout_is_refused_before_anything_is_written(tmp_p
     code, _, stderr = run_cli("embed", "--data", str(TRAIN_DIR), "--prior", "random:resnet18", "--out", str(out), "--dist-timeout", "0")
     assert_one_line_error(code, stderr, "--dist-timeout must be > 0")
     assert not out.exists()
-
-
-def test_the_cli_defaults_of_the_torchrun_timeouts_are_the_librarys():
-    from rela_pipeline.cli import embed, train
-    from rela_pipeline.distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
-
-    for command in (embed, train):
-        defaults = {p.name: p.default for p in command.params}
-        assert (defaults["dist_timeout_s"], defaults["dist_wait_timeout_s"]) == (DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S)

@@ -142,6 +142,11 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     assert summary["budget"]["steps"] == 27 and summary["rela_switch_step"] == 14
     steps = [r["step"] for r in intervals(crashed)]
     assert steps == sorted(set(steps)) and steps[-1] == 27  # no step logged twice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(crashed / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()  # both invocations' event files, read as one run
+    assert [e.step for e in events.Scalars("train/loss")] == steps
     resumed, _ = load_backbone_checkpoint(crashed / "backbone.pt")
     reference, _ = load_backbone_checkpoint(straight / "backbone.pt")
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):

@@ -33,12 +33,39 @@ identity), :mod:`.journal` (progress for ``--resume``), :mod:`.plan` (each rank'
 
 from __future__ import annotations
 
-from .config import RUN_CONTROL_FIELDS, EmbedConfig, default_batch_size
-from .images import EmbeddingResult, embed_images, embedding_dim
-from .output import LOCK_NAME, WORK_DIR_NAME, identity_settings, make_output_dir, manifest_identity, prepare_output_dir, run_identity
-from .run import run_embed
-from .targets import REFERENCE_SAMPLES, TRANSPORT_CHUNK_ROWS, reference_sample_indices, transport_rows, transport_targets
-from .writing import shard_write_order
+import importlib
+from typing import Any
+
+#: Where each public name lives (imported on first use: reading :class:`EmbedConfig` imports no torch).
+_EXPORTS = {
+    "EmbedConfig": ".config",
+    "RUN_CONTROL_FIELDS": ".config",
+    "default_batch_size": ".config",
+    "EmbeddingResult": ".images",
+    "embed_images": ".images",
+    "embedding_dim": ".images",
+    "LOCK_NAME": ".output",
+    "WORK_DIR_NAME": ".output",
+    "identity_settings": ".output",
+    "make_output_dir": ".output",
+    "manifest_identity": ".output",
+    "prepare_output_dir": ".output",
+    "run_identity": ".output",
+    "run_embed": ".run",
+    "REFERENCE_SAMPLES": ".targets",
+    "TRANSPORT_CHUNK_ROWS": ".targets",
+    "reference_sample_indices": ".targets",
+    "transport_rows": ".targets",
+    "transport_targets": ".targets",
+    "shard_write_order": ".writing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
 
 __all__ = [
     "EmbedConfig",

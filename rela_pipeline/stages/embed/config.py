@@ -1,18 +1,17 @@
-"""Settings of an ``embed`` run."""
+"""Settings of an ``embed`` run (imports no torch: the command line reads its defaults from
+:class:`EmbedConfig`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
-from ...runtime import PRECISIONS, default_num_workers
-from ...scores import DEFAULT_K, DEFAULT_SCORE_DIMS, SCORE_INDEXES
-from ...shards.format import TARGET_DTYPES
-from .decoding import DECODE_MODES
+from ...settings import DEFAULT_K, DEFAULT_SCORE_DIMS, DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S, default_num_workers
+
+if TYPE_CHECKING:
+    import torch
 
 #: :class:`EmbedConfig` fields that control how a run goes, not what it writes: left out of the
 #: manifest's ``settings`` and of the identity a resumed run must match.
@@ -105,6 +104,11 @@ class EmbedConfig:
 
     def validate(self) -> None:
         """Raise :class:`RelaError` on out-of-range settings."""
+        from ...runtime import PRECISIONS
+        from ...scores import SCORE_INDEXES
+        from ...shards.format import TARGET_DTYPES
+        from .decoding import DECODE_MODES
+
         if self.batch_size is not None and self.batch_size < 1:
             raise RelaError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:

@@ -5,11 +5,33 @@ The loop is :func:`run_train` in :mod:`.loop`; its parts are :mod:`.config`, :mo
 :mod:`.checkpoints`.
 """
 
-from ...shards.batches import default_num_workers
-from ...shards.reader import verified
-from .checkpoints import BACKBONE_NAME, CONFIG_NAME, LAST_CHECKPOINT, METRICS_NAME, SUMMARY_NAME
-from .config import AUGMENT_PATHS, RESUMABLE_CHANGES, Budget, TrainConfig
-from .loop import run_train
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Where each public name lives (imported on first use: reading :class:`TrainConfig` imports no torch).
+_EXPORTS = {
+    "TrainConfig": ".config",
+    "Budget": ".config",
+    "AUGMENT_PATHS": ".config",
+    "RESUMABLE_CHANGES": ".config",
+    "run_train": ".loop",
+    "verified": "rela_pipeline.shards.reader",
+    "default_num_workers": "rela_pipeline.settings",
+    "CONFIG_NAME": ".checkpoints",
+    "METRICS_NAME": ".checkpoints",
+    "LAST_CHECKPOINT": ".checkpoints",
+    "BACKBONE_NAME": ".checkpoints",
+    "SUMMARY_NAME": ".checkpoints",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
 
 __all__ = [
     "TrainConfig",

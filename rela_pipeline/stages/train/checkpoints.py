@@ -5,6 +5,8 @@ Run directory::
     RUN/config.json            the run's settings (a resumed run must match them) and what
                                "auto" resolved to (device, precision, data path, memory format)
     RUN/metrics.jsonl          one JSON record per logging interval, per epoch and per event
+    RUN/tensorboard/           the same records as TensorBoard events (``--logger tensorboard``,
+                               the default; :mod:`.loggers`), or RUN/wandb/ (``--logger wandb``)
     RUN/checkpoints/last.pt    after every epoch: backbone checkpoint + everything to resume
     RUN/backbone.pt            at the end: the backbone alone (a ``checkpoint:`` prior, an eval input)
     RUN/summary.json           at the end: budget used, wall-clock, final metrics
@@ -31,6 +33,7 @@ from ...models import safe_torch_load, save_backbone_checkpoint
 from ...priors import Preprocessing
 from ...rela import ReLA
 from .config import RESUMABLE_CHANGES, Budget, TrainConfig
+from .loggers import TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID
 from .step import TrainStep
 
 CONFIG_NAME = "config.json"
@@ -63,7 +66,7 @@ def prepare_run_dir(config: TrainConfig) -> bool:
     elif out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
             raise RelaError(f"run directory {out} is not empty; pass --resume to continue it or --overwrite to replace it")
-        known = {CONFIG_NAME, METRICS_NAME, "checkpoints", BACKBONE_NAME, SUMMARY_NAME}
+        known = {CONFIG_NAME, METRICS_NAME, "checkpoints", BACKBONE_NAME, SUMMARY_NAME, TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID}
         foreign = sorted(p.name for p in out.iterdir() if p.name not in known and not p.name.endswith(".partial"))
         if foreign:
             raise RelaError(f"--overwrite refuses to delete {out}: it holds files a run does not write ({', '.join(foreign[:3])})")

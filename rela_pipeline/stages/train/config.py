@@ -1,4 +1,5 @@
-"""Settings and compute accounting of a stage-two run."""
+"""Settings and compute accounting of a stage-two run (imports no torch: the command line reads
+its defaults from :class:`TrainConfig`)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ...distributed import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 from ...errors import RelaError
-from ...methods import METHODS, MOMENTUM_SCHEDULES
-from ...models import check_backbone_name
-from ...rela import TRANSFER_MODES, parse_schedule
-from ...runtime import PRECISIONS
-from ...shards.batches import DATA_PATHS
-from ...subsets import SUBSET_RULES
+from ...settings import DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
 
 #: Accepted ``--augment`` values: views made batched on the training device, or per image with
 #: PIL (the reference path, and the one for per-image transforms).
 AUGMENT_PATHS = ("device", "pil")
+
+#: Accepted ``--logger`` values (:mod:`rela_pipeline.stages.train.loggers`).
+LOGGERS = ("tensorboard", "wandb", "none")
 
 #: Settings that may differ when resuming: they do not change what is computed (the memory and
 #: stream data paths give the same batches and views).
@@ -29,6 +27,7 @@ RESUMABLE_CHANGES = frozenset(
         "num_workers",
         "device",
         "log_every",
+        "logger",
         "skip_bad_shards",
         "verify",
         "data_path",
@@ -80,7 +79,11 @@ class TrainConfig:
             ``min(8, CPUs - 1)``; 0 = in the main process (no prefetch).
         seed: seeds the backbone, heads, subsets, shuffles and augmentations.
         shuffle_buffer: samples in each shard's shuffle buffer (:mod:`rela_pipeline.shards.plan`).
-        log_every: steps per ``metrics.jsonl`` interval record.
+        log_every: steps per ``metrics.jsonl`` interval record (and logger record).
+        logger: where the records also go, one of :data:`LOGGERS`: ``tensorboard`` (event files
+            in ``RUN/tensorboard``), ``wandb`` (Weights & Biases, if installed; offline unless
+            ``WANDB_MODE`` says otherwise) or ``none``; ``metrics.jsonl`` is always written
+            (:mod:`rela_pipeline.stages.train.loggers`).
         online_probe: train a linear classifier on detached features when labels exist.
         skip_bad_shards: warn and skip unreadable shards and samples instead of failing (with
             ``verify``: also the shards that fail verification).
@@ -126,6 +129,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 2000
     log_every: int = 20
+    logger: str = "tensorboard"
     online_probe: bool = True
     skip_bad_shards: bool = False
     verify: bool = True
@@ -142,6 +146,13 @@ class TrainConfig:
         Raises:
             RelaError: naming the first bad setting.
         """
+        from ...methods import METHODS, MOMENTUM_SCHEDULES
+        from ...models import check_backbone_name
+        from ...rela import TRANSFER_MODES, parse_schedule
+        from ...runtime import PRECISIONS
+        from ...shards.batches import DATA_PATHS
+        from ...subsets import SUBSET_RULES
+
         if not custom_method and self.method not in METHODS:
             raise RelaError(f"unknown SSL method '{self.method}'; choose one of: {', '.join(METHODS)}")
         check_backbone_name(self.backbone)
@@ -181,6 +192,8 @@ class TrainConfig:
             raise RelaError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
         if self.dist_wait_timeout_s <= 0:
             raise RelaError(f"--dist-wait-timeout must be positive, got {self.dist_wait_timeout_s}")
+        if self.logger not in LOGGERS:
+            raise RelaError(f"--logger must be one of {', '.join(LOGGERS)}, got {self.logger!r}")
         if self.resume and self.overwrite:
             raise RelaError("--resume and --overwrite exclude each other")
 

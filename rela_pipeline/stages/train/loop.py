@@ -52,6 +52,7 @@ from .checkpoints import (
 from .config import Budget, TrainConfig
 from .data import build_training_data, view_transforms
 from .distribution import agreed, check_distributed_settings
+from .loggers import open_sinks
 from .metrics import Interval, MetricsLog, finite_or_none
 from .step import TrainStep
 
@@ -242,7 +243,8 @@ def _train(
     data.prepare()  # the memory path's decoding pass
     data_load_s = time.perf_counter() - t_start
 
-    metrics = MetricsLog(out / METRICS_NAME if main else None, budget.steps if resuming else None)
+    resume_step = budget.steps if resuming else None
+    metrics = MetricsLog(out / METRICS_NAME if main else None, resume_step, sinks=open_sinks(config.logger, out, config.to_json(), resume_step) if main else ())
     method_name = config.method
     rela.train()
     interval = Interval(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +15,25 @@ from ...distributed import Distribution
 from ...fileio import atomic_write
 from ...runtime import synchronize
 from .config import Budget
+from .loggers import RecordSink
 from .step import StepResult
 
 
 class MetricsLog:
-    """Appends JSON records to ``metrics.jsonl``; on resume keeps only records up to the checkpoint.
+    """Appends JSON records to ``metrics.jsonl`` and passes them to the logger's sinks; on resume
+    keeps only records up to the checkpoint.
 
     Args:
         path: the file; None discards every record (the ranks other than 0 of a distributed run).
         keep_until_step: on resume, the checkpoint's step (later records are dropped); None
             starts a new file.
+        sinks: where each record also goes (:func:`.loggers.open_sinks`: TensorBoard, W&B).
     """
 
-    def __init__(self, path: Path | None, keep_until_step: int | None) -> None:
+    def __init__(self, path: Path | None, keep_until_step: int | None, sinks: Sequence[RecordSink] = ()) -> None:
         self.path = path
         self.handle = None
+        self.sinks = list(sinks)
         if path is None:
             return
         if keep_until_step is not None and path.is_file():
@@ -46,9 +51,14 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.handle.write(json.dumps(clean, sort_keys=True) + "\n")
         self.handle.flush()
+        for sink in self.sinks:
+            sink.write(clean)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and the sinks."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self.handle is not None:
             self.handle.close()
 
