@@ -65,8 +65,7 @@ def student_run(request, shard_set, tmp_path_factory) -> tuple[str, Path, dict]:
         backbone=name,
         epochs=1,
         batch_size=32,
-        data_ratio=0.25,  # 75 samples: 2 steps
-        rela_schedule="constant:1.0",
+        data_ratio=0.25,  # 75 samples: 2 steps, both in the ReLA phase of the adaptive schedule
         precision="fp32",
         num_workers=0,
         log_every=1,
