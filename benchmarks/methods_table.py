@@ -1,0 +1,526 @@
+"""The evidence across methods: each method at its plateau (method*), at 20% budget, and with ReLA
+(Rand. prior) at 20%, against the floors, on the budget table's protocol (:mod:`budget_table`).
+
+For every method of ``--methods`` (default BYOL, SimCLR, DINO, Barlow Twins, VICReg, MoCo v2 and
+supervised; each with the profile's student, optimiser and 0.5-1 crops):
+
+* **Plateau.** The method at 100% budget, seed 0, for E, 2E, 4E ... epochs (the profile's E, capped
+  at ``max_epochs``), scored on the validation split, until doubling adds under
+  :data:`PLATEAU_GAIN` (half a point) of linear probe; method* is the run at the plateau.
+* **Cells at the plateau's epochs**, seeds 0, 1, 2, evaluated on the test split: ``<m>-100``
+  (method*), ``<m>-20`` (the method on a fresh random 20% subset every epoch: the paper's
+  baseline) and ``<m>-rela-random-20`` (the same with the ReLA loss and the adaptive schedule,
+  Rand. prior). The adaptive switch's step is recorded per run.
+* **The constant schedule.** Where the adaptive switch fired in no seed, ``constant:f`` for f in
+  :data:`CONSTANT_FRACTIONS` is scored on the validation split (seed 0) and the one it prefers runs
+  as ``<m>-rela-random-20-constant`` on all seeds; the table says which schedule wins.
+* **Floors**: raw pixels, the untrained student, the Rand. prior's features (the budget table's,
+  probed the same way).
+
+Order of work, so that a partial table says something early: first every method's seed-0 runs at
+E (its first plateau point, its 20% cell and its ReLA cell), then every method's doubling study,
+then the other seeds at each method's plateau. Every run is cached (``runs/e<E>/<cell>/seed<k>``,
+a killed training run resumes from its last epoch; results in ``result.json`` / ``plateau/``), so
+rerunning the same command resumes. ``results.csv`` (a row per floor and per cell, ``method`` and
+``label`` naming it), ``results.json``, ``results.md`` and ``methods.png`` (one panel per method,
+floors as lines) are rewritten after every finished run; a cell still at E rather than at its
+method's plateau is marked ``provisional``.
+
+    python benchmarks/methods_table.py --profile cpu --out runs/methods-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budget_table import (  # noqa: E402
+    PROFILES,
+    RANDOM_PRIOR,
+    BudgetTable,
+    Cell,
+    Profile,
+    Splits,
+    _few_label_means,
+    floors,
+    machine_info,
+    mean_std,
+    tiny,
+    train_config,
+)
+from embed_throughput import device_name  # noqa: E402
+
+from rela_pipeline.errors import RelaError  # noqa: E402
+from rela_pipeline.fileio import atomic_write, write_json_atomic  # noqa: E402
+from rela_pipeline.stages.evaluate import run_eval  # noqa: E402
+from rela_pipeline.stages.train import run_train  # noqa: E402
+
+#: The methods of the table, in the issue's order, and their labels.
+METHOD_LABELS = {
+    "byol": "BYOL",
+    "simclr": "SimCLR",
+    "dino": "DINO",
+    "barlowtwins": "Barlow Twins",
+    "vicreg": "VICReg",
+    "moco": "MoCo v2",
+    "supervised": "supervised",
+}
+#: The plateau: doubling the epochs adds less than this to the validation linear probe (half a point).
+PLATEAU_GAIN = 0.005
+#: The budget of the 20% cells.
+BUDGET = 0.2
+#: ``constant:<f>`` schedules scored on the validation split where the adaptive switch never fires.
+CONSTANT_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class MethodCell:
+    """One cell: ``method`` at ``budget`` with or without ReLA, at some number of epochs.
+
+    Attributes:
+        method: a name of :data:`METHOD_LABELS`.
+        kind: ``star`` (100%), ``baseline`` (20%), ``rela`` (20% + ReLA, adaptive) or
+            ``rela-constant`` (20% + ReLA, the constant schedule the validation split prefers).
+        schedule: the ReLA schedule (``none`` without ReLA).
+    """
+
+    method: str
+    kind: str
+    schedule: str = "none"
+
+    @property
+    def budget(self) -> float:
+        return 1.0 if self.kind == "star" else BUDGET
+
+    @property
+    def key(self) -> str:
+        pct = round(self.budget * 100)
+        return {"star": f"{self.method}-100", "baseline": f"{self.method}-{pct}", "rela": f"{self.method}-rela-random-{pct}"}.get(
+            self.kind, f"{self.method}-rela-random-{pct}-{self.schedule.replace(':', '')}"
+        )
+
+    @property
+    def label(self) -> str:
+        name = METHOD_LABELS[self.method]
+        pct = round(self.budget * 100)
+        return {
+            "star": f"{name}*",
+            "baseline": f"{name} {pct}%",
+            "rela": f"{name} + ReLA (Rand. prior, adaptive) {pct}%",
+        }.get(self.kind, f"{name} + ReLA (Rand. prior, {self.schedule}) {pct}%")
+
+    def as_budget_cell(self) -> Cell:
+        """The :class:`budget_table.Cell` that trains it (the prior, the schedule)."""
+        return Cell(self.key, self.label, self.budget, RANDOM_PRIOR if self.schedule != "none" else None, schedule=self.schedule)
+
+
+class MethodsTable(BudgetTable):
+    """The table across methods (module docstring), on :class:`budget_table.BudgetTable`'s
+    splits, stage one, floors and evaluation.
+
+    Args:
+        methods: names of :data:`METHOD_LABELS`, in run order.
+
+    Raises:
+        RelaError: an unknown method; ``out`` holds another benchmark.
+    """
+
+    def __init__(self, profile: Profile, out: Path, data: Path | None, methods: list[str], device: str = "auto", num_workers: int | None = None):
+        unknown = [m for m in methods if m not in METHOD_LABELS]
+        if unknown:
+            raise RelaError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(METHOD_LABELS)}")
+        self.methods = methods
+        super().__init__(profile, out, data, device, num_workers, cells=[Cell("byol-100", "BYOL", 1.0, None)])
+        self.plateau: dict[str, dict[str, Any]] = {}
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        settings["cells"] = "methods table"
+        settings["plateau_gain"] = PLATEAU_GAIN
+        return settings
+
+    # -- one run -------------------------------------------------------------------------------
+    def method_run(self, cell: MethodCell, seed: int, epochs: int, shards: str, split: Path, split_name: str) -> dict[str, Any]:
+        """Train (or resume, or reuse) ``cell`` for ``epochs`` and evaluate it on ``split``; the
+        result is cached in the run directory as ``<split_name>.json``."""
+        run = self.out / "runs" / f"e{epochs}" / cell.key / f"seed{seed}"
+        cached = run / f"{split_name}.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        summary_path = run / "train" / "summary.json"
+        if not summary_path.exists():
+            tqdm_write(f"{cell.label}: seed {seed}, {epochs} epochs")
+            run_train(
+                train_config(
+                    self.profile,
+                    shards=shards,
+                    out_dir=run / "train",
+                    seed=seed,
+                    epochs=epochs,
+                    budget=cell.budget,
+                    rela_schedule=cell.schedule,
+                    device=self.device,
+                    num_workers=self.num_workers,
+                    method=cell.method,
+                    logger="none",
+                )
+            )
+        summary = json.loads(summary_path.read_text())
+        evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), self.splits.train, split, seed))
+        result = {
+            "method": cell.method,
+            "cell": cell.key,
+            "kind": cell.kind,
+            "schedule": cell.schedule,
+            "seed": seed,
+            "epochs": epochs,
+            "split": split_name,
+            "linear_probe_top1": evaluation["linear_probe"]["top1"],
+            "knn_top1": evaluation["knn"]["top1"],
+            "few_label": _few_label_means(evaluation),
+            "train_seconds": summary["wall_clock_s"],
+            "eval_seconds": round(evaluation["timings_s"]["total"], 2),
+            "steps": summary["budget"]["steps"],
+            "budget_fraction": summary["budget"]["fraction"],
+            "rela_switch_step": summary["rela_switch_step"],
+            "precision": summary.get("resolved", {}).get("precision"),
+        }
+        write_json_atomic(cached, result)
+        return result
+
+    # -- the plateau ---------------------------------------------------------------------------
+    def study_point(self, method: str, epochs: int) -> dict[str, Any]:
+        """Method ``method`` at 100%, seed 0, ``epochs`` epochs, on the validation split."""
+        return self.method_run(MethodCell(method, "star"), 0, epochs, self.shards, self.splits.val, "val")
+
+    def study(self, method: str, extend: bool) -> dict[str, Any]:
+        """The plateau study's state for ``method``: its points, and its plateau once found
+        (``extend``: run the next doubling if needed; else only read what is cached or run the
+        first point)."""
+        p = self.profile
+        points = [self.study_point(method, p.epochs)]
+        epochs = p.epochs
+        plateau = None
+        while plateau is None:
+            if not p.convergence:
+                plateau = p.epochs
+                break
+            if 2 * epochs > p.max_epochs:
+                plateau = epochs
+                break
+            cached = self.out / "runs" / f"e{2 * epochs}" / MethodCell(method, "star").key / "seed0" / "val.json"
+            if not extend and not cached.exists():
+                break
+            points.append(self.study_point(method, 2 * epochs))
+            if points[-1]["linear_probe_top1"] - points[-2]["linear_probe_top1"] < PLATEAU_GAIN:
+                plateau = epochs
+            epochs *= 2
+        state = {"points": points, "plateau": plateau}
+        self.plateau[method] = state
+        return state
+
+    def epochs_of(self, method: str) -> tuple[int, bool]:
+        """``(epochs of the method's cells, provisional)``: its plateau, or E while unknown."""
+        plateau = self.plateau.get(method, {}).get("plateau")
+        return (plateau, False) if plateau is not None else (self.profile.epochs, True)
+
+    # -- the cells -----------------------------------------------------------------------------
+    def cells_of(self, method: str, seeds: range) -> list[dict[str, Any]]:
+        """Method ``method``'s cells at its epochs (plateau, or provisional E) for ``seeds``; the
+        constant-schedule cell when the adaptive switch fired in none of its runs."""
+        epochs, _ = self.epochs_of(method)
+        results = []
+        for seed in seeds:
+            for cell in (MethodCell(method, "star"), MethodCell(method, "baseline"), MethodCell(method, "rela", "adaptive")):
+                results.append(self.method_run(cell, seed, epochs, self.shards, self.splits.test, "test"))
+        adaptive = [r for r in results if r["kind"] == "rela"]
+        if len(adaptive) == self.profile.seeds and all(r["rela_switch_step"] is None for r in adaptive):
+            schedule = self.preferred_constant(method, epochs)
+            for seed in seeds:
+                results.append(self.method_run(MethodCell(method, "rela-constant", schedule), seed, epochs, self.shards, self.splits.test, "test"))
+        return results
+
+    def preferred_constant(self, method: str, epochs: int) -> str:
+        """The ``constant:<f>`` schedule of :data:`CONSTANT_FRACTIONS` with the best validation
+        linear probe at 20%, seed 0 (cached in ``schedules/<method>-e<E>.json``)."""
+        path = self.out / "schedules" / f"{method}-e{epochs}.json"
+        if path.exists():
+            return json.loads(path.read_text())["preferred"]
+        scores = {}
+        for fraction in CONSTANT_FRACTIONS:
+            schedule = f"constant:{fraction}"
+            cell = MethodCell(method, "rela-constant", schedule)
+            run = self.method_run(cell, 0, epochs, self.shards, self.splits.val, "val")
+            scores[schedule] = run["linear_probe_top1"]
+        preferred = max(scores, key=scores.get)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"method": method, "epochs": epochs, "val_linear_probe_top1": scores, "preferred": preferred})
+        return preferred
+
+    def run_all(self) -> dict[str, Any]:
+        """Every run in the order of the module docstring; the outputs after each method's step."""
+        started = time.perf_counter()
+        machine = {**machine_info(self.device), "cpu": device_name(__import__("torch").device("cpu"))}
+        self.check_out_dir()
+        self.splits: Splits = self.data_dirs()
+        stage_one = self.stage_one(RANDOM_PRIOR, self.splits.train)
+        self.shards = stage_one["shards"]
+        floor_results = [self.run_floor(f, seed, self.splits) for f in floors(self.profile)[:3] for seed in range(f.seeds)]
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        def write() -> dict[str, Any]:
+            payload = summarise_methods(self.profile, self.methods, results, self.plateau, floor_results, stage_one)
+            payload.update(machine=machine, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "")
+            payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
+            write_method_outputs(self.out, payload)
+            return payload
+
+        for method in self.methods:  # 1. seed 0 of every method at E
+            self.study(method, extend=False)
+            results[method] = self.cells_of(method, range(1))
+            write()
+        for method in self.methods:  # 2. the doubling studies
+            self.study(method, extend=True)
+            results[method] = self.cells_of(method, range(1))
+            write()
+        for method in self.methods:  # 3. every seed at each plateau
+            results[method] = self.cells_of(method, range(self.profile.seeds))
+            write()
+        return write()
+
+
+def tqdm_write(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
+
+
+def summarise_methods(
+    profile: Profile, methods: list[str], results: dict[str, list[dict[str, Any]]], plateau: dict[str, Any], floor_results: list[dict[str, Any]], stage_one
+) -> dict[str, Any]:
+    """The table's rows: one per floor (mean ± std over its seeds) and one per (method, cell) at
+    the method's current epochs, with the ReLA switch steps and whether the epochs are the
+    plateau's (else ``provisional``)."""
+    rows: list[dict[str, Any]] = []
+    for floor in floors(profile)[:3]:
+        runs = [r for r in floor_results if r["cell"] == floor.key]
+        if runs:
+            lp, lp_sd = mean_std([r["linear_probe_top1"] for r in runs])
+            knn, knn_sd = mean_std([r["knn_top1"] for r in runs])
+            rows.append(
+                {
+                    "kind": "floor",
+                    "method": "",
+                    "cell": floor.key,
+                    "label": floor.label,
+                    "seeds": len(runs),
+                    "linear_probe": lp,
+                    "linear_probe_std": lp_sd,
+                    "knn": knn,
+                    "knn_std": knn_sd,
+                }
+            )
+    for method in methods:
+        state = plateau.get(method, {})
+        for key in dict.fromkeys(r["cell"] for r in results.get(method, [])):
+            runs = sorted((r for r in results[method] if r["cell"] == key), key=lambda r: r["seed"])
+            lp, lp_sd = mean_std([r["linear_probe_top1"] for r in runs])
+            knn, knn_sd = mean_std([r["knn_top1"] for r in runs])
+            first = runs[0]
+            rows.append(
+                {
+                    "kind": "cell",
+                    "method": method,
+                    "cell": key,
+                    "label": MethodCell(method, first["kind"], first["schedule"]).label,
+                    "budget": MethodCell(method, first["kind"]).budget,
+                    "schedule": first["schedule"],
+                    "epochs": first["epochs"],
+                    "provisional": state.get("plateau") is None,
+                    "seeds": len(runs),
+                    "linear_probe": lp,
+                    "linear_probe_std": lp_sd,
+                    "knn": knn,
+                    "knn_std": knn_sd,
+                    "switch_steps": " ".join("never" if r["rela_switch_step"] is None else str(r["rela_switch_step"]) for r in runs)
+                    if first["schedule"] != "none"
+                    else "",
+                    "steps": first["steps"],
+                    "train_seconds_mean": sum(r["train_seconds"] for r in runs) / len(runs),
+                    "precision": first["precision"],
+                }
+            )
+    return {
+        "profile": profile.name,
+        "plateau_gain": PLATEAU_GAIN,
+        "rows": rows,
+        "plateau": plateau,
+        "runs": results,
+        "floors": floor_results,
+        "stage_one": stage_one,
+    }
+
+
+CSV_FIELDS = (
+    "kind",
+    "method",
+    "cell",
+    "label",
+    "budget",
+    "schedule",
+    "epochs",
+    "provisional",
+    "seeds",
+    "linear_probe",
+    "linear_probe_std",
+    "knn",
+    "knn_std",
+    "switch_steps",
+    "steps",
+    "train_seconds_mean",
+    "precision",
+)
+
+
+def markdown_methods(payload: dict[str, Any]) -> str:
+    """The floors, the plateau studies and the table as Markdown (percentages, mean ± std)."""
+    lines = ["### Floors (test split)", "", "| floor | seeds | linear probe top-1 | k-NN top-1 |", "| --- | ---: | ---: | ---: |"]
+    for row in (r for r in payload["rows"] if r["kind"] == "floor"):
+        lines.append(
+            f"| {row['label']} | {row['seeds']} | {100 * row['linear_probe']:.2f} ± {100 * row['linear_probe_std']:.2f} | {100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} |"
+        )
+    lines += ["", "### Plateau studies (seed 0, 100% budget, validation split)", "", "| method | epochs: val linear probe | plateau |", "| --- | --- | ---: |"]
+    for method, state in payload["plateau"].items():
+        points = ", ".join(f"{p['epochs']}: {100 * p['linear_probe_top1']:.2f}" for p in state["points"])
+        lines.append(f"| {METHOD_LABELS[method]} | {points} | {state['plateau'] if state['plateau'] is not None else 'not yet'} |")
+    lines += [
+        "",
+        "### Table (test split; mean ± std over seeds)",
+        "",
+        "| cell | epochs | seeds | linear probe top-1 | k-NN top-1 | ReLA switch steps | train s (mean) | precision |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for row in (r for r in payload["rows"] if r["kind"] == "cell"):
+        epochs = f"{row['epochs']}" + (" (provisional)" if row["provisional"] else "")
+        lines.append(
+            f"| {row['label']} | {epochs} | {row['seeds']} | {100 * row['linear_probe']:.2f} ± {100 * row['linear_probe_std']:.2f} | "
+            f"{100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} | {row['switch_steps'] or '-'} | {row['train_seconds_mean']:.0f} | {row['precision']} |"
+        )
+    lines += [
+        "",
+        "### Reading: does ReLA at 20% reach method*? (linear probe, points)",
+        "",
+        "| method | method* | method 20% | + ReLA adaptive 20% | + ReLA constant 20% | best ReLA - method* | best ReLA - method 20% | schedule that wins |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method in dict.fromkeys(r["method"] for r in payload["rows"] if r["kind"] == "cell"):
+        mine = {r["cell"].split(f"{method}-", 1)[1]: r for r in payload["rows"] if r["kind"] == "cell" and r["method"] == method}
+        star, base = mine.get("100"), mine.get(f"{round(BUDGET * 100)}")
+        adaptive = mine.get(f"rela-random-{round(BUDGET * 100)}")
+        constant = next((r for k, r in mine.items() if k.startswith(f"rela-random-{round(BUDGET * 100)}-constant")), None)
+        rela = [r for r in (adaptive, constant) if r is not None]
+        if star is None or base is None or not rela:
+            continue
+        best = max(rela, key=lambda r: r["linear_probe"])
+        cell = lambda r: f"{100 * r['linear_probe']:.2f}" if r is not None else "-"
+        lines.append(
+            f"| {METHOD_LABELS[method]}{' (provisional)' if star['provisional'] else ''} | {cell(star)} | {cell(base)} | {cell(adaptive)} | {cell(constant)} | "
+            f"{100 * (best['linear_probe'] - star['linear_probe']):+.2f} | {100 * (best['linear_probe'] - base['linear_probe']):+.2f} | "
+            f"{'adaptive' if best is adaptive else best['schedule']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(payload: dict[str, Any], path: Path) -> None:
+    """One panel per method: linear probe of method* (100%), the method at 20% and with ReLA at
+    20% (error bars: one std over seeds), floors as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in payload["rows"] if r["kind"] == "cell"]
+    methods = list(dict.fromkeys(r["method"] for r in cells))
+    if not methods:
+        return
+    columns = min(4, len(methods))
+    rows_n = math.ceil(len(methods) / columns)
+    figure, axes = plt.subplots(rows_n, columns, figsize=(3.2 * columns, 2.8 * rows_n), squeeze=False, sharey=True)
+    floor_rows = [r for r in payload["rows"] if r["kind"] == "floor"]
+    for axis, method in zip(axes.flat, methods):
+        mine = [r for r in cells if r["method"] == method]
+        names = [r["label"].replace(METHOD_LABELS[method], "").strip() or "*" for r in mine]
+        axis.bar(range(len(mine)), [100 * r["linear_probe"] for r in mine], yerr=[100 * r["linear_probe_std"] for r in mine], color="#4c72b0", alpha=0.8)
+        for floor, style in zip(floor_rows, ("--", ":", "-.")):
+            axis.axhline(100 * floor["linear_probe"], linestyle=style, color="grey", linewidth=1, label=floor["label"])
+        axis.set_xticks(range(len(mine)), names, rotation=30, ha="right", fontsize=7)
+        axis.set_title(METHOD_LABELS[method] + (" (provisional)" if mine and mine[0]["provisional"] else ""), fontsize=9)
+    for axis in axes.flat[len(methods) :]:
+        axis.axis("off")
+    lows = [100 * r["linear_probe"] for r in cells + floor_rows]
+    axes.flat[0].set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 2))
+    axes.flat[0].set_ylabel("linear probe top-1 (%)")
+    axes.flat[0].legend(fontsize=6, loc="lower left")
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
+def write_method_outputs(out: Path, payload: dict[str, Any]) -> None:
+    """``results.json``, ``results.csv``, ``results.md`` and ``methods.png`` in ``out``, atomically."""
+    write_json_atomic(out / "results.json", payload)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in payload["rows"]:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_write(out / "results.csv", "w") as handle:
+        handle.write(buffer.getvalue())
+    with atomic_write(out / "results.md", "w") as handle:
+        handle.write(markdown_methods(payload))
+    plot_methods(payload, out / "methods.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--out", type=Path, required=True, help="output directory; rerun the same command to resume")
+    parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: prepare Fashion-MNIST into OUT/data)")
+    parser.add_argument("--methods", default=",".join(METHOD_LABELS), help="comma-separated methods, in run order")
+    parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's 3)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.tiny:
+        profile = tiny(profile)
+    if args.seeds is not None:
+        profile = dataclasses.replace(profile, seeds=args.seeds)
+    try:
+        table = MethodsTable(profile, args.out, args.data, [m.strip() for m in args.methods.split(",") if m.strip()], args.device, args.num_workers)
+        payload = table.run_all()
+    except RelaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(markdown_methods(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The methods-table benchmark at a tiny size on the real fixture: each method's plateau study, its
+cells at the plateau, the constant schedule where the adaptive switch never fired, the floors;
+it resumes without retraining."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_ROOT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import methods_table  # noqa: E402
+
+METHODS = "byol"
+
+
+def run_table(out: Path) -> int:
+    return methods_table.main(
+        [
+            "--profile",
+            "cpu",
+            "--tiny",
+            "--seeds",
+            "1",
+            "--data",
+            str(FIXTURE_ROOT),
+            "--out",
+            str(out),
+            "--methods",
+            METHODS,
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("methods") / "table"
+    assert run_table(out) == 0
+    return out
+
+
+def test_each_method_has_its_plateau_and_its_cells_at_it(table):
+    payload = json.loads((table / "results.json").read_text())
+    profile = methods_table.tiny(methods_table.PROFILES["cpu"])
+    for method in METHODS.split(","):
+        state = payload["plateau"][method]
+        points = [p["epochs"] for p in state["points"]]
+        assert points[0] == profile.epochs and all(b == 2 * a for a, b in zip(points, points[1:]))
+        gains = [b["linear_probe_top1"] - a["linear_probe_top1"] for a, b in zip(state["points"], state["points"][1:])]
+        # the plateau is the last E whose doubling added under the gain, else the largest E run
+        expected = next((points[i] for i, g in enumerate(gains) if g < methods_table.PLATEAU_GAIN), points[-1])
+        assert state["plateau"] == expected
+        cells = {r["cell"]: r for r in payload["rows"] if r["kind"] == "cell" and r["method"] == method}
+        assert {f"{method}-100", f"{method}-20", f"{method}-rela-random-20"} <= set(cells)
+        assert all(r["epochs"] == expected and not r["provisional"] for r in cells.values())
+        # method* at the plateau is the study's own run: the same checkpoint, scored on test
+        star = next(r for r in payload["runs"][method] if r["cell"] == f"{method}-100")
+        assert (table / "runs" / f"e{expected}" / f"{method}-100" / "seed0" / "val.json").is_file() and star["split"] == "test"
+        adaptive = cells[f"{method}-rela-random-20"]
+        constant = [r for r in cells.values() if r["schedule"].startswith("constant:")]
+        if adaptive["switch_steps"] == "never":  # then the schedule the validation split prefers runs too
+            chosen = json.loads((table / "schedules" / f"{method}-e{expected}.json").read_text())
+            assert chosen["preferred"] == max(chosen["val_linear_probe_top1"], key=chosen["val_linear_probe_top1"].get)
+            assert [r["schedule"] for r in constant] == [chosen["preferred"]]
+        else:
+            assert not constant
+
+
+def test_floors_csv_markdown_and_plot(table):
+    payload = json.loads((table / "results.json").read_text())
+    rows = list(csv.DictReader((table / "results.csv").open()))
+    assert [r["cell"] for r in rows] == [r["cell"] for r in payload["rows"]]
+    assert {r["cell"] for r in rows if r["kind"] == "floor"} == {"floor-pixels", "floor-untrained", "floor-prior-random"}
+    report = (table / "results.md").read_text()
+    for row in payload["rows"]:
+        assert row["label"] in report
+    assert "does ReLA at 20% reach method*" in report and (table / "methods.png").stat().st_size > 10_000
+    assert payload["machine"]["cpu"] and all(r["precision"] for r in payload["rows"] if r["kind"] == "cell")
+
+
+def test_rerun_trains_nothing_again(table, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(methods_table, "run_train", refuse)
+    before = json.loads((table / "results.json").read_text())["rows"]
+    assert run_table(table) == 0
+    assert json.loads((table / "results.json").read_text())["rows"] == before
+
+
+def test_an_unknown_method_is_one_line(tmp_path, capsys):
+    code = methods_table.main(["--tiny", "--out", str(tmp_path / "t"), "--methods", "byol,mae", "--data", str(FIXTURE_ROOT)])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown method(s) mae; methods are: " + ", ".join(methods_table.METHOD_LABELS)
+    ]
