@@ -274,6 +274,20 @@ def test_scale_images_measures_both_kinds_phase_by_phase_and_resumes(tmp_path):
             assert cell[kind]["written"] == int(n) and set(cell[kind]["phases"]) >= {"scan", "embed", "transport", "scores", "write_shards"}
             assert 0 < cell[kind]["not_embedding_fraction"] < 1 and cell[kind]["peak_rss_mib"] > 0
     assert set(record["growth_exponents"]) >= {"webdataset", "imagefolder", "sizes"} and "imagefolder_s" in record["scan_growth_exponents"]
+    assert set(record["memory_bytes_per_sample"]) == {"webdataset", "imagefolder"}
+    assert all(cell[kind]["peak_anonymous_rss_mib"] > 0 for cell in record["cells"].values() for kind in ("webdataset", "imagefolder"))
     before = out.read_text()
     again = scale_images.main(argv)  # every cell is there: nothing is measured again
     assert json.dumps(again["cells"], sort_keys=True) == json.dumps(json.loads(before)["cells"], sort_keys=True)
+
+
+def test_stage_one_io_times_both_scans_and_both_read_paths_on_the_same_inputs(tmp_path):
+    import scale_images
+    import stage_one_io
+
+    _, pattern = scale_images.make_inputs(tmp_path / "in", 300, 16, 1)  # 300 JPEGs in 1 tar
+    record = stage_one_io.main(["--tars", pattern, "--samples", "100", "--rounds", "2", "--warm", "--out", str(tmp_path / "io.json")])
+    assert all(len(v) == 2 and min(v) > 0 for v in record["scan_s"].values())
+    assert all(len(v) == 2 and min(v) > 0 for v in record["reads_us_per_image"].values())
+    assert record["inputs"]["shards"] == 1 and record["read_bytes_per_image"] > 100  # JPEG bytes, not empty reads
+    assert record["summary"]["scan_pool_speedup"] > 0 and record["summary"]["read_ahead_speedup"] > 0 and record["reads_cold_cache"] is False
