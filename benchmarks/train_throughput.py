@@ -22,12 +22,19 @@ Report ratios, not absolute rates, across machines. Example (the README's CPU nu
 
     python benchmarks/train_throughput.py --shards runs/demo/shards --backbone convnet --image-size 32 \\
         --batch-size 128 --steps 60 --out benchmarks/results/train-throughput-cpu.json
+
+``--backbone`` takes every student name (``timm:<name>``, ``torchvision:<arch>``); ``--paths
+memory --phases rela`` measures only the memory path in the ReLA phase (the students page)::
+
+    python benchmarks/train_throughput.py --shards SHARDS --backbone timm:resnet10t --paths memory \\
+        --phases rela --no-fp32 --batch-size 64 --steps 12 --warmup 3 --rounds 2 --out students/timm_resnet10t.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +45,7 @@ from pathlib import Path
 import torch
 
 from rela_pipeline.methods import build_method
-from rela_pipeline.models import build_backbone
+from rela_pipeline.models import backbone_config, build_backbone
 from rela_pipeline.rela import ConstantSchedule, NoRelaSchedule, ReLA
 from rela_pipeline.runtime import resolve_device, resolve_precision, uses_channels_last
 from rela_pipeline.shards.reader import open_shard_set
@@ -51,6 +58,10 @@ PIPELINES = {
     "stream + device views": {"augment": "device", "data_path": "stream"},
     "memory + device views": {"augment": "device", "data_path": "memory"},
 }
+#: ``--paths`` names of the :data:`PIPELINES`.
+PATH_NAMES = {"pil": "PIL stream (before)", "stream": "stream + device views", "memory": "memory + device views"}
+#: ``--phases`` names: phase label and whether ReLA is on.
+PHASES = {"rela": ("ReLA phase", True), "byol": ("BYOL phase", False)}
 
 
 def model_alone(
@@ -63,7 +74,7 @@ def model_alone(
         images/s over ``steps`` timed steps after ``warmup`` untimed ones.
     """
     torch.manual_seed(0)
-    backbone = build_backbone(backbone_name, cifar_stem=image_size <= 64)
+    backbone = build_backbone(**backbone_config(backbone_name, image_size <= 64, image_size))
     schedule = ConstantSchedule(1.0) if rela else NoRelaSchedule()
     model = ReLA(build_method("byol", backbone), min(backbone.feature_dim, target_dim), schedule).to(device)
     schedule.start(0, steps + warmup)
@@ -114,12 +125,32 @@ def pipeline(
                 log_every=max(1, steps // 6),
                 progress=False,
                 verify=False,
+                logger="none",  # metrics.jsonl only, as before loggers existed: no TensorBoard writes in the rate
                 **overrides,
             )
         )
         records = [json.loads(line) for line in (Path(run) / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
     return (statistics.median(rates) if rates else float("nan")), summary["data_load_s"]
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (``git rev-parse --short HEAD``), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,25 +165,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="precision of the new paths and of the model alone")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--paths", default="pil,stream,memory", help="data paths measured through run_train, of: pil, stream, memory")
+    parser.add_argument("--phases", default="rela,byol", help="phases measured, of: rela, byol")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 model-alone column (the resolved precision's is always measured)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    try:
+        pipelines = {PATH_NAMES[p]: PIPELINES[PATH_NAMES[p]] for p in args.paths.split(",")}
+        phases = [PHASES[p] for p in args.phases.split(",")]
+    except KeyError as error:
+        parser.error(f"unknown --paths or --phases entry {error}")
 
     device = resolve_device(args.device)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     precision = resolve_precision(args.precision, device).name
     workers = args.num_workers if args.num_workers is not None else default_num_workers()
     target_dim = open_shard_set(args.shards).target_dim
     rows = []
-    for phase, rela in (("ReLA phase", True), ("BYOL phase", False)):
+    for phase, rela in phases:
         measured: dict[str, list[float]] = {}
         load_s: list[float] = []
         for _ in range(args.rounds):
             measured.setdefault("model alone", []).append(
                 model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, precision)
             )
-            measured.setdefault("model alone, fp32", []).append(
-                model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32")
-            )
-            for label, overrides in PIPELINES.items():
+            if not args.no_fp32:
+                measured.setdefault("model alone, fp32", []).append(
+                    model_alone(args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, device, target_dim, rela, "fp32")
+                )
+            for label, overrides in pipelines.items():
                 overrides = {"precision": precision, **overrides}
                 rate, seconds = pipeline(args.shards, args.backbone, args.image_size, args.batch_size, args.steps, str(device), workers, rela, overrides)
                 measured.setdefault(label, []).append(rate)
@@ -160,20 +201,28 @@ def main(argv: list[str] | None = None) -> int:
                     load_s.append(seconds)
         row = {"phase": phase, **{label: round(statistics.median(values), 1) for label, values in measured.items()}}
         row["rounds"] = {label: [round(v, 1) for v in values] for label, values in measured.items()}
-        row["memory: data_load_s"] = round(statistics.median(load_s), 2)
-        row["memory / model alone"] = round(row["memory + device views"] / row["model alone"], 3)
-        row["memory / PIL (before)"] = round(row["memory + device views"] / row["PIL stream (before)"], 3)
-        row["stream / PIL (before)"] = round(row["stream + device views"] / row["PIL stream (before)"], 3)
+        memory, stream, pil = (row.get(PATH_NAMES[p]) for p in ("memory", "stream", "pil"))
+        if memory is not None:
+            row["memory: data_load_s"] = round(statistics.median(load_s), 2)
+            row["memory / model alone"] = round(memory / row["model alone"], 3)
+        if memory is not None and pil is not None:
+            row["memory / PIL (before)"] = round(memory / pil, 3)
+        if stream is not None and pil is not None:
+            row["stream / PIL (before)"] = round(stream / pil, 3)
         rows.append(row)
     host = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "cpu_model": cpu_model(),
+        "commit": git_commit(),
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
         "workers": workers,
         "precision": precision,
+        # 1-minute load average at the start and the end: other work on a shared machine shows here
+        "loadavg_1min": [round(load_start[0], 2), round(os.getloadavg()[0], 2)] if load_start else None,
     }
     print(f"BYOL + ReLA, {args.backbone} at {args.image_size} px, batch {args.batch_size}, {host['device']}, {workers} workers, precision {precision}")
-    columns = ["model alone", "model alone, fp32", *PIPELINES, "memory / model alone", "memory / PIL (before)"]
+    columns = [c for c in ["model alone", "model alone, fp32", *PIPELINES, "memory / model alone", "memory / PIL (before)"] if c in rows[0]]
     print("| phase | " + " | ".join(columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for row in rows:
