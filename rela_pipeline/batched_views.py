@@ -23,8 +23,8 @@ Design
   :meth:`BatchedViews.sample_parameters` makes the draws, :meth:`BatchedViews.apply` uses them,
   and ``__call__`` is exactly ``apply(images, sample_parameters(B, H, W, generator))``.
 * **Vectorised.** No Python loop over samples. The Python loops run over view groups (views with
-  the same output size and interpolation are processed as one batch of ``n_views * B`` samples:
-  both ReLA views, both BYOL views, DINO's local views) and over the six fixed jitter slots. On
+  the same output size, interpolation and op order are processed as one batch of ``n_views * B``
+  samples: both ReLA views, both BYOL views, DINO's local views, SwaV's low-resolution views) and over the six fixed jitter slots. On
   CUDA nothing has a data-dependent shape (no ``nonzero``, ``.item()`` or boolean indexing), so a
   call queues its kernels without a device-to-host sync; only on CPU, where that costs nothing,
   the blur runs on the blurred samples alone.
@@ -35,13 +35,14 @@ Design
 
 Pipeline per view (the order of lightly's ``Compose``), on float32 values in [0, 1]
 (``images.float() / 255``): RandomResizedCrop + RandomHorizontalFlip -> RandomApply(ColorJitter)
--> RandomGrayscale -> GaussianBlur -> RandomSolarization -> Normalize.
+-> RandomGrayscale -> GaussianBlur -> RandomSolarization -> Normalize; for recipes with
+``solarize_before_blur`` (lightly's VICReg views) RandomSolarization comes before GaussianBlur.
 
 * **Crop + resize + flip**, one batched kernel per view group. Bilinear views that never shrink
   (output side >= input side: every view at the training resolution) use one ``grid_sample``
   (:func:`_grid_crop`) whose sample positions are clamped to the crop box: exactly PIL's bilinear
   ``Image.resize`` of the cropped image (torchvision's ``resized_crop`` on lightly's PIL images)
-  when upscaling. Views that can shrink (DINO's local crops) or are bicubic (DINO) use separable
+  when upscaling. Views that can shrink (DINO's local, SwaV's low-resolution crops) or are bicubic (DINO) use separable
   per-sample resampling matrices with PIL's filters (:func:`_resample_matrices`: antialiasing
   support, taps restricted to the crop, Keys a = -0.5 cubic), two batched matmuls
   (:func:`_matrix_crop`). ``roi_align`` (no flip, leaks the pixels around the crop, area sampling
@@ -514,10 +515,10 @@ class BatchedViews:
             raise RelaError(f"{name} views need at least one ViewRecipe, got {recipes!r}")
         self.recipes: tuple[ViewRecipe, ...] = recipes
         self.name: str = name
-        groups: dict[tuple[int, str], list[int]] = {}
-        for index, recipe in enumerate(recipes):
-            groups.setdefault((recipe.size, recipe.interpolation), []).append(index)
-        self._groups = [(size, interp, tuple(indices)) for (size, interp), indices in groups.items()]
+        groups: dict[tuple[int, str, bool], list[int]] = {}
+        for index, recipe in enumerate(recipes):  # a group shares size, interpolation and op order
+            groups.setdefault((recipe.size, recipe.interpolation, recipe.solarize_before_blur), []).append(index)
+        self._groups = [(size, interp, tuple(indices)) for (size, interp, _), indices in groups.items()]
         self._cache = threading.local()
 
     def __repr__(self) -> str:
@@ -617,7 +618,7 @@ class BatchedViews:
         image_space: torch.Tensor,
         scratch: torch.Tensor,
     ) -> torch.Tensor:
-        """The views of one group (same size and interpolation), float32 ``(V * B, 3, size, size)``;
+        """The views of one group (same size, interpolation and op order), float32 ``(V * B, 3, size, size)``;
         ``p`` holds the group's parameters concatenated view after view. Steps a group's recipes do
         not use (probability 0) are skipped."""
         batch, _, height, width = images.shape
@@ -637,10 +638,13 @@ class BatchedViews:
             _color_jitter_(y, p["jitter"], p["factors"].to(y.dtype), p["order"], planes, block)
         if any(r.gray_p > 0 for r in recipes):
             _grayscale_(y, p["gray"], planes)
+        solarize = any(r.solarize_p > 0 for r in recipes)
+        if solarize and recipes[0].solarize_before_blur:  # lightly's VICReg views
+            _solarize_(y, p["solarize"], block)
         if any(r.blur_p > 0 for r in recipes):
             sigma_max = max(r.blur_sigma[1] for r in recipes if r.blur_p > 0)
             y = _gaussian_blur(y, p["sigma"].to(y.dtype), p["blur"], sigma_max)
-        if any(r.solarize_p > 0 for r in recipes):
+        if solarize and not recipes[0].solarize_before_blur:
             _solarize_(y, p["solarize"], block)
         mean = torch.tensor(IMAGENET_MEAN, device=y.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=y.device).view(1, 3, 1, 1)
@@ -758,7 +762,8 @@ def with_crop_min_scale(views: BatchedViews, min_scale: float) -> BatchedViews:
 
 
 def batched_method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> BatchedViews:
-    """The standard views of a built-in SSL method (``"byol"``, ``"simclr"`` or ``"dino"``), made
+    """The standard views of a built-in method (a name of :data:`rela_pipeline.methods.METHODS`:
+    ``byol``, ``simclr``, ``dino``, ``barlowtwins``, ``vicreg``, ``moco``, ``swav``, ``supervised``), made
     from the same recipes as :func:`rela_pipeline.views.method_views`
     (:func:`rela_pipeline.recipes.method_recipes`).
 

@@ -2,10 +2,12 @@
 defined once and made two ways, per image with lightly's PIL transforms (:mod:`rela_pipeline.views`)
 and batched on the device (:mod:`rela_pipeline.batched_views`).
 
-The numbers are lightly 1.6's transforms' defaults (``BYOLView1Transform``/``BYOLView2Transform``,
-``SimCLRViewTransform``, ``DINOTransform``; a test checks them against lightly's own objects),
-and the ReLA view of the authors' code. Gaussian blur is off at 32 px and below, as in the SSL
-literature's CIFAR recipes (solo-learn, lightly's CIFAR-10 benchmarks).
+The numbers are lightly 1.6's transforms' defaults (``BYOLView1Transform``/``BYOLView2Transform``
+for BYOL and Barlow Twins, ``SimCLRViewTransform``, ``DINOTransform``, ``VICRegTransform``,
+``MoCoV2Transform``, ``SwaVTransform``; a test checks them against lightly's own objects), the
+ReLA view of the authors' code, and torchvision's standard supervised crop and flip. Gaussian blur
+is off at 32 px and below (:data:`NO_BLUR_MAX_SIZE`), as in the SSL literature's CIFAR recipes
+(solo-learn, lightly's CIFAR-10 benchmarks and its Barlow Twins example).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ViewRecipe:
             (lightly's ``sigmas``, default (0.1, 2)).
         solarize_p: probability of solarisation, ``x >= 0.5 -> 1 - x`` on [0, 1] values
             (lightly's ``RandomSolarization(prob, threshold=128)``).
+        solarize_before_blur: the order of the last two ops: lightly's ``VICRegViewTransform``
+            solarises before it blurs (True); every other view blurs first (False).
         interpolation: ``"bilinear"`` (torchvision's default, lightly's SimCLR/BYOL views) or
             ``"bicubic"`` (lightly's DINO views).
 
@@ -59,6 +63,7 @@ class ViewRecipe:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     interpolation: str = "bilinear"
+    solarize_before_blur: bool = False
 
     def __post_init__(self) -> None:
         if int(self.size) != self.size or self.size < 1:
@@ -121,8 +126,8 @@ def simclr_recipe(image_size: int) -> ViewRecipe:
 
 
 def dino_local_size(image_size: int) -> int:
-    """DINO's local crop side: ``max(8, round(image_size * 96 / 224))`` (the DINO paper's 96 px
-    local crops for 224 px global ones)."""
+    """The multi-crop local (low-resolution) crop side of DINO and SwaV:
+    ``max(8, round(image_size * 96 / 224))`` (both papers' 96 px crops for 224 px global ones)."""
     return max(8, round(image_size * 96 / 224))
 
 
@@ -142,6 +147,63 @@ def dino_recipes(image_size: int, n_local_views: int = 6) -> tuple[ViewRecipe, .
     return (global_0, global_1) + (local,) * n_local_views
 
 
+def barlowtwins_recipes(image_size: int) -> tuple[ViewRecipe, ViewRecipe]:
+    """Barlow Twins' pair: BYOL's (:func:`byol_recipes`), as in the Barlow Twins paper (Zbontar et
+    al. 2021, appendix) and lightly's Barlow Twins example (``BYOLTransform`` with
+    ``BYOLView1Transform`` / ``BYOLView2Transform``)."""
+    return byol_recipes(image_size)
+
+
+def vicreg_recipe(image_size: int) -> ViewRecipe:
+    """VICReg's view (both views), lightly's ``VICRegTransform`` defaults: ``RandomResizedCrop(scale=
+    (0.08, 1))`` (bilinear), flip p = 0.5, ``ColorJitter`` of strength 0.5 x (0.8, 0.8, 0.4, 0.2) =
+    (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale p = 0.2, solarisation p = 0.1 and then Gaussian
+    blur p = 0.5 with sigma in (0.1, 2) (off at <= 32 px): lightly solarises before it blurs."""
+    return ViewRecipe(
+        size=image_size,
+        scale=(0.08, 1.0),
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_p=0.8,
+        gray_p=0.2,
+        blur_p=_blur(image_size, 0.5),
+        solarize_p=0.1,
+        solarize_before_blur=True,
+    )
+
+
+def moco_recipe(image_size: int) -> ViewRecipe:
+    """MoCo v2's view (query and key), lightly's ``MoCoV2Transform`` defaults (Chen et al. 2020,
+    "Improved Baselines with Momentum Contrastive Learning"): ``RandomResizedCrop(scale=(0.2, 1))``
+    (bilinear), flip p = 0.5, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p = 0.8, grayscale p = 0.2,
+    Gaussian blur p = 0.5 with sigma in (0.1, 2) (off at <= 32 px), no solarisation."""
+    return ViewRecipe(size=image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=_blur(image_size, 0.5))
+
+
+def swav_recipes(image_size: int, n_low_resolution: int = 6) -> tuple[ViewRecipe, ...]:
+    """SwaV's multi-crop, lightly's ``SwaVTransform`` defaults (Caron et al. 2020): 2 high-resolution
+    crops of ``image_size`` with scale (0.14, 1) and ``n_low_resolution`` low-resolution crops of
+    :func:`dino_local_size` (lightly's 96 px for 224) with scale (0.05, 0.14), all bilinear; flip
+    p = 0.5, ``ColorJitter(0.8, 0.8, 0.8, 0.2)`` with p = 0.8, grayscale p = 0.2, Gaussian blur
+    p = 0.5 with sigma in (0.1, 2) (off at <= 32 px, judged on ``image_size`` as for DINO), no
+    solarisation.
+
+    Raises:
+        RelaError: a negative ``n_low_resolution``.
+    """
+    if n_low_resolution < 0:
+        raise RelaError(f"the number of SwaV low-resolution views must be >= 0, got {n_low_resolution}")
+    common = dict(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=_blur(image_size, 0.5))
+    high = ViewRecipe(size=image_size, scale=(0.14, 1.0), **common)
+    low = ViewRecipe(size=dino_local_size(image_size), scale=(0.05, 0.14), **common)
+    return (high, high) + (low,) * n_low_resolution
+
+
+def supervised_recipe(image_size: int) -> ViewRecipe:
+    """The standard supervised augmentation (torchvision's ImageNet training recipe):
+    ``RandomResizedCrop(scale=(0.08, 1))`` (bilinear) and flip p = 0.5, nothing else."""
+    return ViewRecipe(size=image_size, scale=(0.08, 1.0))
+
+
 def rela_recipes(image_size: int) -> tuple[ViewRecipe, ViewRecipe]:
     """The two ReLA views (:func:`rela_recipe`, twice).
 
@@ -155,7 +217,7 @@ def rela_recipes(image_size: int) -> tuple[ViewRecipe, ViewRecipe]:
 
 def with_crop_min_scale(recipes: Sequence[ViewRecipe], min_scale: float) -> tuple[ViewRecipe, ...]:
     """``recipes`` with the lower bound of every full-size view's crop scale set to ``min_scale``
-    (DINO's local crops keep theirs): ``RandomResizedCrop(scale=(min_scale, 1))``.
+    (DINO's local and SwaV's low-resolution crops keep theirs): ``RandomResizedCrop(scale=(min_scale, 1))``.
 
     Raises:
         RelaError: ``min_scale`` outside ``(0, 1]``.
@@ -166,23 +228,31 @@ def with_crop_min_scale(recipes: Sequence[ViewRecipe], min_scale: float) -> tupl
     return tuple(dataclasses.replace(r, scale=(min_scale, r.scale[1])) if r.size == size else r for r in recipes)
 
 
-#: The built-in methods' recipes.
+#: The built-in methods' recipes. Every method has at least two views (the data path's rule);
+#: ``supervised`` gets two independent crops of each image, both classified.
 _METHOD_RECIPES = {
     "byol": byol_recipes,
     "simclr": lambda image_size: (simclr_recipe(image_size),) * 2,
     "dino": dino_recipes,
+    "barlowtwins": barlowtwins_recipes,
+    "vicreg": lambda image_size: (vicreg_recipe(image_size),) * 2,
+    "moco": lambda image_size: (moco_recipe(image_size),) * 2,
+    "swav": swav_recipes,
+    "supervised": lambda image_size: (supervised_recipe(image_size),) * 2,
 }
 
 
 def method_recipes(method: str, image_size: int, crop_min_scale: float | None = None) -> tuple[ViewRecipe, ...]:
-    """The standard views of a built-in SSL method.
+    """The standard views of a built-in method.
 
     Args:
-        method: ``"byol"``, ``"simclr"`` or ``"dino"``.
-        image_size: S, pixels of the (global) views.
+        method: a key of :data:`_METHOD_RECIPES` (``byol``, ``simclr``, ``dino``, ``barlowtwins``,
+            ``vicreg``, ``moco``, ``swav``, ``supervised``).
+        image_size: S, pixels of the (global, high-resolution) views.
         crop_min_scale: if given, the lower bound of the crop scale of the full-size views
-            (:func:`with_crop_min_scale`); None keeps the method's (0.08 for BYOL and SimCLR, 0.4
-            for DINO's global crops).
+            (:func:`with_crop_min_scale`); None keeps the method's (0.08 for BYOL, SimCLR, Barlow
+            Twins, VICReg and supervised, 0.2 for MoCo v2, 0.4 for DINO's global crops, 0.14 for
+            SwaV's high-resolution crops).
 
     Raises:
         RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside

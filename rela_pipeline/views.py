@@ -20,6 +20,7 @@ import torch
 from lightly.transforms.byol_transform import BYOLView1Transform
 from lightly.transforms.dino_transform import DINOViewTransform
 from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.transforms.vicreg_transform import VICRegViewTransform
 from PIL import Image
 
 from .errors import RelaError
@@ -33,13 +34,16 @@ _DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 def lightly_view(recipe: ViewRecipe) -> Callable:
     """One view of ``recipe`` as a lightly per-view transform (PIL image -> float ``(3, s, s)``):
-    ``DINOViewTransform`` for bicubic recipes (any crop scale), else ``BYOLView1Transform``
-    (bilinear, crop scale up to 1). Both apply crop, flip, colour jitter, grayscale, blur and
-    solarisation in that order, as :mod:`rela_pipeline.batched_views` does.
+    ``DINOViewTransform`` for bicubic recipes (any crop scale), ``VICRegViewTransform`` for
+    recipes that solarise before they blur, else ``BYOLView1Transform`` (bilinear). They apply
+    crop, flip, colour jitter, grayscale, blur and solarisation in that order (VICReg's:
+    solarisation, then blur), as :mod:`rela_pipeline.batched_views` does. A bilinear crop whose
+    scale stops below 1 (SwaV's low-resolution crops) gets its ``RandomResizedCrop`` replaced by
+    one with that scale range, which is how lightly's ``MultiCropTranform`` builds them.
 
     Raises:
-        RelaError: a recipe lightly's views cannot express (a bilinear crop whose scale stops
-            below 1, or another aspect-ratio range).
+        RelaError: a recipe lightly's views cannot express (another aspect-ratio range, or a
+            bicubic recipe that solarises before it blurs).
     """
     b, c, s, h = recipe.jitter
     common = dict(
@@ -58,10 +62,18 @@ def lightly_view(recipe: ViewRecipe) -> Callable:
     if tuple(recipe.ratio) != _DEFAULT_RATIO:
         raise RelaError(f"lightly's views take the default crop aspect ratio range {_DEFAULT_RATIO}, got {recipe.ratio}")
     if recipe.interpolation == "bicubic":
+        if recipe.solarize_before_blur:
+            raise RelaError("lightly's bicubic (DINO) views blur before they solarise; a bicubic recipe cannot solarise first")
         return DINOViewTransform(crop_size=recipe.size, crop_scale=tuple(recipe.scale), **common)
+    if recipe.solarize_before_blur:
+        solarize = common.pop("solarization_prob")
+        view = VICRegViewTransform(input_size=recipe.size, min_scale=recipe.scale[0], solarize_prob=solarize, **common)
+    else:
+        view = BYOLView1Transform(input_size=recipe.size, min_scale=recipe.scale[0], **common)
     if recipe.scale[1] != 1.0:
-        raise RelaError(f"a bilinear lightly view crops with scale (min, 1), got {recipe.scale}")
-    return BYOLView1Transform(input_size=recipe.size, min_scale=recipe.scale[0], **common)
+        crop = view.transform.transforms[0]
+        view.transform.transforms[0] = type(crop)(size=recipe.size, scale=tuple(recipe.scale))
+    return view
 
 
 def views_of(recipes: Sequence[ViewRecipe]) -> MultiViewTransform:
@@ -94,13 +106,13 @@ def dino_views(image_size: int, crop_min_scale: float = 0.4, n_local_views: int 
 
 
 def method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> MultiViewTransform:
-    """The standard views of a built-in SSL method (:func:`rela_pipeline.recipes.method_recipes`).
+    """The standard views of a built-in method (:func:`rela_pipeline.recipes.method_recipes`).
 
     Args:
-        method: ``"byol"``, ``"simclr"`` or ``"dino"``.
+        method: a name of :data:`rela_pipeline.methods.METHODS`.
         image_size: S, pixels of the (global) views.
-        crop_min_scale: lower bound of the (global) crops' ``RandomResizedCrop`` scale; None keeps
-            the method's (0.08 for BYOL and SimCLR, 0.4 for DINO's global crops).
+        crop_min_scale: lower bound of the full-size crops' ``RandomResizedCrop`` scale; None keeps
+            the method's (:func:`rela_pipeline.recipes.method_recipes`).
 
     Raises:
         RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 from pathlib import Path
@@ -65,10 +66,28 @@ def float_batch() -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+def flat_transforms(view) -> list:
+    """The ops of one per-view transform in order: Composes and lightly per-view transforms
+    (whose ``transform`` is a Compose) flattened; lightly's multi-crop views are
+    ``Compose([RandomResizedCrop, SwaVViewTransform])``."""
+    if type(view).__name__ == "Compose":
+        return [op for t in view.transforms for op in flat_transforms(t)]
+    inner = getattr(view, "transform", None)
+    if type(inner).__name__ == "Compose":
+        return flat_transforms(inner)
+    return [view]
+
+
 def lightly_recipe(view) -> dict:
-    """The parameters of one lightly per-view transform (its torchvision Compose)."""
+    """The parameters of one lightly (or torchvision) per-view transform, and whether it
+    solarises before it blurs."""
     found = {}
-    for t in view.transform.transforms:
+    ops = flat_transforms(view)
+    names = [type(t).__name__ for t in ops]
+    found["solarize_before_blur"] = (
+        "RandomSolarization" in names and "GaussianBlur" in names and names.index("RandomSolarization") < names.index("GaussianBlur")
+    )
+    for t in ops:
         name = type(t).__name__
         if name == "RandomResizedCrop":
             found.update(size=t.size[0], scale=tuple(t.scale), ratio=tuple(t.ratio), interpolation=getattr(t.interpolation, "value", t.interpolation))
@@ -78,10 +97,14 @@ def lightly_recipe(view) -> dict:
             assert t.p == 0
         elif name == "RandomRotate":
             assert t.prob == 0
+        elif name == "ColorJitter":  # lightly's SwaV views start with a no-op ColorJitter()
+            assert all(getattr(t, k) is None for k in ("brightness", "contrast", "saturation", "hue"))
         elif name == "RandomApply":
             cj = t.transforms[0]
             found["jitter_p"] = t.p
-            found["jitter_ranges"] = tuple(v for k in ("brightness", "contrast", "saturation", "hue") for v in getattr(cj, k))
+            # torchvision stores a strength of 0 as None: the identity range
+            identity = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+            found["jitter_ranges"] = tuple(v for k in identity for v in (getattr(cj, k) or identity[k]))
         elif name == "RandomGrayscale":
             found["gray_p"] = t.p
         elif name == "GaussianBlur":
@@ -93,6 +116,9 @@ def lightly_recipe(view) -> dict:
             found["normalize"] = (tuple(t.mean), tuple(t.std))
     found.setdefault("solarize_p", 0.0)
     found.setdefault("blur_p", 0.0)
+    found.setdefault("jitter_p", 0.0)
+    found.setdefault("jitter_ranges", (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0))
+    found.setdefault("gray_p", 0.0)
     return found
 
 
@@ -108,20 +134,41 @@ def recipe_dict(r: ViewRecipe) -> dict:
         gray_p=r.gray_p,
         blur_p=r.blur_p,
         solarize_p=r.solarize_p,
+        solarize_before_blur=r.solarize_before_blur,
     )
 
 
 def lightly_reference_views(family: str, size: int) -> list:
     """lightly's own transforms for ``family`` at ``size`` px, built from lightly's defaults (the
-    recipes' source of truth, independent of rela_pipeline.recipes): BYOL, SimCLR and DINO with
-    Gaussian blur off at 32 px and below; the ReLA view is the authors' SimCLR view with crop
-    scale (0.5, 1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2 and no blur."""
-    from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
+    recipes' source of truth, independent of rela_pipeline.recipes): BYOL, SimCLR, DINO, Barlow
+    Twins (``BYOLTransform``, as lightly's Barlow Twins example), VICReg, MoCo v2 and SwaV (2 + 6
+    crops) with Gaussian blur off at 32 px and below; the ReLA view is the authors' SimCLR view
+    with crop scale (0.5, 1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2 and no blur;
+    the supervised view is torchvision's RandomResizedCrop + RandomHorizontalFlip."""
+    import torchvision.transforms as TV
+    from lightly.transforms import BYOLTransform, DINOTransform, MoCoV2Transform, SimCLRTransform, SwaVTransform, VICRegTransform
     from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
     from lightly.transforms.simclr_transform import SimCLRViewTransform
+    from lightly.transforms.utils import IMAGENET_NORMALIZE
 
     def blur(p):
         return 0.0 if size <= 32 else p
+
+    local = max(8, round(size * 96 / 224))
+    if family in ("byol", "barlowtwins"):
+        return BYOLTransform(
+            view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=blur(1.0)),
+            view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=blur(0.1)),
+        ).transforms
+    if family == "vicreg":
+        return VICRegTransform(input_size=size, gaussian_blur=blur(0.5)).transforms
+    if family == "moco":
+        return MoCoV2Transform(input_size=size, gaussian_blur=blur(0.5)).transforms
+    if family == "swav":
+        return SwaVTransform(crop_sizes=(size, local), gaussian_blur=blur(0.5)).transforms
+    if family == "supervised":
+        view = TV.Compose([TV.RandomResizedCrop(size), TV.RandomHorizontalFlip(), TV.ToTensor(), TV.Normalize(**IMAGENET_NORMALIZE)])
+        return [view, view]
 
     if family == "rela":
         view = SimCLRViewTransform(
@@ -137,18 +184,17 @@ def lightly_reference_views(family: str, size: int) -> list:
             gaussian_blur=0.0,
         )
         return [view, view]
-    if family == "byol":
-        return BYOLTransform(
-            view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=blur(1.0)),
-            view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=blur(0.1)),
-        ).transforms
     if family == "simclr":
         return SimCLRTransform(input_size=size, gaussian_blur=blur(0.5)).transforms
-    return DINOTransform(global_crop_size=size, local_crop_size=max(8, round(size * 96 / 224)), gaussian_blur=(blur(1.0), blur(0.1), blur(0.5))).transforms
+    return DINOTransform(global_crop_size=size, local_crop_size=local, gaussian_blur=(blur(1.0), blur(0.1), blur(0.5))).transforms
+
+
+#: Every built-in method's views.
+METHOD_FAMILIES = ["byol", "simclr", "dino", "barlowtwins", "vicreg", "moco", "swav", "supervised"]
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])
-@pytest.mark.parametrize("family", ["rela", "byol", "simclr", "dino"])
+@pytest.mark.parametrize("family", ["rela", *METHOD_FAMILIES])
 def test_both_view_paths_make_lightlys_recipes(family, size):
     """The one set of recipes, as the device path uses them and as the PIL path builds lightly
     transforms from them, equals lightly's own transforms parameter by parameter."""
@@ -168,7 +214,7 @@ def test_both_view_paths_make_lightlys_recipes(family, size):
                 assert got[key] == pytest.approx(value), (family, size, key)
 
 
-@pytest.mark.parametrize("family", ["byol", "simclr", "dino"])
+@pytest.mark.parametrize("family", METHOD_FAMILIES)
 def test_crop_min_scale_is_the_same_on_both_paths_and_spares_dino_local_crops(family):
     reference = pil_views.method_views(family, 32, crop_min_scale=0.3)
     batched = batched_method_views(family, 32, crop_min_scale=0.3)
@@ -177,8 +223,8 @@ def test_crop_min_scale_is_the_same_on_both_paths_and_spares_dino_local_crops(fa
         assert lightly_recipe(view)["scale"] == pytest.approx(recipe.scale)
         if recipe.size == 32:
             assert recipe.scale == (0.3, 1.0)
-        else:  # DINO's local crops keep their (0.05, 0.4)
-            assert recipe.scale == default.scale == (0.05, 0.4)
+        else:  # DINO's local crops keep their (0.05, 0.4), SwaV's low-resolution ones their (0.05, 0.14)
+            assert recipe.scale == default.scale == {"dino": (0.05, 0.4), "swav": (0.05, 0.14)}[family]
     with pytest.raises(RelaError, match="minimum scale must be in"):
         batched_method_views(family, 32, crop_min_scale=0.0)
     with pytest.raises(RelaError, match="minimum scale must be in"):
@@ -204,8 +250,8 @@ def test_dino_sizes_and_blur_rule():
 
 
 def test_method_views_errors():
-    with pytest.raises(RelaError, match="unknown SSL method 'moco'; choose one of: byol, simclr, dino"):
-        batched_method_views("moco", 32)
+    with pytest.raises(RelaError, match="unknown SSL method 'mocov3'; choose one of: byol, simclr, dino, barlowtwins, vicreg, moco, swav, supervised"):
+        batched_method_views("mocov3", 32)
     for make in (lambda: batched_method_views("byol", 7), lambda: batched_rela_views(4)):
         with pytest.raises(RelaError, match="image size must be at least 8 pixels, got"):
             make()
@@ -231,6 +277,8 @@ def test_output_shapes_dtype_device(size):
         (batched_byol_views(size), [size] * 2),
         (batched_simclr_views(size), [size] * 2),
         (batched_dino_views(size, 2), [size] * 2 + [bv.dino_local_size(size)] * 2),
+        (batched_method_views("swav", size), [size] * 2 + [bv.dino_local_size(size)] * 6),
+        *((batched_method_views(m, size), [size] * 2) for m in ("barlowtwins", "vicreg", "moco", "supervised")),
     ):
         out = views(images, g)
         assert [tuple(v.shape) for v in out] == [(5, 3, s, s) for s in sizes]
@@ -355,7 +403,7 @@ def assert_fraction(mask: torch.Tensor, p: float) -> None:
     assert abs(mask.float().mean().item() - p) <= tolerance, (mask.float().mean().item(), p)
 
 
-@pytest.mark.parametrize("family,size", [("rela", 32), ("byol", 32), ("byol", 64), ("simclr", 64), ("dino", 64)])
+@pytest.mark.parametrize("family,size", [("rela", 32), ("byol", 32), ("byol", 64), ("simclr", 64), ("dino", 64), ("vicreg", 64), ("swav", 64)])
 def test_parameter_ranges(family, size):
     views = batched_rela_views(size) if family == "rela" else batched_method_views(family, size)
     g = torch.Generator().manual_seed(1)
@@ -519,6 +567,27 @@ def test_bicubic_crops_match_pil():
             expected = torch.from_numpy(np.array(TF.horizontal_flip(expected) if flips[i] else expected))
             expected = expected.permute(2, 0, 1).float() / 255
             torch.testing.assert_close(y[i], expected, atol=4.5 / 255, rtol=0)
+
+
+def test_vicreg_views_solarise_before_they_blur_as_lightly_does():
+    """lightly's VICReg view runs RandomSolarization before GaussianBlur (every other view blurs
+    first): with both on, the batched view is blur(solarise(x)), not solarise(blur(x))."""
+    images = torch.cat([colour_images(4, 40), fashion_images(4, 40)])
+    x = images.float() / 255
+    for first in (True, False):
+        recipe = ViewRecipe(size=40, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, blur_p=1.0, solarize_p=1.0, solarize_before_blur=first)
+        views = BatchedViews([recipe] * 2, "order")
+        params = views.sample_parameters(8, 40, 40, torch.Generator().manual_seed(0))
+        got = views.apply(images, params)[0] * STD + MEAN
+        sigma = params[0]["sigma"]
+        on = torch.ones(8, dtype=torch.bool)
+        if first:
+            expected = bv._gaussian_blur(TF.solarize(x, 0.5), sigma, on, 2.0)
+        else:
+            expected = TF.solarize(bv._gaussian_blur(x.clone(), sigma, on, 2.0), 0.5)
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    mixed = BatchedViews([recipe, dataclasses.replace(recipe, solarize_before_blur=True)], "mixed")
+    assert len(mixed._groups) == 2  # a group never mixes the two orders
 
 
 @pytest.mark.parametrize("family", ["rela", "byol"])
