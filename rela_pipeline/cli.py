@@ -356,7 +356,7 @@ def train_setting(*param_decls, **attrs):
     type=click.Path(path_type=Path),
     help="Run directory (config, metrics.jsonl, TensorBoard events, checkpoints, backbone.pt, summary.json). Required.",
 )
-@train_setting("--method", help="SSL method: byol | simclr | dino.")
+@train_setting("--method", help="Method: byol | simclr | dino | barlowtwins | vicreg | moco | swav | supervised (labelled sets).")
 @train_setting("--backbone", help="Student: convnet | resnet18 | resnet50 | torchvision:<arch> | timm:<name>.")
 @train_setting("--cifar-stem/--imagenet-stem", default=None, help="ResNet stem [default: CIFAR stem at 64 px and below].")
 @train_setting("--image-size", type=int, help="Pixels of the square training views.")

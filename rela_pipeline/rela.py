@@ -10,7 +10,9 @@ Any SSL method works with :class:`ReLA` if it is an ``nn.Module`` that
 
 * has an attribute ``backbone``: a module mapping images ``(B, 3, H, W)`` to pooled features
   ``(B, F)`` (``F`` from ``backbone.feature_dim`` or given to :class:`ReLA`);
-* returns its own scalar loss from ``forward(views)``, ``views`` a list of ``(B, 3, H, W)`` tensors;
+* returns its own scalar loss from ``forward(views)``, ``views`` a list of ``(B, 3, H, W)`` tensors
+  (``forward(views, labels)``, labels int64 ``(B,)``, if it has a true class attribute
+  ``needs_labels``: supervised training, :class:`rela_pipeline.methods.Supervised`);
 * optionally has ``update_momentum(step, total_steps)`` (EMA teachers), called after every step,
   in the ReLA phase too (as the authors' code does).
 
@@ -298,7 +300,8 @@ class ReLA(nn.Module):
 
     In the ReLA phase the loss is ``0.5 * (L(v1) + L(v2))`` with
     ``L(v) = alignment_loss(transfer(backbone(v)), y)`` on the first two views (the authors' code);
-    in the SSL phase it is ``method(views)``. :meth:`step_end` advances the schedule and the
+    in the SSL phase it is ``method(views)`` (``method(views, labels)`` for a method with
+    ``needs_labels``). :meth:`step_end` advances the schedule and the
     method's momentum update after every optimiser step, in both phases.
 
     Args:
@@ -347,7 +350,7 @@ class ReLA(nn.Module):
         """ "rela" while the schedule is active, else "ssl"."""
         return "rela" if self.schedule.active else "ssl"
 
-    def forward(self, views: Sequence[torch.Tensor], targets: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, views: Sequence[torch.Tensor], targets: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> StepOutput:
         """One training forward pass.
 
         Args:
@@ -355,12 +358,20 @@ class ReLA(nn.Module):
                 the method's own views in the SSL phase).
             targets: ``(B, >= K)`` representation targets; the first K columns are used. Required
                 in the ReLA phase.
+            labels: int64 ``(B,)`` class labels, passed to a method with ``needs_labels`` (and
+                required by it) in the SSL phase; ignored otherwise.
 
         Raises:
-            RelaError: ReLA phase without targets, or fewer than two views.
+            RelaError: ReLA phase without targets, fewer than two views, or a method that needs
+                labels called without them.
         """
         if not self.schedule.active:
-            loss = self.method(views)
+            if getattr(self.method, "needs_labels", False):
+                if labels is None:
+                    raise RelaError(f"{type(self.method).__name__} needs the batch's labels: call ReLA(...)(views, targets, labels=...)")
+                loss = self.method(views, labels)
+            else:
+                loss = self.method(views)
             return StepOutput(loss=loss, rela_loss=None, ssl_loss=loss.detach(), phase="ssl")
         if targets is None:
             raise RelaError("the ReLA phase needs representation targets for the batch")

@@ -13,7 +13,9 @@
   PyTorch), so batch statistics are the global batch's.
 * **Cross-rank terms.** SimCLR gathers the negatives of every rank (lightly's
   ``NTXentLoss(gather_distributed=True)``); DINO's centre is all-reduced by lightly's ``DINOLoss``
-  whenever a process group exists.
+  whenever a process group exists; Barlow Twins' loss runs on the embeddings gathered from every
+  rank, VICReg's variance and covariance terms and SwaV's Sinkhorn codes span every rank, and
+  MoCo's memory bank enqueues every rank's keys (:mod:`rela_pipeline.methods`).
 * **Schedule.** The adaptive ReLA schedule reads the ReLA loss averaged over the ranks, so every
   rank switches on the same step; :func:`agreed` checks that at the end.
 * **Files.** Rank 0 alone writes the run directory (config, metrics averaged over the ranks,

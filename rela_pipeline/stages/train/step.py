@@ -117,12 +117,12 @@ class TrainStep:
         Args:
             views: float ``(B, 3, s, s)`` tensors on the device (ReLA views in the ReLA phase).
             targets: float32 ``(B, K)`` representation targets.
-            labels: int64 ``(B,)``.
+            labels: int64 ``(B,)`` (the probe's, and a method's with ``needs_labels``).
             labelled: whether every label is real (decided on the host copy: no device sync).
         """
         self._features.value = None
         with self.precision.autocast():
-            output = self.model(views, targets)
+            output = self.model(views, targets, labels=labels)
         loss = output.loss
         probe_loss = probe_correct = None
         features = self._features.value
