@@ -44,6 +44,7 @@ def test_train_then_eval_end_to_end_and_the_rela_loss_falls(shard_set, tmp_path)
     logged = intervals(run)
     assert [r["step"] for r in logged] == [9, 18, 27, 36, 45, 54]
     assert all(r["phase"] == "rela" and r["ssl_loss"] is None for r in logged)
+    assert not [r for r in records(run) if r.get("event") == "rela_switch"]  # ReLA to the end: no switch to log
     first, last = logged[0]["rela_loss"], logged[-1]["rela_loss"]
     assert last < first - 0.03, (first, last)  # the student aligns with the transported prior targets
     for key in ("loss", "rho", "probe_acc", "lr", "images_per_s", "images_seen", "budget_fraction"):
@@ -405,7 +406,7 @@ def test_incompatible_manifest_schema_is_refused(shard_copy, tmp_path):
     [
         (["--data-ratio", "0"], "--data-ratio must be in (0, 1]"),
         (["--data-ratio", "1.5"], "--data-ratio must be in (0, 1]"),
-        (["--method", "moco"], "unknown SSL method 'moco'"),
+        (["--method", "mocov3"], "unknown SSL method 'mocov3'"),
         (["--backbone", "vit"], "unknown backbone 'vit'"),
         (["--data-ratio", "0.05"], "empty subset"),
         (["--rela-schedule", "sometimes"], "unknown ReLA schedule"),

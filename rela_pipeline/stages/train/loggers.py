@@ -92,7 +92,9 @@ class TensorBoardSink:
             self.writer.add_text("settings", "```json\n" + json.dumps(settings, indent=1, sort_keys=True) + "\n```", 0)
 
     def write(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
+        if not isinstance(record.get("step"), int):
+            return
+        step = record["step"]
         for tag, value in scalars_of(record).items():
             self.writer.add_scalar(tag, value, step)
         if record.get("event") == "rela_switch":
@@ -138,8 +140,8 @@ class WandbSink:
         scalars = scalars_of(record)
         if record.get("event") == "rela_switch":
             scalars["events/rela_switch_step"] = float(record["step"])
-        if scalars:
-            self.run.log(scalars, step=int(record["step"]))
+        if scalars and isinstance(record.get("step"), int):
+            self.run.log(scalars, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

@@ -262,7 +262,7 @@ def _train(
                 samples_trained += batch.target.shape[0]
                 was_active = rela.schedule.active
                 rela.step_end(result.output, budget.steps, total_steps)
-                if was_active and not rela.schedule.active:
+                if was_active and not rela.schedule.active and rela.schedule.switch_step is not None:  # constant:1.0 ends without a switch
                     metrics.write(
                         {"event": "rela_switch", "step": rela.schedule.switch_step, "epoch": epoch, "rho": finite_or_none(getattr(rela.schedule, "rho", None))}
                     )
