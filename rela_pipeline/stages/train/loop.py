@@ -150,17 +150,19 @@ def build_student(config: TrainConfig, source: ShardSetSource, device: torch.dev
     wrapper with ``K = min(F, target dim)`` and the online probe.
 
     Raises:
-        RelaError: a custom method that does not keep the backbone it was given.
+        RelaError: a custom method that does not keep the backbone it was given, or ``supervised``
+            on an unlabelled set.
     """
     torch.manual_seed(config.seed)
     backbone_config = make_backbone_config(config.backbone, config.use_cifar_stem, config.image_size)
     backbone = build_backbone(**backbone_config)
-    method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone, config.teacher_momentum)
+    labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
+    classes = len(source.class_names) if labelled else None  # supervised training's; an unlabelled set refuses it
+    method = method_factory(backbone) if method_factory is not None else build_method(config.method, backbone, config.teacher_momentum, classes)
     if getattr(method, "backbone", None) is not backbone:
         raise RelaError("the custom method must keep the backbone it was given as its .backbone")
     target_dim = min(backbone.feature_dim, source.target_dim)
     rela = ReLA(method, target_dim, parse_schedule(config.rela_schedule), transfer=config.transfer).to(device)
-    labelled = bool(source.manifest["dataset"].get("labelled")) and bool(source.class_names)
     probe = nn.Linear(backbone.feature_dim, len(source.class_names)).to(device) if labelled and config.online_probe else None
     return Student(backbone, backbone_config, rela, probe, labelled)
 
