@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--paths", default="pil,stream,memory", help="data paths measured through run_train, of: pil, stream, memory")
     parser.add_argument("--phases", default="rela,byol", help="phases measured, of: rela, byol")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the process (torch.set_num_threads) [default: torch's, one per core]; 1 on a shared machine, where threads that wait for each other stall",
+    )
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 model-alone column (the resolved precision's is always measured)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as error:
         parser.error(f"unknown --paths or --phases entry {error}")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     precision = resolve_precision(args.precision, device).name
@@ -214,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "cpu_model": cpu_model(),
         "commit": git_commit(),
-        "cpus": torch.get_num_threads(),
+        "cpus": torch.get_num_threads(),  # torch threads (--threads)
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "workers": workers,
         "precision": precision,
