@@ -272,8 +272,8 @@ def create_timm_model(name: str, *, image_size: int | None = None, dynamic: bool
         ``(model, size_kwargs)``: the model and the size keywords it took.
 
     Raises:
-        whatever ``timm.create_model`` raises, other than the ``TypeError`` of a refused size
-        keyword (callers turn it into a :class:`RelaError` naming the model).
+        Exception: whatever ``timm.create_model`` raises, other than the ``TypeError`` of a
+            refused size keyword (callers turn it into a :class:`RelaError` naming the model).
     """
     import timm
 
