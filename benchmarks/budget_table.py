@@ -423,6 +423,22 @@ def train_config(
     return TrainConfig(**fields)
 
 
+def run_fields(summary: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What every benchmark keeps of one run: from ``eval``'s result, the linear probe and k-NN
+    top-1 (fractions) and the few-label means; from ``train``'s ``summary.json``, the seconds,
+    steps, budget fraction and ReLA switch step."""
+    return {
+        "linear_probe_top1": evaluation["linear_probe"]["top1"],
+        "knn_top1": evaluation["knn"]["top1"],
+        "few_label": _few_label_means(evaluation),
+        "train_seconds": summary["wall_clock_s"],
+        "eval_seconds": round(evaluation["timings_s"]["total"], 2),
+        "steps": summary["budget"]["steps"],
+        "budget_fraction": summary["budget"]["fraction"],
+        "rela_switch_step": summary["rela_switch_step"],
+    }
+
+
 def _slug(prior: str) -> str:
     return prior.replace("*", "-star")
 
@@ -677,15 +693,8 @@ class BudgetTable:
         result = {
             "cell": cell.key,
             "seed": seed,
-            "linear_probe_top1": evaluation["linear_probe"]["top1"],
-            "knn_top1": evaluation["knn"]["top1"],
-            "few_label": _few_label_means(evaluation),
-            "train_seconds": summary["wall_clock_s"],
-            "eval_seconds": round(evaluation["timings_s"]["total"], 2),
-            "steps": summary["budget"]["steps"],
+            **run_fields(summary, evaluation),
             "images_seen": summary["budget"]["images_seen"],
-            "budget_fraction": summary["budget"]["fraction"],
-            "rela_switch_step": summary["rela_switch_step"],
             "rela_loss": summary["rela_loss"],
             "subset": summary["subset"],
             "epochs": self.epochs,

@@ -51,10 +51,10 @@ from budget_table import (  # noqa: E402
     Cell,
     Profile,
     Splits,
-    _few_label_means,
     floors,
     machine_info,
     mean_std,
+    run_fields,
     tiny,
     train_config,
 )
@@ -185,14 +185,7 @@ class MethodsTable(BudgetTable):
             "seed": seed,
             "epochs": epochs,
             "split": split_name,
-            "linear_probe_top1": evaluation["linear_probe"]["top1"],
-            "knn_top1": evaluation["knn"]["top1"],
-            "few_label": _few_label_means(evaluation),
-            "train_seconds": summary["wall_clock_s"],
-            "eval_seconds": round(evaluation["timings_s"]["total"], 2),
-            "steps": summary["budget"]["steps"],
-            "budget_fraction": summary["budget"]["fraction"],
-            "rela_switch_step": summary["rela_switch_step"],
+            **run_fields(summary, evaluation),
             "precision": summary.get("resolved", {}).get("precision"),
         }
         write_json_atomic(cached, result)

@@ -11,8 +11,7 @@ use, so ``import rela_pipeline`` and the CLI's ``--help`` stay fast::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -69,8 +68,4 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str) -> Any:
-    """Import public API names lazily from their modules (PEP 562)."""
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'rela_pipeline' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _API)

@@ -33,8 +33,7 @@ identity), :mod:`.journal` (progress for ``--resume``), :mod:`.plan` (each rank'
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..._lazy import lazy_exports
 
 #: Where each public name lives (imported on first use: reading :class:`EmbedConfig` imports no torch).
 _EXPORTS = {
@@ -61,10 +60,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -47,7 +47,8 @@ class TrainConfig:
         shards: shard-set directory or manifest URL (see :func:`open_shard_set`).
         out_dir: the run directory.
         method: a name in :data:`METHODS`, or a label for a caller-provided method.
-        backbone: a name in :data:`BACKBONES`.
+        backbone: a short name of :data:`rela_pipeline.models.BACKBONES`, ``torchvision:<arch>`` or
+            ``timm:<name>`` (:func:`rela_pipeline.models.build_backbone`).
         cifar_stem: ResNet 3x3 stride-1 stem without max-pool; None means on for ``image_size <= 64``.
         image_size: S, pixels of the square training views.
         epochs: passes over the (sub-sampled) data.
