@@ -656,11 +656,12 @@ class BudgetTable:
         """``runs/e<epochs>/<cell>/seed<k>`` (default: the table's epochs, known after the study)."""
         return self.out / "runs" / f"e{epochs or self.epochs}" / cell.key / f"seed{seed}"
 
-    def train(self, train_out: Path, cell: Cell, seed: int, shards: str, epochs: int) -> dict[str, Any]:
-        """Train (or resume, or reuse) one run; returns its ``summary.json``."""
+    def train(self, train_out: Path, cell: Cell, seed: int, shards: str, epochs: int, **settings: Any) -> dict[str, Any]:
+        """Train (or resume, or reuse) one run; returns its ``summary.json``. ``settings``
+        replace :class:`TrainConfig` fields (e.g. ``method``)."""
         summary_path = train_out / "summary.json"
         if not summary_path.exists():
-            overrides = {} if cell.transfer is None else {"transfer": cell.transfer}
+            overrides = ({} if cell.transfer is None else {"transfer": cell.transfer}) | settings
             run_train(
                 train_config(
                     self.profile,

@@ -56,14 +56,13 @@ from budget_table import (  # noqa: E402
     mean_std,
     run_fields,
     tiny,
-    train_config,
 )
 from embed_throughput import device_name  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from rela_pipeline.errors import RelaError  # noqa: E402
 from rela_pipeline.fileio import atomic_write, write_json_atomic  # noqa: E402
 from rela_pipeline.stages.evaluate import run_eval  # noqa: E402
-from rela_pipeline.stages.train import run_train  # noqa: E402
 
 #: The methods of the table, in the issue's order, and their labels.
 METHOD_LABELS = {
@@ -157,25 +156,9 @@ class MethodsTable(BudgetTable):
         cached = run / f"{split_name}.json"
         if cached.exists():
             return json.loads(cached.read_text())
-        summary_path = run / "train" / "summary.json"
-        if not summary_path.exists():
-            tqdm_write(f"{cell.label}: seed {seed}, {epochs} epochs")
-            run_train(
-                train_config(
-                    self.profile,
-                    shards=shards,
-                    out_dir=run / "train",
-                    seed=seed,
-                    epochs=epochs,
-                    budget=cell.budget,
-                    rela_schedule=cell.schedule,
-                    device=self.device,
-                    num_workers=self.num_workers,
-                    method=cell.method,
-                    logger="none",
-                )
-            )
-        summary = json.loads(summary_path.read_text())
+        if not (run / "train" / "summary.json").exists():
+            tqdm.write(f"{cell.label}: seed {seed}, {epochs} epochs")
+        summary = self.train(run / "train", cell.as_budget_cell(), seed, shards, epochs, method=cell.method, logger="none")
         evaluation = run_eval(self.eval_config(Path(summary["checkpoint"]), self.splits.train, split, seed))
         result = {
             "method": cell.method,
@@ -290,12 +273,6 @@ class MethodsTable(BudgetTable):
             results[method] = self.cells_of(method, range(self.profile.seeds))
             write()
         return write()
-
-
-def tqdm_write(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(message)
 
 
 def summarise_methods(

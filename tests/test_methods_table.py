@@ -91,7 +91,9 @@ def test_rerun_trains_nothing_again(table, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(methods_table, "run_train", refuse)
+    import budget_table  # the methods table trains through BudgetTable.train
+
+    monkeypatch.setattr(budget_table, "run_train", refuse)
     before = json.loads((table / "results.json").read_text())["rows"]
     assert run_table(table) == 0
     assert json.loads((table / "results.json").read_text())["rows"] == before

@@ -175,9 +175,9 @@ def _write_samples(
         # Shards hold samples in a seeded random order: an ImageFolder scan is sorted by class, and
         # a streaming reader (shard shuffle + a bounded sample buffer) would otherwise see batches
         # of one or two classes. Keys stay the sample indices, so nothing else depends on the order.
-        rows = order[position:].tolist()
-        for i, image_bytes in zip(rows, read_ahead(index.read, [int(kept[i]) for i in rows]), strict=True):
-            row = int(kept[i])
+        samples = order[position:].tolist()  # indices into kept
+        rows = [int(kept[i]) for i in samples]  # the source's rows
+        for i, row, image_bytes in zip(samples, rows, read_ahead(index.read, rows), strict=True):
             label = int(labels[i]) if labels is not None else None
             metadata = {
                 "label": label,
