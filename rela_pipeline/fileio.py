@@ -11,12 +11,14 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import socket
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +31,82 @@ PARTIAL_SUFFIX = ".partial"
 
 #: ZIP timestamp used for every member of an ``.npz`` we write, so files are byte-reproducible.
 _FIXED_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+#: A file's bytes to read: ``(path, offset, size)``; ``size`` None reads from ``offset`` to the
+#: end of the file.
+ByteRange = tuple[str, int, "int | None"]
+
+#: Byte ranges :func:`read_byte_ranges` asks the kernel to fetch ahead of the one being read.
+PREFETCH_RANGES = 256
+
+
+def read_byte_ranges(ranges: Iterable[ByteRange], lookahead: int = PREFETCH_RANGES) -> Iterator[bytes]:
+    """The bytes of each ``(path, offset, size)`` range, in order, with the next ``lookahead``
+    ranges prefetched by the kernel.
+
+    Each range's file is opened ``lookahead`` ranges early and its bytes are announced with
+    ``posix_fadvise(POSIX_FADV_WILLNEED)`` (Linux), so the kernel reads them asynchronously and
+    can merge and reorder the disk reads while this thread reads the earlier ones from the page
+    cache (``os.pread``). No threads: in the shards' random order over 1M images in 100 tars,
+    from a cold page cache, a read took 85-96 us serially and 14-15 us prefetched, and 13 against
+    5-6 us from the cache (``benchmarks/stage_one_io.py``; thread pools were slower than both).
+    Files shared by consecutive ranges (tar shards) are opened once while in the window. Where
+    ``posix_fadvise`` is missing (macOS) the reads are the same, without the prefetch. Memory:
+    at most ``lookahead`` open files, no buffered data.
+
+    Raises:
+        OSError: for the first range whose file cannot be opened or read, or that ends early
+            (raised at that range's turn: every range before it is yielded first).
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    handles: dict[str, list[int]] = {}  # path -> [fd, ranges in the window]
+    window: deque[tuple[str, int, int | None, OSError | None]] = deque()
+    upcoming = iter(ranges)
+
+    def enter(path: str, offset: int, size: int | None) -> None:
+        error = None
+        try:
+            if path not in handles:
+                handles[path] = [os.open(path, os.O_RDONLY), 0]
+            handles[path][1] += 1
+            if advise is not None:
+                advise(handles[path][0], offset, size or 0, os.POSIX_FADV_WILLNEED)
+        except OSError as failure:
+            error = failure
+        window.append((path, offset, size, error))
+
+    def leave(path: str) -> None:
+        handle = handles.get(path)
+        if handle is not None:
+            handle[1] -= 1
+            if handle[1] == 0:
+                os.close(handles.pop(path)[0])
+
+    try:
+        for path, offset, size in itertools.islice(upcoming, lookahead):
+            enter(path, offset, size)
+        while window:
+            path, offset, size, error = window.popleft()
+            for following in itertools.islice(upcoming, 1):
+                enter(*following)
+            try:
+                if error is not None:
+                    raise error
+                fd = handles[path][0]
+                wanted = os.fstat(fd).st_size - offset if size is None else size
+                data = os.pread(fd, wanted, offset)
+                while len(data) < wanted:  # pread may return less than asked
+                    more = os.pread(fd, wanted - len(data), offset + len(data))
+                    if not more:
+                        raise OSError(errno.EIO, f"{path}: {wanted} bytes expected at offset {offset}, the file ends after {len(data)}")
+                    data += more
+            finally:
+                leave(path)
+            yield data
+    finally:
+        for fd, _ in handles.values():
+            os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

@@ -62,6 +62,10 @@ class ImageFolderIndex:
         """The image file of sample ``row``, unchanged."""
         return (self.root / self.files[row]).read_bytes()
 
+    def byte_range(self, row: int) -> tuple[str, int, None]:
+        """Where :meth:`read` reads sample ``row``: the whole file, ``(path, 0, None)``."""
+        return str(self.root / self.files[row]), 0, None
+
     def open_image(self, row: int) -> Image.Image:
         """Sample ``row`` decoded as RGB (:func:`decode_rgb`)."""
         return decode_rgb(self.root / self.files[row])

@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import RelaError
-from .fileio import HashingFile
+from .fileio import ByteRange, HashingFile
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderIndex, decode_rgb, scan_image_folder
 
 logger = logging.getLogger("rela_pipeline")
@@ -94,6 +94,8 @@ class ImageSource(Protocol):
     def fingerprint(self) -> dict[str, Any]: ...
 
     def read(self, row: int) -> bytes: ...
+
+    def byte_range(self, row: int) -> ByteRange: ...
 
     def open_image(self, row: int) -> Image.Image: ...
 
@@ -178,6 +180,10 @@ class TarSource:
         if len(data) != int(self.sizes[row]):
             raise OSError(f"{self.files[row]}: the shard ends inside the image")
         return data
+
+    def byte_range(self, row: int) -> ByteRange:
+        """Where :meth:`read` reads sample ``row``: ``(shard path, offset, size)``."""
+        return self.shard_paths[int(self.shard_of[row])], int(self.offsets[row]), int(self.sizes[row])
 
     def open_image(self, row: int) -> Image.Image:
         """Sample ``row`` decoded as RGB (errors as :func:`decode_named`)."""
@@ -490,6 +496,10 @@ class FileListSource:
 
     def read(self, row: int) -> bytes:
         return Path(self.paths[row]).read_bytes()
+
+    def byte_range(self, row: int) -> ByteRange:
+        """Where :meth:`read` reads sample ``row``: the whole file, ``(path, 0, None)``."""
+        return self.paths[row], 0, None
 
     def open_image(self, row: int) -> Image.Image:
         return decode_rgb(self.paths[row])

@@ -150,21 +150,28 @@ def test_a_pool_of_processes_scans_tars_into_the_one_process_source(inputs, tmp_
     assert len(alone.files) == 300 + 23 and "a.tar/nolabel" in alone.ignored  # 20 good, truncated, text, escape
 
 
-def test_read_ahead_keeps_the_order_and_raises_the_first_failing_read():
-    from rela_pipeline.stages.embed.writing import read_ahead
+def test_prefetched_reads_equal_each_sources_reads_in_any_order_and_fail_at_their_turn(inputs, tmp_path):
+    from rela_pipeline.fileio import read_byte_ranges
+    from rela_pipeline.sources import open_image_source
 
-    def read(row: int) -> bytes:
-        time.sleep(0.001 * (row % 3))  # later reads finish first
-        if row == 57:
-            raise OSError("row 57 vanished")
-        return str(row).encode()
+    open_files = len(os.listdir("/proc/self/fd"))
+    for data in (TRAIN_DIR, inputs["tars"], inputs["list"]):
+        source = open_image_source(data)
+        rows = np.random.default_rng(0).permutation(len(source.files)).tolist()  # the shards' write order
+        assert list(read_byte_ranges(map(source.byte_range, rows), lookahead=16)) == [source.read(r) for r in rows]
+    assert len(os.listdir("/proc/self/fd")) == open_files  # every file opened for the window is closed
 
-    assert list(read_ahead(read, range(50), threads=4, lookahead=8)) == [str(r).encode() for r in range(50)]
+    whole = tmp_path / "whole.bin"
+    whole.write_bytes(bytes(range(256)) * 8)
+    ranges = [(str(whole), 0, 10), (str(whole), 2040, None), (str(tmp_path / "gone.png"), 0, None), (str(whole), 0, 1)]
     got = []
-    with pytest.raises(OSError, match="row 57"):
-        for data in read_ahead(read, range(100), threads=4, lookahead=8):
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        for data in read_byte_ranges(ranges, lookahead=3):  # the missing file is opened two ranges early
             got.append(data)
-    assert got == [str(r).encode() for r in range(57)]
+    assert got == [bytes(range(10)), bytes(range(248, 256))]
+    with pytest.raises(OSError, match="100 bytes expected at offset 2000, the file ends after 48"):
+        list(read_byte_ranges([(str(whole), 2000, 100)]))
+    assert len(os.listdir("/proc/self/fd")) == open_files
 
 
 def test_bad_tar_and_list_input_is_one_line(tmp_path):
