@@ -272,6 +272,7 @@ def embed_setting(*param_decls, **attrs):
 @embed_setting("--image-size", type=int, help="Resize whole images to this many pixels instead of the prior's own preprocessing.")
 @embed_setting("--seed", type=int, help="Seed of random priors and of the sample order in shards.")
 @embed_setting("--shard-size", type=int, help="Samples per shard.")
+@embed_setting("--shard-writers", type=int, help="Processes writing shards in a one-process run; the bytes do not depend on it [default: min(8, CPUs)].")
 @embed_setting("--max-shard-bytes", type=float, help="Bytes per shard at most.")
 @embed_setting("--target-dtype", type=click.Choice(["float16", "float32"]), help="Storage dtype of targets.")
 @embed_setting("--score-k", type=int, help="Neighbours for the k-NN density score.")

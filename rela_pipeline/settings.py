@@ -59,6 +59,12 @@ def default_num_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def default_shard_writers() -> int:
+    """Shard-writing processes of a one-process ``embed`` when none are given: ``min(8, CPUs)``,
+    at least 1 (the other phases are finished by then, so every core can write)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def setting_defaults(settings_class: type) -> dict[str, Any]:
     """Every field's default of a settings dataclass (``default_factory`` called), by name;
     fields without a default are left out."""

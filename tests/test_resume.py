@@ -22,7 +22,8 @@ from rela_pipeline.shards.writer import ShardSetWriter
 from tests.conftest import TRAIN_DIR, assert_one_line_error, journal_rows, run_cli
 
 REPO = Path(__file__).parent.parent
-FAST = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
+BASE = ["--prior", "random:resnet18", "--image-size", "32", "--num-workers", "0", "--batch-size", "64", "--shard-size", "64", "--device", "cpu"]
+FAST = [*BASE, "--shard-writers", "1"]  # one writer, straight into OUT: the tests below name its shard files
 # 224 px and batches of 4: about 10 s of embedding on CPU, long enough to be killed in the middle.
 SLOW = ["--prior", "random:resnet18", "--batch-size", "4", "--num-workers", "1", "--shard-size", "64", "--device", "cpu"]
 
@@ -216,6 +217,82 @@ def test_resume_keeps_a_shard_prefix_and_redoes_an_altered_shard(fast_reference,
     assert code == 0, stderr
     run = read_manifest(out)["run"]
     assert (run["images_embedded"], run["shards_reused"]) == (0, 1)
+    assert_same_shard_set(out, fast_reference)
+
+
+def writers(count: int) -> list[str]:
+    return [*BASE, "--shard-writers", str(count)]
+
+
+def test_shard_writing_processes_write_the_one_writer_bytes(fast_reference, tmp_path):
+    for count in (2, 3, 5):  # 300 samples in 5 shards of 64 (the last 44): 2-3 shards a writer, and 1 each
+        code, _, stderr = embed(tmp_path / f"writers-{count}", *writers(count))
+        assert code == 0, stderr
+        assert read_manifest(tmp_path / f"writers-{count}")["run"]["shard_writers"] == count
+        assert_same_shard_set(tmp_path / f"writers-{count}", fast_reference)
+
+
+def test_an_interrupted_writing_process_stops_the_run_and_resume_keeps_each_ones_finished_shards(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 100, KeyboardInterrupt())  # in each of 2 processes: its first shard is finished, its second is not
+        code, _, stderr = embed(out, *writers(2))
+    assert code == 130 and "Traceback" not in stderr and "--resume" in stderr
+    assert not (out / MANIFEST_NAME).exists() and not list(out.rglob("*.partial")) and not list(out.glob("shard-*.tar"))
+    code, _, stderr = embed(out, *writers(2), "--resume")
+    assert code == 0, stderr
+    assert read_manifest(out)["run"]["shards_reused"] == 2
+    assert_same_shard_set(out, fast_reference)
+
+
+def test_a_failing_writing_process_is_one_line_and_resume_finishes(fast_reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_at_sample(patch, 70, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        code, _, stderr = embed(out, *writers(2))
+    assert_one_line_error(code, stderr, "a shard-writing process failed (OSError: [Errno 28] No space left on device)")
+    assert "--resume" in stderr and not list(out.rglob("*.partial"))
+    code, _, stderr = embed(out, *writers(2), "--resume")
+    assert code == 0, stderr
+    assert_same_shard_set(out, fast_reference)
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] in "ZX"  # a zombie waits for its reaper
+    except (OSError, IndexError):
+        return True
+
+
+def test_kill_9_while_processes_write_shards_kills_them_and_resume_gives_the_same_bytes(fast_reference, tmp_path):
+    out, ready = tmp_path / "out", tmp_path / "paused"
+    command = [sys.executable, str(REPO / "tests" / "pausing_cli.py"), "-q", "embed", "--data", str(TRAIN_DIR), "--out", str(out), *writers(2)]
+    # Each writing process stops after 70 samples (tests/pausing_cli.py): its first shard finished, its second begun.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PAUSE_AFTER_SAMPLES": "70", "PAUSE_READY": str(ready)},
+    )
+    deadline = time.monotonic() + 180
+    while len(paused := list(tmp_path.glob("paused.*"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the writers did not reach their pause point"
+        time.sleep(0.02)
+    pids = [int(p.suffix[1:]) for p in paused]
+    assert process.pid not in pids
+    process.kill()
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 10
+    while not all(process_is_gone(pid) for pid in pids):  # no writer outlives the run it belongs to
+        assert time.monotonic() < deadline, f"writing processes {pids} outlived their killed parent"
+        time.sleep(0.05)
+    assert not (out / MANIFEST_NAME).exists()
+
+    code, _, stderr = embed(out, *writers(2), "--resume")
+    assert code == 0, stderr
+    assert read_manifest(out)["run"]["shards_reused"] == 2
     assert_same_shard_set(out, fast_reference)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from rela_pipeline.shards.format import MANIFEST_NAME
 from rela_pipeline.shards.manifest import read_manifest, reproducible_part, verify_shard_set
-from tests.conftest import TRAIN_DIR
+from tests.conftest import TRAIN_DIR, journal_rows
 from tests.test_torchrun import _children, _environ
 
 CLI = str(Path(sys.executable).parent / "rela-pipeline")
@@ -121,8 +121,8 @@ def test_a_rank_killed_while_embedding_then_resume_completes_the_set(tmp_path):
     job = subprocess.Popen(torchrun_command(out, *SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     try:
         deadline = time.monotonic() + 300
-        while not (out / ".work" / "rank-1.json").is_file():  # rank 1 has finished at least one batch
-            assert job.poll() is None and time.monotonic() < deadline, "rank 1 recorded no batch"
+        while not ((out / ".work" / "rank-1.json").is_file() and journal_rows(out) > 0):  # each rank has finished a batch
+            assert job.poll() is None and time.monotonic() < deadline, "a rank recorded no batch"
             time.sleep(0.1)
         workers = _children(job.pid)
         victim = next(pid for pid in workers if _environ(pid).get("RANK") == "1")

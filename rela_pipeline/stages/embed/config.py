@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import RelaError
-from ...settings import DEFAULT_K, DEFAULT_SCORE_DIMS, DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S, default_num_workers
+from ...settings import DEFAULT_K, DEFAULT_SCORE_DIMS, DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S, default_num_workers, default_shard_writers
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 RUN_CONTROL_FIELDS = (
     "out_dir",
     "num_workers",
+    "shard_writers",
     "overwrite",
     "resume",
     "progress",
@@ -58,6 +59,10 @@ class EmbedConfig:
         image_size: resize whole images to this many pixels instead of the prior's preprocessing.
         seed: seed of random priors and of the order samples are written into shards.
         shard_size: samples per shard.
+        shard_writers: processes writing shards in a one-process run (each writes whole shards;
+            the bytes do not depend on it); default
+            :func:`rela_pipeline.settings.default_shard_writers`. Under torchrun each rank is
+            one writer.
         max_shard_bytes: bytes per shard at most (a shard closes once it passes this size).
         target_dtype: "float16" or "float32".
         score_k: neighbours for ``knn_density``.
@@ -89,6 +94,7 @@ class EmbedConfig:
     image_size: int | None = None
     seed: int = 0
     shard_size: int = 10_000
+    shard_writers: int = field(default_factory=default_shard_writers)
     max_shard_bytes: float = 3e9
     target_dtype: str = "float16"
     score_k: int = DEFAULT_K
@@ -113,6 +119,8 @@ class EmbedConfig:
             raise RelaError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise RelaError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.shard_writers < 1:
+            raise RelaError(f"--shard-writers must be >= 1, got {self.shard_writers}")
         if self.shard_size < 1:
             raise RelaError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.target_dtype not in TARGET_DTYPES:

@@ -88,6 +88,7 @@ def build_manifest(
         "run": {
             "out_dir": str(config.out_dir),
             "num_workers": config.num_workers,
+            "shard_writers": config.shard_writers,
             "checkpoint_seconds": config.checkpoint_seconds,
             **run_record,
         },
