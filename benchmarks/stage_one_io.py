@@ -1,6 +1,6 @@
 """Stage one's input reads at scale, side by side in one run: the tar scan in one process against a
-pool of processes, and shard writing's random image reads one at a time against read-ahead
-threads, each from a cold page cache.
+pool of processes, and shard writing's random image reads one at a time against reads the kernel
+prefetches, from a cold page cache and then warm.
 
 The scale benchmark (``scale_images.py``) measures whole runs; this one isolates the two I/O
 changes made for them, on the same inputs (``--tars``, e.g. the 1M-image tars that
@@ -9,11 +9,14 @@ changes made for them, on the same inputs (``--tars``, e.g. the 1M-image tars th
 * ``scan``: ``open_tar_source``'s one pass (headers, offsets, every shard's SHA-256) with 1
   process and with the default pool, alternating, ``--rounds`` times;
 * ``reads``: ``--samples`` image reads in the shards' write order (``shard_write_order``, the
-  seeded permutation), serially and through ``read_ahead`` (16 threads), each round after
-  dropping the page cache (``/proc/sys/vm/drop_caches``; needs root, else marked warm).
+  seeded permutation), serially (``source.read``, what the writer did first) and through
+  ``read_byte_ranges`` (``posix_fadvise`` prefetch, what it does now), of the tars and, with
+  ``--imagefolder``, of the same images as files. Each round reads new rows after dropping the
+  page cache (``/proc/sys/vm/drop_caches``; needs root, else marked warm), then the same rows
+  again from memory.
 
     python benchmarks/stage_one_io.py --tars 'runs/scale-images/n1000000/tars/part-{000000..000099}.tar' \\
-        --out benchmarks/results/stage-one-io-cpu.json
+        --imagefolder runs/scale-images/n1000000/imagefolder --out benchmarks/results/stage-one-io-cpu.json
 """
 
 from __future__ import annotations
@@ -42,15 +45,41 @@ def drop_page_cache() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> dict:
+def machine_record() -> dict:
+    """The CPU model, its core count and the 1-minute load average at the start of a run."""
     import torch
 
+    return {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "load_average_1min_start": round(os.getloadavg()[0], 2)}
+
+
+def finish_record(record: dict, out: Path) -> dict:
+    """Add the load average at the end, write ``record`` to ``out`` atomically and print its summary."""
+    record["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    write_json_atomic(out, record)
+    print(record["summary"])
+    return record
+
+
+def time_reads(source, rows: list[int], prefetched: bool) -> tuple[float, int]:
+    """Seconds to read ``rows`` of ``source`` and the bytes read."""
+    from rela_pipeline.fileio import read_byte_ranges
+
+    t = time.perf_counter()
+    reads = read_byte_ranges(map(source.byte_range, rows)) if prefetched else map(source.read, rows)
+    total = sum(len(b) for b in reads)
+    return time.perf_counter() - t, total
+
+
+def main(argv: list[str] | None = None) -> dict:
+
+    from rela_pipeline.imagefolder import scan_image_folder
     from rela_pipeline.runtime import default_num_workers
     from rela_pipeline.sources import _scan_tars, expand_pattern
-    from rela_pipeline.stages.embed.writing import read_ahead, shard_write_order
+    from rela_pipeline.stages.embed.writing import shard_write_order
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tars", required=True)
+    parser.add_argument("--imagefolder", type=Path, help="the same images as an ImageFolder, to time its reads too")
     parser.add_argument("--samples", type=int, default=50_000, help="image reads per round of the reads measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache (tests; the reads then come from memory)")
@@ -59,47 +88,56 @@ def main(argv: list[str] | None = None) -> dict:
     drop = (lambda: False) if args.warm else drop_page_cache
     paths = expand_pattern(args.tars)
     record: dict = {
-        "machine": {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "load_average_1min_start": round(os.getloadavg()[0], 2)},
-        "inputs": {"tars": args.tars, "shards": len(paths), "bytes": sum(os.path.getsize(p) for p in paths)},
+        "machine": machine_record(),
+        "inputs": {"tars": args.tars, "shards": len(paths), "bytes": sum(os.path.getsize(p) for p in paths), "imagefolder": str(args.imagefolder or "")},
         "scan_s": {"one_process": [], "pool": []},
-        "reads_us_per_image": {"serial": [], "read_ahead": []},
+        "reads_us_per_image": {},
     }
     workers = default_num_workers() + 1
-    source = None
+    tars = None
     for _ in range(args.rounds):
         for name, count in (("one_process", 1), ("pool", workers)):
             cold = drop()
             t = time.perf_counter()
-            source = _scan_tars(args.tars, paths, None, workers=count, min_parallel_bytes=0)
+            tars = _scan_tars(args.tars, paths, None, workers=count, min_parallel_bytes=0)
             record["scan_s"][name].append(round(time.perf_counter() - t, 2))
             record["scan_cold_cache"] = cold
             print(f"scan {name}: {record['scan_s'][name][-1]} s", flush=True)
             write_json_atomic(args.out, record)
-    order = shard_write_order(len(source.files), 0)
-    for round_ in range(args.rounds):
-        rows = order[round_ * args.samples : (round_ + 1) * args.samples].tolist()  # other rows each round: nothing cached by the last
-        for name in ("serial", "read_ahead"):
-            half = rows[: len(rows) // 2] if name == "serial" else rows[len(rows) // 2 :]
-            cold = drop()
-            t = time.perf_counter()
-            total = sum(len(b) for b in (map(source.read, half) if name == "serial" else read_ahead(source.read, half)))
-            seconds = time.perf_counter() - t
-            record["reads_us_per_image"][name].append(round(seconds / len(half) * 1e6, 3))
-            record["reads_cold_cache"] = cold
-            record["read_bytes_per_image"] = round(total / len(half))
-            print(f"reads {name}: {record['reads_us_per_image'][name][-1]} us/image", flush=True)
-            write_json_atomic(args.out, record)
+    sources = {"tars": tars}
+    if args.imagefolder:
+        sources["imagefolder"] = scan_image_folder(args.imagefolder)
+        if len(sources["imagefolder"].files) != len(tars.files):
+            raise SystemExit(f"{args.imagefolder} holds {len(sources['imagefolder'].files)} images, the tars {len(tars.files)}")
+    order = shard_write_order(len(tars.files), 0)
+    for input_name, source in sources.items():
+        for round_ in range(args.rounds):
+            rows = order[round_ * args.samples : (round_ + 1) * args.samples].tolist()  # other rows each round: nothing cached by the last
+            for name in ("serial", "prefetched"):
+                half = rows[: len(rows) // 2] if name == "serial" else rows[len(rows) // 2 :]
+                for cache in ("cold", "warm"):  # warm: the same rows again, now in the page cache
+                    cold = drop() if cache == "cold" else False
+                    seconds, total = time_reads(source, half, prefetched=name == "prefetched")
+                    series = record["reads_us_per_image"].setdefault(f"{input_name}_{name}_{cache}", [])
+                    series.append(round(seconds / len(half) * 1e6, 3))
+                    if cache == "cold":
+                        record["reads_cold_cache"] = cold
+                    record["read_bytes_per_image"] = round(total / len(half))
+                    print(f"reads {input_name} {name} {cache}: {series[-1]} us/image", flush=True)
+                    write_json_atomic(args.out, record)
+    reads = record["reads_us_per_image"]
     record["summary"] = {
         "scan_pool_speedup": round(statistics.median(record["scan_s"]["one_process"]) / statistics.median(record["scan_s"]["pool"]), 2),
         "scan_pool_workers": workers,
-        "read_ahead_speedup": round(
-            statistics.median(record["reads_us_per_image"]["serial"]) / statistics.median(record["reads_us_per_image"]["read_ahead"]), 2
-        ),
+        **{
+            f"prefetch_speedup_{input_name}_{cache}": round(
+                statistics.median(reads[f"{input_name}_serial_{cache}"]) / statistics.median(reads[f"{input_name}_prefetched_{cache}"]), 2
+            )
+            for input_name in sources
+            for cache in ("cold", "warm")
+        },
     }
-    record["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
-    write_json_atomic(args.out, record)
-    print(record["summary"])
-    return record
+    return finish_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -285,9 +285,23 @@ def test_stage_one_io_times_both_scans_and_both_read_paths_on_the_same_inputs(tm
     import scale_images
     import stage_one_io
 
-    _, pattern = scale_images.make_inputs(tmp_path / "in", 300, 16, 1)  # 300 JPEGs in 1 tar
-    record = stage_one_io.main(["--tars", pattern, "--samples", "100", "--rounds", "2", "--warm", "--out", str(tmp_path / "io.json")])
+    folder, pattern = scale_images.make_inputs(tmp_path / "in", 300, 16, 1)  # 300 JPEGs in 1 tar and as files
+    argv = ["--tars", pattern, "--imagefolder", str(folder), "--samples", "100", "--rounds", "2", "--warm", "--out", str(tmp_path / "io.json")]
+    record = stage_one_io.main(argv)
     assert all(len(v) == 2 and min(v) > 0 for v in record["scan_s"].values())
+    assert set(record["reads_us_per_image"]) == {f"{i}_{r}_{c}" for i in ("tars", "imagefolder") for r in ("serial", "prefetched") for c in ("cold", "warm")}
     assert all(len(v) == 2 and min(v) > 0 for v in record["reads_us_per_image"].values())
     assert record["inputs"]["shards"] == 1 and record["read_bytes_per_image"] > 100  # JPEG bytes, not empty reads
-    assert record["summary"]["scan_pool_speedup"] > 0 and record["summary"]["read_ahead_speedup"] > 0 and record["reads_cold_cache"] is False
+    assert record["summary"]["scan_pool_speedup"] > 0 and record["summary"]["prefetch_speedup_imagefolder_cold"] > 0 and record["reads_cold_cache"] is False
+
+
+def test_shard_writers_times_each_count_and_every_count_writes_the_same_shards(tmp_path):
+    import scale_images
+    import shard_writers
+
+    _, pattern = scale_images.make_inputs(tmp_path / "in", 300, 16, 1)
+    argv = ["--data", pattern, "--samples", "250", "--shard-size", "40", "--writers", "1", "3", "--rounds", "1", "--warm"]
+    record = shard_writers.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "w.json")])
+    assert set(record["seconds"]) == {"1", "3"} and all(len(v) == 1 and v[0] > 0 for v in record["seconds"].values())
+    assert record["summary"]["same_shards_for_every_count"] is True and record["summary"]["speedup_over_first"]["1"] == 1.0
+    assert record["inputs"]["samples"] == 250 and not any((tmp_path / "work").iterdir())  # every shard set it wrote is removed
