@@ -17,6 +17,12 @@ supervised; each with the profile's student, optimiser and 0.5-1 crops):
 * **Floors**: raw pixels, the untrained student, the Rand. prior's features (the budget table's,
   probed the same way).
 
+Precision is pinned (``--precision``, default fp32) rather than ``auto``: a table this long is
+measured over several sessions, on whatever CPU each session gets, and ``auto`` resolves to bf16 on
+one CPU and fp32 on another. With one precision the accuracies of cells trained on different
+machines are comparable; each run records its CPU (model and native-bf16 flag), and train seconds
+are compared only between runs of one CPU.
+
 Order of work, so that a partial table says something early: first every method's seed-0 runs at
 E (its first plateau point, its 20% cell and its ReLA cell), then every method's doubling study,
 then the other seeds at each method's plateau. Every run is cached (``runs/e<E>/<cell>/seed<k>``,
@@ -26,7 +32,12 @@ rerunning the same command resumes. ``results.csv`` (a row per floor and per cel
 floors as lines) are rewritten after every finished run; a cell still at E rather than at its
 method's plateau is marked ``provisional``.
 
-    python benchmarks/methods_table.py --profile cpu --out runs/methods-cpu
+``--snapshot DIR`` carries the table across machines: at the start, every finished run's result and
+every chosen schedule in DIR that OUT lacks is copied into OUT (so those runs are not trained
+again), and after every finished run the outputs and the finished runs' results are copied into DIR
+(small JSON files, no checkpoints: commit DIR and a fresh machine resumes where this one stopped).
+
+    python benchmarks/methods_table.py --profile cpu --out runs/methods-cpu --snapshot benchmarks/results/methods-cpu
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ from tqdm import tqdm  # noqa: E402
 
 from rela_pipeline.errors import RelaError  # noqa: E402
 from rela_pipeline.fileio import atomic_write, write_json_atomic  # noqa: E402
+from rela_pipeline.runtime import PRECISIONS, cpu_has_native_bf16  # noqa: E402
 from rela_pipeline.stages.evaluate import run_eval  # noqa: E402
 
 #: The methods of the table, in the issue's order, and their labels.
@@ -123,22 +135,41 @@ class MethodCell:
         return Cell(self.key, self.label, self.budget, RANDOM_PRIOR if self.schedule != "none" else None, schedule=self.schedule)
 
 
+def cpu_record() -> str:
+    """The CPU a run trained on: its model name and whether it computes bf16 natively, for
+    example ``AMD EPYC (native bf16)``."""
+    import torch
+
+    return f"{device_name(torch.device('cpu'))} ({'native' if cpu_has_native_bf16() else 'no native'} bf16)"
+
+
 class MethodsTable(BudgetTable):
     """The table across methods (module docstring), on :class:`budget_table.BudgetTable`'s
     splits, stage one, floors and evaluation.
 
     Args:
         methods: names of :data:`METHOD_LABELS`, in run order.
+        snapshot: the directory of ``--snapshot`` (module docstring), or None.
 
     Raises:
         RelaError: an unknown method; ``out`` holds another benchmark.
     """
 
-    def __init__(self, profile: Profile, out: Path, data: Path | None, methods: list[str], device: str = "auto", num_workers: int | None = None):
+    def __init__(
+        self,
+        profile: Profile,
+        out: Path,
+        data: Path | None,
+        methods: list[str],
+        device: str = "auto",
+        num_workers: int | None = None,
+        snapshot: Path | None = None,
+    ):
         unknown = [m for m in methods if m not in METHOD_LABELS]
         if unknown:
             raise RelaError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(METHOD_LABELS)}")
         self.methods = methods
+        self.snapshot = snapshot
         super().__init__(profile, out, data, device, num_workers, cells=[Cell("byol-100", "BYOL", 1.0, None)])
         self.plateau: dict[str, dict[str, Any]] = {}
 
@@ -170,6 +201,7 @@ class MethodsTable(BudgetTable):
             "split": split_name,
             **run_fields(summary, evaluation),
             "precision": summary.get("resolved", {}).get("precision"),
+            "cpu": cpu_record(),
         }
         write_json_atomic(cached, result)
         return result
@@ -248,6 +280,10 @@ class MethodsTable(BudgetTable):
         started = time.perf_counter()
         machine = {**machine_info(self.device), "cpu": device_name(__import__("torch").device("cpu"))}
         self.check_out_dir()
+        if self.snapshot is not None:
+            copied = copy_finished_runs(self.snapshot, self.out)
+            if copied:
+                tqdm.write(f"{copied} finished run result(s) taken from {self.snapshot}")
         self.splits: Splits = self.data_dirs()
         stage_one = self.stage_one(RANDOM_PRIOR, self.splits.train)
         self.shards = stage_one["shards"]
@@ -259,6 +295,9 @@ class MethodsTable(BudgetTable):
             payload.update(machine=machine, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "")
             payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
             write_method_outputs(self.out, payload)
+            if self.snapshot is not None:
+                write_method_outputs(self.snapshot, payload)
+                copy_finished_runs(self.out, self.snapshot)
             return payload
 
         for method in self.methods:  # 1. seed 0 of every method at E
@@ -273,6 +312,25 @@ class MethodsTable(BudgetTable):
             results[method] = self.cells_of(method, range(self.profile.seeds))
             write()
         return write()
+
+
+#: The files of a finished run or choice that ``--snapshot`` carries (relative to OUT).
+FINISHED_RUN_GLOBS = ("runs/e*/*/seed*/val.json", "runs/e*/*/seed*/test.json", "schedules/*.json")
+
+
+def copy_finished_runs(source: Path, destination: Path) -> int:
+    """Copy every file of :data:`FINISHED_RUN_GLOBS` under ``source`` that ``destination`` lacks
+    (atomically; existing files are kept); returns how many were copied."""
+    copied = 0
+    for pattern in FINISHED_RUN_GLOBS:
+        for path in sorted(source.glob(pattern)):
+            target = destination / path.relative_to(source)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(target, "wb") as handle:
+                    handle.write(path.read_bytes())
+                copied += 1
+    return copied
 
 
 def summarise_methods(
@@ -328,6 +386,7 @@ def summarise_methods(
                     "steps": first["steps"],
                     "train_seconds_mean": sum(r["train_seconds"] for r in runs) / len(runs),
                     "precision": first["precision"],
+                    "cpu": " / ".join(sorted({r.get("cpu") or "not recorded" for r in runs})),
                 }
             )
     return {
@@ -359,6 +418,7 @@ CSV_FIELDS = (
     "steps",
     "train_seconds_mean",
     "precision",
+    "cpu",
 )
 
 
@@ -448,7 +508,9 @@ def plot_methods(payload: dict[str, Any], path: Path) -> None:
 
 
 def write_method_outputs(out: Path, payload: dict[str, Any]) -> None:
-    """``results.json``, ``results.csv``, ``results.md`` and ``methods.png`` in ``out``, atomically."""
+    """``results.json``, ``results.csv``, ``results.md`` and ``methods.png`` in ``out`` (created if
+    missing), atomically."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", payload)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -469,18 +531,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory; rerun the same command to resume")
     parser.add_argument("--data", type=Path, default=None, help="directory with train/ and test/ ImageFolders (default: prepare Fashion-MNIST into OUT/data)")
     parser.add_argument("--methods", default=",".join(METHOD_LABELS), help="comma-separated methods, in run order")
+    parser.add_argument("--snapshot", type=Path, default=None, help="directory that carries finished runs across machines (module docstring)")
     parser.add_argument("--tiny", action="store_true", help="shrink the profile to seconds per run (tests)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's 3)")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="training precision of every run (default fp32: the same on every CPU, module docstring)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     args = parser.parse_args(argv)
-    profile = PROFILES[args.profile]
+    profile = dataclasses.replace(PROFILES[args.profile], precision=args.precision)
     if args.tiny:
         profile = tiny(profile)
     if args.seeds is not None:
         profile = dataclasses.replace(profile, seeds=args.seeds)
     try:
-        table = MethodsTable(profile, args.out, args.data, [m.strip() for m in args.methods.split(",") if m.strip()], args.device, args.num_workers)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        table = MethodsTable(profile, args.out, args.data, methods, args.device, args.num_workers, snapshot=args.snapshot)
         payload = table.run_all()
     except RelaError as error:
         print(f"error: {error}", file=sys.stderr)

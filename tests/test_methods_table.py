@@ -19,9 +19,10 @@ import methods_table  # noqa: E402
 METHODS = "byol"
 
 
-def run_table(out: Path) -> int:
+def run_table(out: Path, *extra: str) -> int:
     return methods_table.main(
         [
+            *extra,
             "--profile",
             "cpu",
             "--tiny",
@@ -43,8 +44,9 @@ def run_table(out: Path) -> int:
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("methods") / "table"
-    assert run_table(out) == 0
+    root = tmp_path_factory.mktemp("methods")
+    out = root / "table"
+    assert run_table(out, "--snapshot", str(root / "snapshot")) == 0
     return out
 
 
@@ -84,7 +86,28 @@ def test_floors_csv_markdown_and_plot(table):
     for row in payload["rows"]:
         assert row["label"] in report
     assert "does ReLA at 20% reach method*" in report and (table / "methods.png").stat().st_size > 10_000
-    assert payload["machine"]["cpu"] and all(r["precision"] for r in payload["rows"] if r["kind"] == "cell")
+    cells = [r for r in payload["rows"] if r["kind"] == "cell"]
+    # the precision is pinned (fp32 by default) so that cells from different CPUs compare
+    assert payload["machine"]["cpu"] and cells and all(r["precision"] == "fp32" and r["cpu"] for r in cells)
+
+
+def test_a_fresh_machine_resumes_from_the_snapshot(table, tmp_path, monkeypatch):
+    snapshot = table.parent / "snapshot"
+    carried = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    # the outputs and each finished run's results, no checkpoints
+    assert {"results.json", "results.csv", "results.md", "methods.png"} <= set(carried)
+    assert all(not p.startswith("runs/") or p.endswith(("/val.json", "/test.json")) for p in carried)
+    assert json.loads((snapshot / "results.json").read_text())["rows"] == json.loads((table / "results.json").read_text())["rows"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run the snapshot holds was trained again")
+
+    import budget_table
+
+    monkeypatch.setattr(budget_table, "run_train", refuse)
+    fresh = tmp_path / "fresh"
+    assert run_table(fresh, "--snapshot", str(snapshot)) == 0
+    assert json.loads((fresh / "results.json").read_text())["rows"] == json.loads((table / "results.json").read_text())["rows"]
 
 
 def test_rerun_trains_nothing_again(table, monkeypatch):
