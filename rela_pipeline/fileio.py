@@ -109,6 +109,36 @@ def read_byte_ranges(ranges: Iterable[ByteRange], lookahead: int = PREFETCH_RANG
             os.close(fd)
 
 
+def announce_byte_ranges(ranges: Iterable[ByteRange]) -> int:
+    """Ask the kernel to start reading every ``(path, offset, size)`` range into the page cache, and
+    return at once: each file is opened, announced with ``posix_fadvise(POSIX_FADV_WILLNEED)`` and
+    closed (the read-ahead it starts outlives the descriptor), so the reads that follow find their
+    bytes cached. The embedding DataLoader announces each batch's files before it decodes them one
+    by one: one worker then keeps a whole batch of disk reads in flight, where it read one file at
+    a time (``benchmarks/stage_one_io.py``).
+
+    Errors are ignored (a file that cannot be opened is reported by the read that follows, in its
+    turn). Without ``posix_fadvise`` (macOS) nothing is announced. Returns the ranges announced.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return 0
+    announced = 0
+    for path, offset, size in ranges:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, offset, size or 0, os.POSIX_FADV_WILLNEED)
+            announced += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return announced
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Return the hex SHA-256 of a file, read in ``chunk_bytes`` chunks (constant memory).
 

@@ -5,6 +5,7 @@ tars and lists are skipped and counted; bad ``--data`` is one line."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rela_pipeline.imagefolder import scan_image_folder
 from rela_pipeline.shards.manifest import verify_shard_set
@@ -172,6 +174,84 @@ def test_prefetched_reads_equal_each_sources_reads_in_any_order_and_fail_at_thei
     with pytest.raises(OSError, match="100 bytes expected at offset 2000, the file ends after 48"):
         list(read_byte_ranges([(str(whole), 2000, 100)]))
     assert len(os.listdir("/proc/self/fd")) == open_files
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (Linux ``mincore`` on a read-only map)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vector = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+        libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(byte & 1 for byte in vector.raw)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+def test_announced_ranges_are_read_into_the_page_cache_and_missing_files_are_left_to_the_read(tmp_path):
+    from rela_pipeline.fileio import announce_byte_ranges
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.bin")
+        files[-1].write_bytes(os.urandom(1 << 20))
+    for path in files:  # written back, then dropped from the page cache
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    if any(resident_pages(path) for path in files):
+        pytest.skip("this file system keeps its pages (tmpfs)")
+    ranges = [(str(files[0]), 0, None), (str(tmp_path / "gone.bin"), 0, None), (str(files[1]), 1 << 19, 4096)]
+    assert announce_byte_ranges(ranges) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (resident_pages(files[0]) < 256 or resident_pages(files[1]) < 1):
+        time.sleep(0.01)
+    assert resident_pages(files[0]) == 256  # the whole file
+    assert 1 <= resident_pages(files[1]) < 256  # its range (and the kernel's read-around), not the file
+    assert resident_pages(files[2]) == resident_pages(files[3]) == 0  # nothing not announced
+
+
+def item_fields(item) -> tuple:
+    """A dataset item's values: a tuple's own, or a dataclass's fields."""
+    return tuple(vars(item).values()) if dataclasses.is_dataclass(item) else item
+
+
+def test_a_batch_fetched_at_once_equals_its_items_fetched_one_by_one(inputs, tmp_path):
+    from rela_pipeline.priors import Preprocessing
+    from rela_pipeline.sources import open_image_source
+    from rela_pipeline.stages.embed.decoding import EncodedImages
+    from rela_pipeline.stages.embed.images import SourceImages
+
+    index = scan_image_folder(TRAIN_DIR)
+    broken = tmp_path / "broken" / "a"
+    broken.mkdir(parents=True)
+    for f in index.files[:5]:
+        (broken / Path(f).name).write_bytes((index.root / f).read_bytes())
+    (broken / "text.jpg").write_text("not an image")
+    preprocessing = Preprocessing(resize_size=32, crop_size=32)
+    for data in (TRAIN_DIR, inputs["tars"], broken.parent):
+        source = open_image_source(data)
+        for dataset in (SourceImages(source, 1, 6, preprocessing), EncodedImages(source, 1, 6, preprocessing)):
+            batch = [3, 0, 4, 1]
+            together, alone = dataset.__getitems__(batch), [dataset[i] for i in batch]
+            for a, b in zip(together, alone, strict=True):
+                for x, y in zip(item_fields(a), item_fields(b), strict=True):
+                    assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert any(not item[2] for item in SourceImages(open_image_source(broken.parent), 0, 6, preprocessing).__getitems__(list(range(6))))
 
 
 def test_bad_tar_and_list_input_is_one_line(tmp_path):

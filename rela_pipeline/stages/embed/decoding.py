@@ -35,6 +35,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ...errors import RelaError
+from ...fileio import announce_byte_ranges
 from ...imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ...priors import Preprocessing
 from ...sources import ImageSource, decode_named
@@ -109,7 +110,8 @@ class EncodedImages(torch.utils.data.Dataset):
     decode path, read in a DataLoader worker: each sample's JPEG bytes, or (for images the device
     does not decode) its preprocessed uint8 pixels.
 
-    Items are :class:`EncodedItem`; batch them with :func:`collate_encoded`.
+    Items are :class:`EncodedItem`; batch them with :func:`collate_encoded`. A batch's files are
+    announced to the kernel before its first is read (:func:`rela_pipeline.fileio.announce_byte_ranges`).
     """
 
     def __init__(self, source: ImageSource, start: int, stop: int, preprocessing: Preprocessing) -> None:
@@ -118,6 +120,11 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def __getitems__(self, indices: list[int]) -> list[EncodedItem]:
+        """The items of one batch (the DataLoader's batched fetch), its files announced first."""
+        announce_byte_ranges(self.source.byte_range(self.start + i) for i in indices)
+        return [self[i] for i in indices]
 
     def __getitem__(self, i: int) -> EncodedItem:
         row = self.start + i

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...errors import RelaError
+from ...fileio import announce_byte_ranges
 from ...imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ...priors import Preprocessing, Prior
 from ...runtime import Precision
@@ -53,7 +54,9 @@ class SourceImages(torch.utils.data.Dataset):
 
     Items are ``(i, image uint8 (3, S, S), ok, reason)`` (``i`` counted from ``start``). An image
     that does not decode yields zeros, ``ok=False`` and a one-line reason instead of raising, so
-    the main process skips and counts it.
+    the main process skips and counts it. A batch's files are announced to the kernel before its
+    first image is decoded (:func:`rela_pipeline.fileio.announce_byte_ranges`), so their disk
+    reads run together rather than one at a time.
     """
 
     def __init__(self, source: ImageSource, start: int, stop: int, preprocessing: Preprocessing) -> None:
@@ -63,6 +66,11 @@ class SourceImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor, bool, str]]:
+        """The items of one batch (the DataLoader's batched fetch), its files announced first."""
+        announce_byte_ranges(self.source.byte_range(self.start + i) for i in indices)
+        return [self[i] for i in indices]
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
         try:
