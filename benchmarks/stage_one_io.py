@@ -13,7 +13,12 @@ changes made for them, on the same inputs (``--tars``, e.g. the 1M-image tars th
   ``read_byte_ranges`` (``posix_fadvise`` prefetch, what it does now), of the tars and, with
   ``--imagefolder``, of the same images as files. Each round reads new rows after dropping the
   page cache (``/proc/sys/vm/drop_caches``; needs root, else marked warm), then the same rows
-  again from memory.
+  again from memory;
+* ``loader``: the embedding DataLoader (``SourceImages``: read, decode, resize to 32 px, as
+  ``embed`` runs it with the default workers and batch) over ``--loader-samples`` consecutive rows
+  from a cold page cache, each batch's files announced to the kernel first
+  (``announce_byte_ranges``, what it does now) and read one at a time (what it did before), on
+  new rows each round, the order alternating.
 
     python benchmarks/stage_one_io.py --tars 'runs/scale-images/n1000000/tars/part-{000000..000099}.tar' \\
         --imagefolder runs/scale-images/n1000000/imagefolder --out benchmarks/results/stage-one-io-cpu.json
@@ -70,6 +75,26 @@ def time_reads(source, rows: list[int], prefetched: bool) -> tuple[float, int]:
     return time.perf_counter() - t, total
 
 
+def loader_images_per_second(source, start: int, stop: int, announced: bool, batch_size: int = 256) -> float:
+    """Images per second through the embedding DataLoader over rows ``start .. stop - 1`` of
+    ``source`` (default workers), with each batch's files announced first or not."""
+    import torch
+
+    from rela_pipeline.priors import Preprocessing
+    from rela_pipeline.runtime import default_num_workers
+    from rela_pipeline.stages.embed.images import SourceImages
+
+    class OneAtATime(SourceImages):
+        __getitems__ = None  # the DataLoader then fetches item by item, as before the announcement
+
+    dataset = (SourceImages if announced else OneAtATime)(source, start, stop, Preprocessing(resize_size=32, crop_size=32))
+    workers = default_num_workers()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    images = sum(len(batch[0]) for batch in loader)
+    return images / (time.perf_counter() - t)
+
+
 def main(argv: list[str] | None = None) -> dict:
 
     from rela_pipeline.imagefolder import scan_image_folder
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tars", required=True)
     parser.add_argument("--imagefolder", type=Path, help="the same images as an ImageFolder, to time its reads too")
     parser.add_argument("--samples", type=int, default=50_000, help="image reads per round of the reads measurement")
+    parser.add_argument("--loader-samples", type=int, default=20_000, help="images per round of the loader measurement (0: skip it)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache (tests; the reads then come from memory)")
     parser.add_argument("--out", type=Path, required=True)
@@ -125,7 +151,21 @@ def main(argv: list[str] | None = None) -> dict:
                     record["read_bytes_per_image"] = round(total / len(half))
                     print(f"reads {input_name} {name} {cache}: {series[-1]} us/image", flush=True)
                     write_json_atomic(args.out, record)
+    record["loader_images_per_second"] = {}
+    for input_name, source in sources.items() if args.loader_samples else ():
+        for round_ in range(args.rounds):
+            names = ("one_at_a_time", "announced") if round_ % 2 == 0 else ("announced", "one_at_a_time")
+            for j, name in enumerate(names):
+                start = (2 * round_ + j) * args.loader_samples
+                if start + args.loader_samples > len(source.files):
+                    raise SystemExit(f"--loader-samples {args.loader_samples} x {2 * args.rounds} rounds exceeds the {len(source.files)} images")
+                record["loader_cold_cache"] = drop()
+                rate = loader_images_per_second(source, start, start + args.loader_samples, announced=name == "announced")
+                record["loader_images_per_second"].setdefault(f"{input_name}_{name}", []).append(round(rate, 1))
+                print(f"loader {input_name} {name}: {rate:.0f} images/s", flush=True)
+                write_json_atomic(args.out, record)
     reads = record["reads_us_per_image"]
+    loader = record["loader_images_per_second"]
     record["summary"] = {
         "scan_pool_speedup": round(statistics.median(record["scan_s"]["one_process"]) / statistics.median(record["scan_s"]["pool"]), 2),
         "scan_pool_workers": workers,
@@ -135,6 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for input_name in sources
             for cache in ("cold", "warm")
+        },
+        **{
+            f"announce_speedup_{input_name}": round(
+                statistics.median(loader[f"{input_name}_announced"]) / statistics.median(loader[f"{input_name}_one_at_a_time"]), 2
+            )
+            for input_name in sources
+            if loader
         },
     }
     return finish_record(record, args.out)

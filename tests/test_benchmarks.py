@@ -286,13 +286,15 @@ def test_stage_one_io_times_both_scans_and_both_read_paths_on_the_same_inputs(tm
     import stage_one_io
 
     folder, pattern = scale_images.make_inputs(tmp_path / "in", 300, 16, 1)  # 300 JPEGs in 1 tar and as files
-    argv = ["--tars", pattern, "--imagefolder", str(folder), "--samples", "100", "--rounds", "2", "--warm", "--out", str(tmp_path / "io.json")]
-    record = stage_one_io.main(argv)
+    argv = ["--tars", pattern, "--imagefolder", str(folder), "--samples", "100", "--loader-samples", "60", "--rounds", "2", "--warm"]
+    record = stage_one_io.main([*argv, "--out", str(tmp_path / "io.json")])
     assert all(len(v) == 2 and min(v) > 0 for v in record["scan_s"].values())
     assert set(record["reads_us_per_image"]) == {f"{i}_{r}_{c}" for i in ("tars", "imagefolder") for r in ("serial", "prefetched") for c in ("cold", "warm")}
     assert all(len(v) == 2 and min(v) > 0 for v in record["reads_us_per_image"].values())
     assert record["inputs"]["shards"] == 1 and record["read_bytes_per_image"] > 100  # JPEG bytes, not empty reads
     assert record["summary"]["scan_pool_speedup"] > 0 and record["summary"]["prefetch_speedup_imagefolder_cold"] > 0 and record["reads_cold_cache"] is False
+    assert set(record["loader_images_per_second"]) == {f"{i}_{m}" for i in ("tars", "imagefolder") for m in ("one_at_a_time", "announced")}
+    assert all(len(v) == 2 and min(v) > 0 for v in record["loader_images_per_second"].values()) and record["summary"]["announce_speedup_tars"] > 0
 
 
 def test_shard_writers_times_each_count_and_every_count_writes_the_same_shards(tmp_path):
