@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,10 +404,13 @@ def _scan_each(paths: list[str], workers: int | None, min_parallel_bytes: int):
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
+    # Forked on Linux: a spawned worker imports the caller's __main__ again, which in a script
+    # without an ``if __name__ == "__main__"`` guard starts the scan again and fails loudly.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             return list(pool.map(_scan_tar, paths, range(len(paths))))
-    except BrokenProcessPool:  # the workers cannot start (e.g. a __main__ read from stdin): scan here
+    except BrokenProcessPool:  # the workers cannot start (e.g. a spawned __main__ read from stdin): scan here
         logger.debug("the scanning processes did not start; scanning %d shards in this process", len(paths))
         return (_scan_tar(path, shard) for shard, path in enumerate(paths))
 

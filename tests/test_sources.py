@@ -152,6 +152,21 @@ def test_a_pool_of_processes_scans_tars_into_the_one_process_source(inputs, tmp_
     assert len(alone.files) == 300 + 23 and "a.tar/nolabel" in alone.ignored  # 20 good, truncated, text, escape
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool forks on Linux only; elsewhere it spawns")
+def test_a_script_without_a_main_guard_scans_with_the_pool_silently(inputs, tmp_path):
+    from rela_pipeline.sources import open_image_source
+
+    script = tmp_path / "unguarded.py"  # what a user's notebook-turned-script looks like
+    script.write_text(
+        "from rela_pipeline.sources import _scan_tars, expand_pattern\n"
+        f"paths = expand_pattern({str(inputs['tars'])!r})\n"
+        "print(len(_scan_tars('pattern', paths, None, workers=2, min_parallel_bytes=0).files))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    expected = len(open_image_source(inputs["tars"]).files)
+    assert done.returncode == 0 and done.stdout.split() == [str(expected)] and done.stderr == "", done.stderr[-2000:]
+
+
 def test_prefetched_reads_equal_each_sources_reads_in_any_order_and_fail_at_their_turn(inputs, tmp_path):
     from rela_pipeline.fileio import read_byte_ranges
     from rela_pipeline.sources import open_image_source
