@@ -6,7 +6,10 @@ leaves under ``runs/scale-images``) into shards, with ``--writers`` processes ea
 and every core), alternating the counts for ``--rounds`` rounds, each after dropping the page
 cache (root; else marked warm). The targets (float16, ``--target-dim``) and scores are seeded
 random arrays: writing copies them, and their values do not change its cost. Every count must
-write the same files (their SHA-256 are compared), and the run says so.
+write the same files (their SHA-256 are compared), and the run says so. ``--tar-formats pax
+ustar`` also compares the member header formats (``rela_pipeline.shards.writer.MEMBER_FORMAT``:
+USTAR, what it writes now, and tarfile's PAX default, what webdataset gave it before): the same
+bytes, another cost.
 
     python benchmarks/shard_writers.py --data 'runs/scale-images/n1000000/tars/part-{000000..000099}.tar' \\
         --samples 200000 --out benchmarks/results/shard-writers-cpu.json
@@ -79,28 +82,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--writers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--target-dim", type=int, default=64)
+    parser.add_argument("--tar-formats", nargs="+", choices=["ustar", "pax"], default=["ustar"], help="member header formats to compare")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache (tests)")
     parser.add_argument("--work", type=Path, default=Path("runs/shard-writers"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    import tarfile
+
+    from rela_pipeline.shards import writer as shard_writer
+
     source = open_image_source(args.data)
     samples = min(args.samples, len(source.files))
+    variants = {(str(w) if len(args.tar_formats) == 1 else f"{w}-{f}"): (w, f) for w in args.writers for f in args.tar_formats}
     record: dict = {
         "machine": machine_record(),
         "inputs": {"data": args.data, "kind": source.kind, "samples": samples, "shard_size": args.shard_size, "target_dim": args.target_dim},
-        "seconds": {str(w): [] for w in args.writers},
+        "seconds": {key: [] for key in variants},
     }
-    digests: dict[int, list[str]] = {}
+    digests: dict[str, list[str]] = {}
+    chosen_format = shard_writer.MEMBER_FORMAT
     for _ in range(args.rounds):
-        for writers in args.writers:
+        for key, (writers, tar_format) in variants.items():
+            shard_writer.MEMBER_FORMAT = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT}[tar_format]
             record["cold_cache"] = False if args.warm else drop_page_cache()
-            seconds, digests[writers] = write_once(source, samples, args.target_dim, writers, args.shard_size, args.work)
-            record["seconds"][str(writers)].append(round(seconds, 2))
-            print(f"{writers} writers: {seconds:.1f} s ({seconds / samples * 1e6:.0f} us/sample)", flush=True)
+            seconds, digests[key] = write_once(source, samples, args.target_dim, writers, args.shard_size, args.work)
+            record["seconds"][key].append(round(seconds, 2))
+            print(f"{writers} writers, {tar_format} headers: {seconds:.1f} s ({seconds / samples * 1e6:.0f} us/sample)", flush=True)
             write_json_atomic(args.out, record)
-    one = statistics.median(record["seconds"][str(args.writers[0])])
+    shard_writer.MEMBER_FORMAT = chosen_format
+    one = statistics.median(record["seconds"][next(iter(variants))])
     record["summary"] = {
         "us_per_sample": {w: round(statistics.median(v) / samples * 1e6, 1) for w, v in record["seconds"].items()},
         "speedup_over_first": {w: round(one / statistics.median(v), 2) for w, v in record["seconds"].items()},

@@ -307,3 +307,13 @@ def test_shard_writers_times_each_count_and_every_count_writes_the_same_shards(t
     assert set(record["seconds"]) == {"1", "3"} and all(len(v) == 1 and v[0] > 0 for v in record["seconds"].values())
     assert record["summary"]["same_shards_for_every_count"] is True and record["summary"]["speedup_over_first"]["1"] == 1.0
     assert record["inputs"]["samples"] == 250 and not any((tmp_path / "work").iterdir())  # every shard set it wrote is removed
+
+
+def test_both_tar_header_formats_write_the_same_shards(tmp_path):
+    import scale_images
+    import shard_writers
+
+    _, pattern = scale_images.make_inputs(tmp_path / "in", 120, 16, 1)
+    argv = ["--data", pattern, "--samples", "120", "--shard-size", "50", "--writers", "1", "--tar-formats", "pax", "ustar", "--rounds", "1", "--warm"]
+    record = shard_writers.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "f.json")])
+    assert set(record["seconds"]) == {"1-pax", "1-ustar"} and record["summary"]["same_shards_for_every_count"] is True
