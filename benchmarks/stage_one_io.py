@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tars", required=True)
     parser.add_argument("--imagefolder", type=Path, help="the same images as an ImageFolder, to time its reads too")
     parser.add_argument("--samples", type=int, default=50_000, help="image reads per round of the reads measurement")
+    parser.add_argument("--measure", nargs="+", choices=["scan", "reads", "loader"], default=["scan", "reads", "loader"], help="measurements to run")
     parser.add_argument("--loader-samples", type=int, default=20_000, help="images per round of the loader measurement (0: skip it)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache (tests; the reads then come from memory)")
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         "reads_us_per_image": {},
     }
     workers = default_num_workers() + 1
-    tars = None
-    for _ in range(args.rounds):
+    tars = _scan_tars(args.tars, paths, None) if "scan" not in args.measure else None
+    for _ in range(args.rounds if "scan" in args.measure else 0):
         for name, count in (("one_process", 1), ("pool", workers)):
             cold = drop()
             t = time.perf_counter()
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(sources["imagefolder"].files) != len(tars.files):
             raise SystemExit(f"{args.imagefolder} holds {len(sources['imagefolder'].files)} images, the tars {len(tars.files)}")
     order = shard_write_order(len(tars.files), 0)
-    for input_name, source in sources.items():
+    for input_name, source in sources.items() if "reads" in args.measure else ():
         for round_ in range(args.rounds):
             rows = order[round_ * args.samples : (round_ + 1) * args.samples].tolist()  # other rows each round: nothing cached by the last
             for name in ("serial", "prefetched"):
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"reads {input_name} {name} {cache}: {series[-1]} us/image", flush=True)
                     write_json_atomic(args.out, record)
     record["loader_images_per_second"] = {}
-    for input_name, source in sources.items() if args.loader_samples else ():
+    for input_name, source in sources.items() if "loader" in args.measure and args.loader_samples else ():
         for round_ in range(args.rounds):
             names = ("one_at_a_time", "announced") if round_ % 2 == 0 else ("announced", "one_at_a_time")
             for j, name in enumerate(names):
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
                 write_json_atomic(args.out, record)
     reads = record["reads_us_per_image"]
     loader = record["loader_images_per_second"]
+    scans = record["scan_s"]
     record["summary"] = {
-        "scan_pool_speedup": round(statistics.median(record["scan_s"]["one_process"]) / statistics.median(record["scan_s"]["pool"]), 2),
+        **({"scan_pool_speedup": round(statistics.median(scans["one_process"]) / statistics.median(scans["pool"]), 2)} if scans["pool"] else {}),
         "scan_pool_workers": workers,
         **{
             f"prefetch_speedup_{input_name}_{cache}": round(
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for input_name in sources
             for cache in ("cold", "warm")
+            if reads
         },
         **{
             f"announce_speedup_{input_name}": round(
