@@ -42,9 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_throughput import device_name  # noqa: E402
-from stage_one_io import drop_page_cache  # noqa: E402
+from stage_one_io import cpu_flag, drop_page_cache  # noqa: E402
 
 from rela_pipeline.fileio import write_json_atomic  # noqa: E402
+from rela_pipeline.runtime import cpu_has_native_bf16  # noqa: E402
 
 CLASSES = 10
 PER_SHARD = 10_000
@@ -174,7 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record.setdefault("cells", {})
-    record["machine"] = {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    record["machine"] = {
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "avx512": cpu_flag("avx512f"),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     record["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cores = max(1, os.cpu_count() or 1)
     for count in args.sizes:

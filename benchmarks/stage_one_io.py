@@ -51,10 +51,28 @@ def drop_page_cache() -> bool:
 
 
 def machine_record() -> dict:
-    """The CPU model, its core count and the 1-minute load average at the start of a run."""
+    """The CPU model, its core count, its vector extensions (two CPUs named "AMD EPYC" here differ
+    in them, and in speed) and the 1-minute load average at the start of a run."""
     import torch
 
-    return {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "load_average_1min_start": round(os.getloadavg()[0], 2)}
+    from rela_pipeline.runtime import cpu_has_native_bf16
+
+    return {
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_count": os.cpu_count(),
+        "avx512": cpu_flag("avx512f"),
+        "native_bf16": cpu_has_native_bf16(),
+        "load_average_1min_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def cpu_flag(flag: str) -> bool:
+    """Whether ``/proc/cpuinfo`` lists ``flag`` (False where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return any(line.startswith("flags") and flag in line.split(":", 1)[1].split() for line in handle)
+    except OSError:
+        return False
 
 
 def finish_record(record: dict, out: Path) -> dict:
