@@ -204,7 +204,17 @@ class MethodsTable(BudgetTable):
             "cpu": cpu_record(),
         }
         write_json_atomic(cached, result)
+        self.keep_in_snapshot(cached)
         return result
+
+    def keep_in_snapshot(self, path: Path) -> None:
+        """Copy a finished run's result (or a chosen schedule) under OUT into the snapshot at once,
+        so that a machine lost in the middle of a method loses no finished run."""
+        if self.snapshot is not None:
+            target = self.snapshot / path.relative_to(self.out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(target, "wb") as handle:
+                handle.write(path.read_bytes())
 
     # -- the plateau ---------------------------------------------------------------------------
     def study_point(self, method: str, epochs: int) -> dict[str, Any]:
@@ -273,6 +283,7 @@ class MethodsTable(BudgetTable):
         preferred = max(scores, key=scores.get)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"method": method, "epochs": epochs, "val_linear_probe_top1": scores, "preferred": preferred})
+        self.keep_in_snapshot(path)
         return preferred
 
     def run_all(self) -> dict[str, Any]:
@@ -300,6 +311,7 @@ class MethodsTable(BudgetTable):
                 copy_finished_runs(self.out, self.snapshot)
             return payload
 
+        write()  # the floors
         for method in self.methods:  # 1. seed 0 of every method at E
             self.study(method, extend=False)
             results[method] = self.cells_of(method, range(1))
