@@ -60,7 +60,7 @@ from rela_pipeline import __version__  # noqa: E402
 from rela_pipeline.fileio import write_json_atomic  # noqa: E402
 from rela_pipeline.imagefolder import decode_rgb, scan_image_folder  # noqa: E402
 from rela_pipeline.priors import load_prior  # noqa: E402
-from rela_pipeline.runtime import resolve_precision, resolve_prior_precision, synchronize  # noqa: E402
+from rela_pipeline.runtime import cpu_has_native_bf16, resolve_precision, resolve_prior_precision, synchronize  # noqa: E402
 from rela_pipeline.shards.reader import open_shard_set  # noqa: E402
 from rela_pipeline.stages.embed import EmbedConfig, run_embed  # noqa: E402
 from rela_pipeline.stages.evaluate import EvalConfig, run_eval  # noqa: E402
@@ -292,13 +292,24 @@ def train_section(shards: Path, work: Path, device: torch.device, tiny: bool, wo
     steps, warmup = (2, 1) if tiny else (60, 10)
     students = [("resnet18", 32, 2 if tiny else 512), ("resnet50", 64 if tiny else 160, 2 if tiny else 128)]
     target_dim = open_shard_set(str(shards)).target_dim
-    results: dict[str, Any] = {"precision": "bf16", "steps": steps, "students": {}}
+    # --tiny on a CPU without native bf16 trains the students in fp32: emulated bf16 made this
+    # section take minutes there (the embed section still runs bf16, and fp16 runs below)
+    precision = "bf16" if device.type == "cuda" or not tiny or cpu_has_native_bf16() else "fp32"
+    results: dict[str, Any] = {"precision": precision, "steps": steps, "students": {}}
     for backbone, size, batch in students:
         entry: dict[str, Any] = {"image_size": size, "batch_size": batch}
         for phase, rela in (("rela", True), ("byol", False)):
-            alone = model_alone(backbone, size, batch, steps, warmup, device, target_dim, rela, "bf16")
+            alone = model_alone(backbone, size, batch, steps, warmup, device, target_dim, rela, precision)
             rate, load_s = pipeline(
-                str(shards), backbone, size, batch, max(steps, 3), str(device), workers, rela, {"augment": "device", "data_path": "memory", "precision": "bf16"}
+                str(shards),
+                backbone,
+                size,
+                batch,
+                max(steps, 3),
+                str(device),
+                workers,
+                rela,
+                {"augment": "device", "data_path": "memory", "precision": precision},
             )
             entry[phase] = {
                 "model_alone_images_per_s": round(alone, 1),

@@ -5,7 +5,7 @@ Spec forms (ReLA section 4 uses CLIP, BYOL-trained and random priors):
 ==================================================  =============================================
 ``random:<torchvision arch>``                       randomly initialised, seeded (the paper's Rand.)
 ``torchvision:<arch>``                              torchvision's default weights (hub or cache)
-``torchvision:<arch>:<weights file>``               local state_dict file
+``torchvision:<arch>:<weights file>``               local state_dict file (with or without the classifier)
 ``open_clip:<model>:<pretrained tag>``              open_clip weights by tag (hub or cache)
 ``open_clip:<model>:<weights file>``                local open_clip checkpoint
 ``open_clip:<model>:random``                        randomly initialised open_clip image tower
@@ -185,12 +185,18 @@ class _ImageEncoder(nn.Module):
         return self.clip_model.encode_image(images)
 
 
-def _drop_final_linear(model: nn.Module) -> nn.Module:
-    """Replace the last ``nn.Linear`` (the classifier) of a torchvision model with identity."""
+def _final_linear_name(model: nn.Module) -> str | None:
+    """The module name of the last ``nn.Linear`` (the classifier) of a torchvision model, or None."""
     last_name = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last_name = name
+    return last_name
+
+
+def _drop_final_linear(model: nn.Module) -> nn.Module:
+    """Replace the last ``nn.Linear`` (the classifier) of a torchvision model with identity."""
+    last_name = _final_linear_name(model)
     if last_name is None:
         return model
     parent_name, _, child = last_name.rpartition(".")
@@ -271,8 +277,15 @@ def _load_torchvision(arch: str, weights_file: str | None) -> tuple[nn.Module, d
         state = safe_torch_load(weights_file, "prior weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+        # A file without the classifier (``rela-pipeline export --format torchvision`` of a
+        # student, a self-supervised checkpoint) loads into the headless model; one with it, into
+        # the whole model. Either way every other key must fit.
+        head = _final_linear_name(model)
+        headless = head is not None and isinstance(state, dict) and not any(str(k).removeprefix("module.").startswith(head + ".") for k in state)
+        if headless:
+            model = _drop_final_linear(model)
         load_state_dict_strict(model, state, f"weights file {weights_file} for torchvision {arch}")
-        return _drop_final_linear(model), _file_record(weights_file, "local file")
+        return (model if headless else _drop_final_linear(model)), _file_record(weights_file, "local file")
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, AttributeError):

@@ -62,6 +62,21 @@ def test_torchvision_weights_file_loads_exactly(tmp_path, images):
     assert prior.preprocessing.crop_size == 32
 
 
+def test_torchvision_weights_file_without_its_classifier_loads_into_the_headless_model(tmp_path, images):
+    reference = torchvision.models.mobilenet_v3_small()  # the classifier is classifier.3, after another linear
+    reference.classifier[3] = torch.nn.Identity()  # as a student's export or an SSL checkpoint holds it
+    path = tmp_path / "mobilenet_headless.pth"
+    torch.save(reference.state_dict(), path)
+    assert not any(k.startswith("classifier.3.") for k in torch.load(path)) and "classifier.0.weight" in torch.load(path)
+    prior = load_prior(f"torchvision:mobilenet_v3_small:{path}", image_size=32)
+    reference.eval()
+    torch.testing.assert_close(forward(prior, images), reference(prior.preprocessing.normalise(images)))
+    broken = {k: v for k, v in reference.state_dict().items() if not k.startswith("classifier.0.")}
+    torch.save(broken, path)  # a headless file still has to hold every other key
+    with pytest.raises(RelaError, match="2 missing keys"):
+        load_prior(f"torchvision:mobilenet_v3_small:{path}", image_size=32)
+
+
 def test_weights_file_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
