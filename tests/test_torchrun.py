@@ -109,6 +109,11 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 #: The longest reduction in the step's gradients: a 3x3 convolution's weight gradient sums over
 #: the batch and every output position, B x H x W = 32 x 32 x 32 terms.
 LONGEST_REDUCTION = 32 * 32 * 32
+#: The relative gradient difference allowed between one process and two: 8 log2(L) eps (1.4e-5)
+#: held on an AVX-512 CPU, but an AVX2 CPU's kernels sum in another order and gave up to 4.3e-5
+#: (first conv layer); 2e-4 stays orders of magnitude below what a wrong distributed step moves
+#: (a missing average halves or doubles a gradient; a term not gathered changes it at 1e-2 or more).
+GRADIENT_TOLERANCE = max(8 * math.log2(LONGEST_REDUCTION) * EPS32, 2e-4)
 
 
 def test_two_processes_compute_what_one_process_computes(shard_set, tmp_path):
@@ -127,7 +132,7 @@ def test_two_processes_compute_what_one_process_computes(shard_set, tmp_path):
     assert summary(tmp_path / "two")["budget"] == summary(tmp_path / "one")["budget"]
     one, two = (torch.load(tmp_path / run / FIRST_STEP_GRADIENTS, weights_only=True) for run in ("one", "two"))
     assert len(one) == len(two) > 10  # backbone, transfer layer and probe parameters
-    tolerance = 8 * math.log2(LONGEST_REDUCTION) * EPS32
+    tolerance = GRADIENT_TOLERANCE
     for index, (alone_grad, ddp_grad) in enumerate(zip(one, two)):
         assert alone_grad.shape == ddp_grad.shape and alone_grad.norm() > 0
         relative = ((alone_grad - ddp_grad).norm() / alone_grad.norm()).item()
