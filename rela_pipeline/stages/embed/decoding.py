@@ -105,7 +105,17 @@ class EncodedItem:
     reason: str = ""
 
 
-class EncodedImages(torch.utils.data.Dataset):
+class AnnouncedBatches:
+    """Mixin for a map-style dataset of rows ``start ..`` of an image source (``self.source``,
+    ``self.start``): the DataLoader's batched fetch (``__getitems__``) announces the batch's files
+    to the kernel (:func:`rela_pipeline.fileio.announce_byte_ranges`), then fetches item by item."""
+
+    def __getitems__(self, indices: list[int]) -> list:
+        announce_byte_ranges(self.source.byte_range(self.start + i) for i in indices)
+        return [self[i] for i in indices]
+
+
+class EncodedImages(AnnouncedBatches, torch.utils.data.Dataset):
     """Rows ``start .. stop - 1`` of an image source (:mod:`rela_pipeline.sources`) for the ``gpu``
     decode path, read in a DataLoader worker: each sample's JPEG bytes, or (for images the device
     does not decode) its preprocessed uint8 pixels.
@@ -120,11 +130,6 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-    def __getitems__(self, indices: list[int]) -> list[EncodedItem]:
-        """The items of one batch (the DataLoader's batched fetch), its files announced first."""
-        announce_byte_ranges(self.source.byte_range(self.start + i) for i in indices)
-        return [self[i] for i in indices]
 
     def __getitem__(self, i: int) -> EncodedItem:
         row = self.start + i

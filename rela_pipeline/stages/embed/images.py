@@ -14,12 +14,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...errors import RelaError
-from ...fileio import announce_byte_ranges
 from ...imagefolder import UNDECODABLE_IMAGE_ERRORS
 from ...priors import Preprocessing, Prior
 from ...runtime import Precision
 from ...sources import ImageSource
-from .decoding import DecodeCounts, EncodedImages, collate_encoded, decode_on_device
+from .decoding import AnnouncedBatches, DecodeCounts, EncodedImages, collate_encoded, decode_on_device
 
 #: The default device of :func:`embed_images`.
 CPU = torch.device("cpu")
@@ -48,7 +47,7 @@ class EmbeddingResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-class SourceImages(torch.utils.data.Dataset):
+class SourceImages(AnnouncedBatches, torch.utils.data.Dataset):
     """Rows ``start .. stop - 1`` of an image source decoded and preprocessed to uint8 in a
     DataLoader worker (the ``cpu`` decode path).
 
@@ -66,11 +65,6 @@ class SourceImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor, bool, str]]:
-        """The items of one batch (the DataLoader's batched fetch), its files announced first."""
-        announce_byte_ranges(self.source.byte_range(self.start + i) for i in indices)
-        return [self[i] for i in indices]
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool, str]:
         try:
