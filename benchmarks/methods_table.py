@@ -483,9 +483,18 @@ def markdown_methods(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_name(row: dict[str, Any]) -> str:
+    """A cell's short name under its bar: ``method*``, ``20%``, ``ReLA 20%`` and its schedule."""
+    if row["budget"] >= 1.0:
+        return "method*"
+    pct = f"{round(100 * row['budget'])}%"
+    return pct if row["schedule"] == "none" else f"ReLA {pct}\n{row['schedule']}"
+
+
 def plot_methods(payload: dict[str, Any], path: Path) -> None:
     """One panel per method: linear probe of method* (100%), the method at 20% and with ReLA at
-    20% (error bars: one std over seeds), floors as horizontal lines."""
+    20% (error bars: one std over seeds; the value above each bar), floors as horizontal lines
+    with one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -497,23 +506,29 @@ def plot_methods(payload: dict[str, Any], path: Path) -> None:
         return
     columns = min(4, len(methods))
     rows_n = math.ceil(len(methods) / columns)
-    figure, axes = plt.subplots(rows_n, columns, figsize=(3.2 * columns, 2.8 * rows_n), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(rows_n, columns, figsize=(3.2 * columns, 2.6 * rows_n + 0.6), squeeze=False, sharey=True)
     floor_rows = [r for r in payload["rows"] if r["kind"] == "floor"]
     for axis, method in zip(axes.flat, methods):
         mine = [r for r in cells if r["method"] == method]
-        names = [r["label"].replace(METHOD_LABELS[method], "").strip() or "*" for r in mine]
-        axis.bar(range(len(mine)), [100 * r["linear_probe"] for r in mine], yerr=[100 * r["linear_probe_std"] for r in mine], color="#4c72b0", alpha=0.8)
+        values = [100 * r["linear_probe"] for r in mine]
+        colours = ["#4c72b0" if r["budget"] >= 1.0 else "#8c8c8c" if r["schedule"] == "none" else "#dd8452" for r in mine]
+        bars = axis.bar(range(len(mine)), values, yerr=[100 * r["linear_probe_std"] for r in mine], color=colours, capsize=2)
+        axis.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=6, padding=1)
         for floor, style in zip(floor_rows, ("--", ":", "-.")):
-            axis.axhline(100 * floor["linear_probe"], linestyle=style, color="grey", linewidth=1, label=floor["label"])
-        axis.set_xticks(range(len(mine)), names, rotation=30, ha="right", fontsize=7)
-        axis.set_title(METHOD_LABELS[method] + (" (provisional)" if mine and mine[0]["provisional"] else ""), fontsize=9)
+            axis.axhline(100 * floor["linear_probe"], linestyle=style, color="black", linewidth=0.8, label=floor["label"])
+        axis.set_xticks(range(len(mine)), [bar_name(r) for r in mine], fontsize=6)
+        seeds = max(r["seeds"] for r in mine)
+        title = f"{METHOD_LABELS[method]}, {mine[0]['epochs']} epochs, " + ("seed 0" if seeds == 1 else f"{seeds} seeds")
+        axis.set_title(title + (" (provisional)" if mine[0]["provisional"] else ""), fontsize=7)
     for axis in axes.flat[len(methods) :]:
         axis.axis("off")
-    lows = [100 * r["linear_probe"] for r in cells + floor_rows]
-    axes.flat[0].set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 2))
-    axes.flat[0].set_ylabel("linear probe top-1 (%)")
-    axes.flat[0].legend(fontsize=6, loc="lower left")
-    figure.tight_layout()
+    values = [100 * r["linear_probe"] for r in cells + floor_rows]
+    axes.flat[0].set_ylim(max(0, min(values) - 3), min(100, max(values) + 2))
+    for axis in axes[:, 0]:
+        axis.set_ylabel("linear probe top-1 (%)", fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=6, frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
     plt.close(figure)

@@ -89,6 +89,12 @@ def test_floors_csv_markdown_and_plot(table):
     cells = [r for r in payload["rows"] if r["kind"] == "cell"]
     # the precision is pinned (fp32 by default) so that cells from different CPUs compare
     assert payload["machine"]["cpu"] and cells and all(r["precision"] == "fp32" and r["cpu"] for r in cells)
+    # each bar of a method's panel has its own name, the ReLA bars their schedule
+    for method in {r["method"] for r in cells}:
+        mine = [r for r in cells if r["method"] == method]
+        names = [methods_table.bar_name(r) for r in mine]
+        assert len(set(names)) == len(names) and names[0] == "method*"
+        assert all(r["schedule"] in name for r, name in zip(mine, names) if r["schedule"] != "none")
 
 
 def test_a_fresh_machine_resumes_from_the_snapshot(table, tmp_path, monkeypatch):
