@@ -506,8 +506,11 @@ def plot_methods(payload: dict[str, Any], path: Path) -> None:
         return
     columns = min(4, len(methods))
     rows_n = math.ceil(len(methods) / columns)
-    figure, axes = plt.subplots(rows_n, columns, figsize=(3.2 * columns, 2.6 * rows_n + 0.6), squeeze=False, sharey=True)
     floor_rows = [r for r in payload["rows"] if r["kind"] == "floor"]
+    legend_columns = 1 if columns < 3 else len(floor_rows)
+    legend_inches = 0.2 * math.ceil(len(floor_rows) / legend_columns) + 0.15
+    height = 2.6 * rows_n + legend_inches
+    figure, axes = plt.subplots(rows_n, columns, figsize=(3.2 * columns, height), squeeze=False, sharey=True)
     for axis, method in zip(axes.flat, methods):
         mine = [r for r in cells if r["method"] == method]
         values = [100 * r["linear_probe"] for r in mine]
@@ -527,8 +530,8 @@ def plot_methods(payload: dict[str, Any], path: Path) -> None:
     for axis in axes[:, 0]:
         axis.set_ylabel("linear probe top-1 (%)", fontsize=7)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=6, frameon=False)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=6, frameon=False)
+    figure.tight_layout(rect=(0, legend_inches / height, 1, 1))
     with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
     plt.close(figure)
