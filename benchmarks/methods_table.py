@@ -11,9 +11,12 @@ supervised; each with the profile's student, optimiser and 0.5-1 crops):
   (method*), ``<m>-20`` (the method on a fresh random 20% subset every epoch: the paper's
   baseline) and ``<m>-rela-random-20`` (the same with the ReLA loss and the adaptive schedule,
   Rand. prior). The adaptive switch's step is recorded per run.
-* **The constant schedule.** Where the adaptive switch fired in no seed, ``constant:f`` for f in
-  :data:`CONSTANT_FRACTIONS` is scored on the validation split (seed 0) and the one it prefers runs
-  as ``<m>-rela-random-20-constant`` on all seeds; the table says which schedule wins.
+* **The constant schedule.** Where the adaptive switch fired in none of the seeds run so far,
+  ``constant:f`` for f in :data:`CONSTANT_FRACTIONS` is scored on the validation split (seed 0) and
+  the one it prefers runs as ``<m>-rela-random-20-constant`` on the same seeds; the table says which
+  schedule wins. Until the switch fires, an adaptive run trains the ReLA loss alone, whatever the
+  method (only the views are the method's), so without this cell the table would not test the
+  method with ReLA at all.
 * **Floors**: raw pixels, the untrained student, the Rand. prior's features (the budget table's,
   probed the same way).
 
@@ -24,7 +27,8 @@ machines are comparable; each run records its CPU (model and native-bf16 flag), 
 are compared only between runs of one CPU.
 
 Order of work, so that a partial table says something early: first every method's seed-0 runs at
-E (its first plateau point, its 20% cell and its ReLA cell), then every method's doubling study,
+E (its first plateau point, its 20% cell, its ReLA cell and, where that cell's switch did not fire,
+the constant-schedule choice and cell), then every method's doubling study,
 then the other seeds at each method's plateau. Every run is cached (``runs/e<E>/<cell>/seed<k>``,
 a killed training run resumes from its last epoch; results in ``result.json`` / ``plateau/``), so
 rerunning the same command resumes. ``results.csv`` (a row per floor and per cell, ``method`` and
@@ -255,14 +259,14 @@ class MethodsTable(BudgetTable):
     # -- the cells -----------------------------------------------------------------------------
     def cells_of(self, method: str, seeds: range) -> list[dict[str, Any]]:
         """Method ``method``'s cells at its epochs (plateau, or provisional E) for ``seeds``; the
-        constant-schedule cell when the adaptive switch fired in none of its runs."""
+        constant-schedule cell when the adaptive switch fired in none of these seeds' runs."""
         epochs, _ = self.epochs_of(method)
         results = []
         for seed in seeds:
             for cell in (MethodCell(method, "star"), MethodCell(method, "baseline"), MethodCell(method, "rela", "adaptive")):
                 results.append(self.method_run(cell, seed, epochs, self.shards, self.splits.test, "test"))
         adaptive = [r for r in results if r["kind"] == "rela"]
-        if len(adaptive) == self.profile.seeds and all(r["rela_switch_step"] is None for r in adaptive):
+        if all(r["rela_switch_step"] is None for r in adaptive):
             schedule = self.preferred_constant(method, epochs)
             for seed in seeds:
                 results.append(self.method_run(MethodCell(method, "rela-constant", schedule), seed, epochs, self.shards, self.splits.test, "test"))

@@ -5,9 +5,11 @@ it resumes without retraining."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_ROOT
@@ -133,3 +135,30 @@ def test_an_unknown_method_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: unknown method(s) mae; methods are: " + ", ".join(methods_table.METHOD_LABELS)
     ]
+
+
+@pytest.mark.parametrize("switch_step", [None, 7])
+def test_seed_zero_alone_gets_the_constant_schedule_when_its_switch_never_fired(tmp_path, switch_step):
+    # until the switch fires an adaptive run trains the ReLA loss alone, so the first pass over the
+    # methods (seed 0 of a 3-seed table) must already run the constant-schedule cell
+    profile = dataclasses.replace(methods_table.tiny(methods_table.PROFILES["cpu"]), seeds=3)
+    table = methods_table.MethodsTable(profile, tmp_path, FIXTURE_ROOT, ["byol"], device="cpu")
+    table.shards, table.splits = "shards", SimpleNamespace(val=Path("val"), test=Path("test"))
+    asked = []
+
+    def record(cell, seed, epochs, shards, split, split_name):
+        asked.append((cell.key, cell.schedule, seed, split_name))
+        fired = switch_step if cell.kind == "rela" else None
+        score = {"constant:0.5": 0.9}.get(cell.schedule, 0.8)
+        return {"kind": cell.kind, "schedule": cell.schedule, "rela_switch_step": fired, "linear_probe_top1": score}
+
+    table.method_run = record
+    table.cells_of("byol", range(1))
+    constant = [a for a in asked if a[0].startswith("byol-rela-random-20-constant")]
+    if switch_step is None:
+        # the three fractions scored on validation, then the preferred one on the test split
+        assert sorted(a[1] for a in constant if a[3] == "val") == [f"constant:{f}" for f in methods_table.CONSTANT_FRACTIONS]
+        assert [a[1:] for a in constant if a[3] == "test"] == [("constant:0.5", 0, "test")]
+    else:
+        assert constant == []
+    assert {a[2] for a in asked} == {0}
