@@ -15,7 +15,7 @@ supervised; each with the profile's student, optimiser and 0.5-1 crops):
   ``constant:f`` for f in :data:`CONSTANT_FRACTIONS` is scored on the validation split (seed 0) and
   the one it prefers runs as ``<m>-rela-random-20-constant`` on the same seeds; the table says which
   schedule wins. Until the switch fires, an adaptive run trains the ReLA loss alone, whatever the
-  method (only the views are the method's), so without this cell the table would not test the
+  method (the views too are ReLA's), so without this cell the table would not test the
   method with ReLA at all.
 * **Floors**: raw pixels, the untrained student, the Rand. prior's features (the budget table's,
   probed the same way).
