@@ -272,6 +272,17 @@ class MethodsTable(BudgetTable):
                 results.append(self.method_run(MethodCell(method, "rela-constant", schedule), seed, epochs, self.shards, self.splits.test, "test"))
         return results
 
+    def finished_cells(self, method: str) -> list[dict[str, Any]]:
+        """The test-split results of ``method``'s cells already cached at its epochs, trained
+        nothing: what an invocation reports for a method before that method's turn comes (a resumed
+        table would otherwise drop, until their turn, the methods it has not reached yet). Of the
+        constant-schedule cells, only the preferred schedule's."""
+        epochs, _ = self.epochs_of(method)
+        chosen = self.out / "schedules" / f"{method}-e{epochs}.json"
+        preferred = json.loads(chosen.read_text())["preferred"] if chosen.exists() else None
+        runs = [json.loads(path.read_text()) for path in sorted((self.out / "runs" / f"e{epochs}").glob(f"{method}-*/seed*/test.json"))]
+        return [r for r in runs if r["kind"] != "rela-constant" or r["schedule"] == preferred]
+
     def preferred_constant(self, method: str, epochs: int) -> str:
         """The ``constant:<f>`` schedule of :data:`CONSTANT_FRACTIONS` with the best validation
         linear probe at 20%, seed 0 (cached in ``schedules/<method>-e<E>.json``)."""
@@ -315,7 +326,11 @@ class MethodsTable(BudgetTable):
                 copy_finished_runs(self.out, self.snapshot)
             return payload
 
-        write()  # the floors
+        for method in self.methods:  # what earlier invocations finished, before anything trains
+            if (self.out / "runs" / f"e{self.profile.epochs}" / MethodCell(method, "star").key / "seed0" / "val.json").exists():
+                self.study(method, extend=False)  # reads the cached points only
+                results[method] = self.finished_cells(method)
+        write()  # the floors and the finished cells
         for method in self.methods:  # 1. seed 0 of every method at E
             self.study(method, extend=False)
             results[method] = self.cells_of(method, range(1))

@@ -162,3 +162,16 @@ def test_seed_zero_alone_gets_the_constant_schedule_when_its_switch_never_fired(
     else:
         assert constant == []
     assert {a[2] for a in asked} == {0}
+
+
+def test_a_resumed_table_reports_the_finished_cells_before_their_turn(table, monkeypatch):
+    # an invocation cut off before it reaches a method must still report that method's finished cells
+    before = json.loads((table / "results.json").read_text())["rows"]
+
+    def cut_off(self, method, seeds):
+        raise RuntimeError("cut off before the first method's turn")
+
+    monkeypatch.setattr(methods_table.MethodsTable, "cells_of", cut_off)
+    with pytest.raises(RuntimeError, match="cut off"):
+        run_table(table)
+    assert json.loads((table / "results.json").read_text())["rows"] == before
