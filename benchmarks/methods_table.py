@@ -184,10 +184,18 @@ class MethodsTable(BudgetTable):
         return settings
 
     # -- one run -------------------------------------------------------------------------------
+    def runs_dir(self, epochs: int) -> Path:
+        """The directory of every run at ``epochs`` epochs: ``OUT/runs/e<epochs>/<cell>/seed<k>``."""
+        return self.out / "runs" / f"e{epochs}"
+
+    def plateau_point_done(self, method: str, epochs: int) -> bool:
+        """Whether ``method``'s plateau-study run at ``epochs`` (100%, seed 0) is scored on validation."""
+        return (self.runs_dir(epochs) / MethodCell(method, "star").key / "seed0" / "val.json").exists()
+
     def method_run(self, cell: MethodCell, seed: int, epochs: int, shards: str, split: Path, split_name: str) -> dict[str, Any]:
         """Train (or resume, or reuse) ``cell`` for ``epochs`` and evaluate it on ``split``; the
         result is cached in the run directory as ``<split_name>.json``."""
-        run = self.out / "runs" / f"e{epochs}" / cell.key / f"seed{seed}"
+        run = self.runs_dir(epochs) / cell.key / f"seed{seed}"
         cached = run / f"{split_name}.json"
         if cached.exists():
             return json.loads(cached.read_text())
@@ -240,8 +248,7 @@ class MethodsTable(BudgetTable):
             if 2 * epochs > p.max_epochs:
                 plateau = epochs
                 break
-            cached = self.out / "runs" / f"e{2 * epochs}" / MethodCell(method, "star").key / "seed0" / "val.json"
-            if not extend and not cached.exists():
+            if not extend and not self.plateau_point_done(method, 2 * epochs):
                 break
             points.append(self.study_point(method, 2 * epochs))
             if points[-1]["linear_probe_top1"] - points[-2]["linear_probe_top1"] < PLATEAU_GAIN:
@@ -280,7 +287,7 @@ class MethodsTable(BudgetTable):
         epochs, _ = self.epochs_of(method)
         chosen = self.out / "schedules" / f"{method}-e{epochs}.json"
         preferred = json.loads(chosen.read_text())["preferred"] if chosen.exists() else None
-        runs = [json.loads(path.read_text()) for path in sorted((self.out / "runs" / f"e{epochs}").glob(f"{method}-*/seed*/test.json"))]
+        runs = [json.loads(path.read_text()) for path in sorted(self.runs_dir(epochs).glob(f"{method}-*/seed*/test.json"))]
         return [r for r in runs if r["kind"] != "rela-constant" or r["schedule"] == preferred]
 
     def preferred_constant(self, method: str, epochs: int) -> str:
@@ -327,7 +334,7 @@ class MethodsTable(BudgetTable):
             return payload
 
         for method in self.methods:  # what earlier invocations finished, before anything trains
-            if (self.out / "runs" / f"e{self.profile.epochs}" / MethodCell(method, "star").key / "seed0" / "val.json").exists():
+            if self.plateau_point_done(method, self.profile.epochs):
                 self.study(method, extend=False)  # reads the cached points only
                 results[method] = self.finished_cells(method)
         write()  # the floors and the finished cells
