@@ -37,7 +37,7 @@ floors as lines) are rewritten after every finished run; a cell still at E rathe
 method's plateau is marked ``provisional``.
 
 ``--snapshot DIR`` carries the table across machines: at the start, every finished run's result and
-every chosen schedule in DIR that OUT lacks is copied into OUT (so those runs are not trained
+every chosen schedule and every floor's score in DIR that OUT lacks is copied into OUT (so those runs are not trained
 again), and after every finished run the outputs and the finished runs' results are copied into DIR
 (small JSON files, no checkpoints: commit DIR and a fresh machine resumes where this one stopped).
 
@@ -353,7 +353,7 @@ class MethodsTable(BudgetTable):
 
 
 #: The files of a finished run or choice that ``--snapshot`` carries (relative to OUT).
-FINISHED_RUN_GLOBS = ("runs/e*/*/seed*/val.json", "runs/e*/*/seed*/test.json", "schedules/*.json")
+FINISHED_RUN_GLOBS = ("runs/e*/*/seed*/val.json", "runs/e*/*/seed*/test.json", "schedules/*.json", "floors/*/seed*.json")
 
 
 def copy_finished_runs(source: Path, destination: Path) -> int:

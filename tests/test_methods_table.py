@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,9 +115,22 @@ def test_a_fresh_machine_resumes_from_the_snapshot(table, tmp_path, monkeypatch)
     import budget_table
 
     monkeypatch.setattr(budget_table, "run_train", refuse)
+    monkeypatch.setattr(budget_table.BudgetTable, "floor_features", refuse)  # the floors travel too
     fresh = tmp_path / "fresh"
     assert run_table(fresh, "--snapshot", str(snapshot)) == 0
     assert json.loads((fresh / "results.json").read_text())["rows"] == json.loads((table / "results.json").read_text())["rows"]
+
+
+def test_git_commits_what_the_committed_snapshot_carries():
+    # `runs/` in .gitignore once matched benchmarks/results/methods-cpu/runs/ too, so the committed
+    # snapshot held the outputs but none of the finished runs a fresh machine resumes from
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    snapshot = Path("benchmarks/results/methods-cpu")
+    samples = [snapshot / pattern.replace("e*", "e20").replace("seed*", "seed0").replace("*", "byol-100") for pattern in methods_table.FINISHED_RUN_GLOBS]
+    ignored = subprocess.run(["git", "check-ignore", *map(str, samples)], cwd=repo, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"git ignores: {ignored.stdout.split()}"  # 1: none of them is ignored
 
 
 def test_rerun_trains_nothing_again(table, monkeypatch):
