@@ -21,6 +21,7 @@ average makes them the global batch's.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -148,6 +149,17 @@ class SimCLR(nn.Module):
             return self.criterion(z0.float(), z1.float())
 
 
+def dino_projection_head(feature_dim: int, output_dim: int) -> nn.Module:
+    """lightly's ``DINOProjectionHead(feature_dim, 512, 64, output_dim)``, without the
+    ``FutureWarning`` that every build prints: lightly 1.6 calls the deprecated
+    ``torch.nn.utils.weight_norm`` in its last layer. The module and its state-dict keys
+    (``weight_g``, ``weight_v``) are lightly's, unchanged; only that one warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated", category=FutureWarning)
+        return DINOProjectionHead(feature_dim, 512, 64, output_dim)
+
+
 class DINO(nn.Module):
     """DINO (Caron et al. 2021) as in lightly's example: student and EMA teacher with
     ``DINOProjectionHead(F, 512, 64, output_dim)``; the teacher sees the two global views, the
@@ -159,10 +171,10 @@ class DINO(nn.Module):
         super().__init__()
         feature_dim = backbone.feature_dim
         self.backbone = backbone
-        self.head = DINOProjectionHead(feature_dim, 512, 64, output_dim)
+        self.head = dino_projection_head(feature_dim, output_dim)
         self.backbone_momentum = copy.deepcopy(backbone)
         # The head uses weight norm, which deepcopy refuses: build a twin and copy the weights.
-        self.head_momentum = DINOProjectionHead(feature_dim, 512, 64, output_dim)
+        self.head_momentum = dino_projection_head(feature_dim, output_dim)
         self.head_momentum.load_state_dict(self.head.state_dict())
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.head_momentum)

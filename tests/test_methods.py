@@ -60,6 +60,20 @@ def test_every_method_is_built_with_its_views_and_its_loss_is_an_fp32_scalar_wit
         build_method("supervised", build_backbone("convnet"))
 
 
+def test_building_any_method_warns_nothing():
+    """Every built-in method builds without a warning; DINO's head alone used to print lightly
+    1.6's ``torch.nn.utils.weight_norm`` FutureWarning on every run."""
+    import warnings
+
+    for name in METHODS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_method(name, build_backbone("convnet"), num_classes=3)
+        assert [str(w.message) for w in caught] == [], name
+    head_keys = build_method("dino", build_backbone("convnet")).head.state_dict()
+    assert {"weight_g", "weight_v"} <= {key.rsplit(".", 1)[-1] for key in head_keys}, "lightly's weight-norm layer, unchanged"
+
+
 def test_moco_memory_bank_is_in_the_state_dict_and_restored():
     """lightly registers the bank as non-persistent buffers; MoCo makes them persistent so a
     checkpoint keeps the bank and resume continues with it."""
