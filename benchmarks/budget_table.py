@@ -443,6 +443,19 @@ def _slug(prior: str) -> str:
     return prior.replace("*", "-star")
 
 
+def stage_one_checksums(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The SHA-256 digests a shard set's manifest records: ``{"shards": {name: sha256},
+    "transport": sha256, "scores": sha256}``. Shards are byte-reproducible (fixed tar mtime, seeded
+    embedding), so two machines that embed the same split with the same prior and software agree
+    on every digest; a run trained on one set compares with a run trained on another only if they
+    do."""
+    return {
+        "shards": {shard["name"]: shard["sha256"] for shard in manifest["shards"]},
+        "transport": manifest["transport"]["sha256"],
+        "scores": manifest["scores"]["sha256"],
+    }
+
+
 class BudgetTable:
     """Runs the floors, the convergence study and the cells into ``out`` and aggregates them;
     every step is skipped when already done.
@@ -514,7 +527,8 @@ class BudgetTable:
 
         Returns:
             ``{"shards": str, "prior": str, "seconds": embed + transport + scores,
-            "total_seconds": the whole ``embed`` command, "timings_s": {...}}``.
+            "total_seconds": the whole ``embed`` command, "timings_s": {...},
+            "checksums": stage_one_checksums(manifest)}``.
         """
         shards = self.out / "stage_one" / _slug(prior)
         manifest_path = shards / "manifest.json"
@@ -543,6 +557,7 @@ class BudgetTable:
             "seconds": round(timings["embed"] + timings["transport"] + timings["scores"], 3),
             "total_seconds": timings["total"],
             "timings_s": timings,
+            "checksums": stage_one_checksums(manifest),
         }
 
     def prior_spec(self, prior: str) -> tuple[str, int | None]:

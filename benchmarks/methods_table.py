@@ -40,6 +40,8 @@ method's plateau is marked ``provisional``.
 every chosen schedule and every floor's score in DIR that OUT lacks is copied into OUT (so those runs are not trained
 again), and after every finished run the outputs and the finished runs' results are copied into DIR
 (small JSON files, no checkpoints: commit DIR and a fresh machine resumes where this one stopped).
+The fresh machine re-embeds stage one, and the table goes on only if the shard set's checksums equal
+those ``results.json`` records (``--allow-stage-one-change`` goes on anyway and records the change).
 
     python benchmarks/methods_table.py --profile cpu --out runs/methods-cpu --snapshot benchmarks/results/methods-cpu
 """
@@ -154,9 +156,12 @@ class MethodsTable(BudgetTable):
     Args:
         methods: names of :data:`METHOD_LABELS`, in run order.
         snapshot: the directory of ``--snapshot`` (module docstring), or None.
+        allow_stage_one_change: go on when the stage-one shard set embedded here differs from
+            the one the finished runs trained on (:meth:`check_stage_one`), recording the change.
 
     Raises:
-        RelaError: an unknown method; ``out`` holds another benchmark.
+        RelaError: an unknown method; ``out`` holds another benchmark; (from :meth:`run_all`) a
+            changed stage-one shard set without ``allow_stage_one_change``.
     """
 
     def __init__(
@@ -168,12 +173,14 @@ class MethodsTable(BudgetTable):
         device: str = "auto",
         num_workers: int | None = None,
         snapshot: Path | None = None,
+        allow_stage_one_change: bool = False,
     ):
         unknown = [m for m in methods if m not in METHOD_LABELS]
         if unknown:
             raise RelaError(f"unknown method(s) {', '.join(unknown)}; methods are: {', '.join(METHOD_LABELS)}")
         self.methods = methods
         self.snapshot = snapshot
+        self.allow_stage_one_change = allow_stage_one_change
         super().__init__(profile, out, data, device, num_workers, cells=[Cell("byol-100", "BYOL", 1.0, None)])
         self.plateau: dict[str, dict[str, Any]] = {}
 
@@ -227,6 +234,36 @@ class MethodsTable(BudgetTable):
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(target, "wb") as handle:
                 handle.write(path.read_bytes())
+
+    def check_stage_one(self, stage_one: dict[str, Any]) -> None:
+        """Refuse to add runs on a stage-one shard set other than the one the finished runs trained
+        on: the checksums of ``stage_one`` (:func:`budget_table.stage_one_checksums`) against those
+        the previous ``results.json`` records (the snapshot's, else OUT's). A fresh machine
+        re-embeds stage one (shards are not committed), and with the same split, prior and software
+        its digests are the same; a difference (another torch, another CPU's rounding) would mix two
+        shard sets in one table. With ``allow_stage_one_change`` the table goes on and
+        ``stage_one["changes"]`` records each earlier set's checksums. A ``results.json`` written
+        before checksums were recorded has none to compare, and is only carried forward.
+
+        Raises:
+            RelaError: the digests differ and ``allow_stage_one_change`` is False.
+        """
+        record = next((d / "results.json" for d in (self.snapshot, self.out) if d is not None and (d / "results.json").exists()), None)
+        previous = json.loads(record.read_text()).get("stage_one", {}) if record is not None else {}
+        stage_one["changes"] = list(previous.get("changes", []))
+        recorded, current = previous.get("checksums"), stage_one["checksums"]
+        if recorded is None or recorded == current:
+            return
+        shard_names = sorted({*recorded["shards"], *current["shards"]})
+        differing = [name for name in shard_names if recorded["shards"].get(name) != current["shards"].get(name)]
+        differing += [name for name in ("transport", "scores") if recorded[name] != current[name]]
+        if not self.allow_stage_one_change:
+            raise RelaError(
+                f"the stage-one shard set embedded here differs from the one the finished runs in {record} trained on ({', '.join(differing)}); "
+                "new runs would not compare with them: rerun with --allow-stage-one-change to go on and record the change in results.json"
+            )
+        tqdm.write(f"stage one differs from {record} ({', '.join(differing)}); going on (--allow-stage-one-change), recorded in results.json")
+        stage_one["changes"].append({"previous_checksums": recorded, "differing": differing, "cpu": cpu_record()})
 
     # -- the plateau ---------------------------------------------------------------------------
     def study_point(self, method: str, epochs: int) -> dict[str, Any]:
@@ -319,6 +356,7 @@ class MethodsTable(BudgetTable):
                 tqdm.write(f"{copied} finished run result(s) taken from {self.snapshot}")
         self.splits: Splits = self.data_dirs()
         stage_one = self.stage_one(RANDOM_PRIOR, self.splits.train)
+        self.check_stage_one(stage_one)
         self.shards = stage_one["shards"]
         floor_results = [self.run_floor(f, seed, self.splits) for f in floors(self.profile)[:3] for seed in range(f.seeds)]
         results: dict[str, list[dict[str, Any]]] = {}
@@ -595,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument(
+        "--allow-stage-one-change",
+        action="store_true",
+        help="go on when the stage-one shard set embedded here differs from the one the finished runs trained on (recorded in results.json)",
+    )
     args = parser.parse_args(argv)
     profile = dataclasses.replace(PROFILES[args.profile], precision=args.precision)
     if args.tiny:
@@ -603,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         profile = dataclasses.replace(profile, seeds=args.seeds)
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        table = MethodsTable(profile, args.out, args.data, methods, args.device, args.num_workers, snapshot=args.snapshot)
+        table = MethodsTable(
+            profile, args.out, args.data, methods, args.device, args.num_workers, snapshot=args.snapshot, allow_stage_one_change=args.allow_stage_one_change
+        )
         payload = table.run_all()
     except RelaError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import FIXTURE_ROOT
+from conftest import FIXTURE_ROOT, assert_one_line_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -119,6 +119,34 @@ def test_a_fresh_machine_resumes_from_the_snapshot(table, tmp_path, monkeypatch)
     fresh = tmp_path / "fresh"
     assert run_table(fresh, "--snapshot", str(snapshot)) == 0
     assert json.loads((fresh / "results.json").read_text())["rows"] == json.loads((table / "results.json").read_text())["rows"]
+
+
+def test_a_fresh_machine_refuses_a_changed_stage_one_unless_allowed(table, tmp_path, monkeypatch, capsys):
+    # the fresh machine re-embeds stage one; finished runs trained on another shard set must not
+    # mix with new ones unless the user says so, and then the change is on record
+    import budget_table
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(table.parent / "snapshot", snapshot)
+    payload = json.loads((snapshot / "results.json").read_text())
+    manifest = json.loads((Path(payload["stage_one"]["shards"]) / "manifest.json").read_text())
+    assert payload["stage_one"]["checksums"] == budget_table.stage_one_checksums(manifest)
+    shard = manifest["shards"][0]["name"]
+    payload["stage_one"]["checksums"]["shards"][shard] = "0" * 64  # as if the finished runs had trained on another set
+    (snapshot / "results.json").write_text(json.dumps(payload))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run was trained on a changed stage one")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(budget_table, "run_train", refuse)
+        capsys.readouterr()
+        code = run_table(tmp_path / "fresh", "--snapshot", str(snapshot))
+        assert_one_line_error(code, capsys.readouterr().err, f"differs from the one the finished runs in {snapshot / 'results.json'} trained on ({shard})")
+    assert run_table(tmp_path / "fresh", "--snapshot", str(snapshot), "--allow-stage-one-change") == 0
+    stage_one = json.loads((snapshot / "results.json").read_text())["stage_one"]
+    assert stage_one["checksums"] == budget_table.stage_one_checksums(manifest)
+    assert [change["differing"] for change in stage_one["changes"]] == [[shard]]
 
 
 def test_git_commits_what_the_committed_snapshot_carries():
