@@ -28,8 +28,9 @@ are compared only between runs of one CPU.
 
 Order of work, so that a partial table says something early: first every method's seed-0 runs at
 E (its first plateau point, its 20% cell, its ReLA cell and, where that cell's switch did not fire,
-the constant-schedule choice and cell), then every method's doubling study,
-then the other seeds at each method's plateau. Every run is cached (``runs/e<E>/<cell>/seed<k>``,
+the constant-schedule choice and cell), then every method's doubling study and its seed-0 cells at
+the plateau, then the other seeds' 20% cells (a few minutes each: they carry the comparison of
+ReLA with the method at 20%), and last the other seeds' method* (the longest runs). Every run is cached (``runs/e<E>/<cell>/seed<k>``,
 a killed training run resumes from its last epoch; results in ``result.json`` / ``plateau/``), so
 rerunning the same command resumes. ``results.csv`` (a row per floor and per cell, ``method`` and
 ``label`` naming it), ``results.json``, ``results.md`` and ``methods.png`` (one panel per method,
@@ -56,6 +57,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,13 +303,16 @@ class MethodsTable(BudgetTable):
         return (plateau, False) if plateau is not None else (self.profile.epochs, True)
 
     # -- the cells -----------------------------------------------------------------------------
-    def cells_of(self, method: str, seeds: range) -> list[dict[str, Any]]:
-        """Method ``method``'s cells at its epochs (plateau, or provisional E) for ``seeds``; the
-        constant-schedule cell when the adaptive switch fired in none of these seeds' runs."""
+    def cells_of(self, method: str, seeds: range, star_seeds: range | None = None) -> list[dict[str, Any]]:
+        """Method ``method``'s cells at its epochs (plateau, or provisional E): method* for
+        ``star_seeds`` (default ``seeds``), the 20% cells for ``seeds``; the constant-schedule cell
+        when the adaptive switch fired in none of these seeds' runs."""
         epochs, _ = self.epochs_of(method)
+        star_seeds = seeds if star_seeds is None else star_seeds
         results = []
-        for seed in seeds:
-            for cell in (MethodCell(method, "star"), MethodCell(method, "baseline"), MethodCell(method, "rela", "adaptive")):
+        for seed in sorted({*seeds, *star_seeds}):
+            cells = [MethodCell(method, "baseline"), MethodCell(method, "rela", "adaptive")] if seed in seeds else []
+            for cell in ([MethodCell(method, "star")] if seed in star_seeds else []) + cells:
                 results.append(self.method_run(cell, seed, epochs, self.shards, self.splits.test, "test"))
         adaptive = [r for r in results if r["kind"] == "rela"]
         if all(r["rela_switch_step"] is None for r in adaptive):
@@ -376,18 +381,26 @@ class MethodsTable(BudgetTable):
                 self.study(method, extend=False)  # reads the cached points only
                 results[method] = self.finished_cells(method)
         write()  # the floors and the finished cells
-        for method in self.methods:  # 1. seed 0 of every method at E
-            self.study(method, extend=False)
-            results[method] = self.cells_of(method, range(1))
-            write()
-        for method in self.methods:  # 2. the doubling studies
-            self.study(method, extend=True)
-            results[method] = self.cells_of(method, range(1))
-            write()
-        for method in self.methods:  # 3. every seed at each plateau
-            results[method] = self.cells_of(method, range(self.profile.seeds))
-            write()
+        self.run_passes(results, write)
         return write()
+
+    def run_passes(self, results: dict[str, list[dict[str, Any]]], after_each: Callable[[], Any]) -> None:
+        """Every run, in passes over the methods (module docstring): 1. seed 0 of every method at
+        E; 2. the doubling studies, and seed 0's cells at each plateau; 3. the other seeds' 20%
+        cells (the cheap ones, which carry the comparison with the method at 20%); 4. the other
+        seeds' method*. ``results[method]`` is set to the method's cells and ``after_each()``
+        called after each method's turn in each pass."""
+        every_seed, seed_zero = range(self.profile.seeds), range(1)
+        for extend, seeds, star_seeds in (
+            (False, seed_zero, seed_zero),
+            (True, seed_zero, seed_zero),
+            (True, every_seed, seed_zero),
+            (True, every_seed, every_seed),
+        ):
+            for method in self.methods:
+                self.study(method, extend=extend)
+                results[method] = self.cells_of(method, seeds, star_seeds)
+                after_each()
 
 
 #: The files of a finished run or choice that ``--snapshot`` carries (relative to OUT).

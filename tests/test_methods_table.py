@@ -207,11 +207,41 @@ def test_seed_zero_alone_gets_the_constant_schedule_when_its_switch_never_fired(
     assert {a[2] for a in asked} == {0}
 
 
+def test_the_other_seeds_20_percent_cells_run_before_their_method_star(tmp_path):
+    # a method* run is five times a 20% run: the other seeds' 20% cells of every method, which carry
+    # the comparison of ReLA with the method at 20%, come before any other seed's method*
+    profile = dataclasses.replace(methods_table.tiny(methods_table.PROFILES["cpu"]), seeds=3)
+    table = methods_table.MethodsTable(profile, tmp_path, FIXTURE_ROOT, ["byol", "simclr"], device="cpu")
+    table.shards, table.splits = "shards", SimpleNamespace(val=Path("val"), test=Path("test"))
+    asked, cache = [], {}
+
+    def record(cell, seed, epochs, shards, split, split_name):  # cached per run, as method_run is
+        key = (cell.key, seed, epochs, split_name)
+        if key not in cache:
+            asked.append((cell.method, cell.kind, seed, split_name))
+            cache[key] = {"kind": cell.kind, "schedule": cell.schedule, "rela_switch_step": None, "linear_probe_top1": 0.8}
+        return cache[key]
+
+    table.method_run = record
+    results: dict = {}
+    table.run_passes(results, lambda: None)
+    tested = [a for a in asked if a[3] == "test"]
+    other_seeds = [i for i, (_, kind, seed, _) in enumerate(tested) if seed > 0]
+    first_star = min(i for i in other_seeds if tested[i][1] == "star")
+    assert all(tested[i][1] != "star" for i in other_seeds if i < first_star)
+    assert {(m, k, s) for m, k, s, _ in tested[:first_star] if s > 0} == {
+        (m, k, s) for m in ("byol", "simclr") for k in ("baseline", "rela", "rela-constant") for s in (1, 2)
+    }
+    # every cell of every seed ran once on the test split, and each method reports them all
+    assert len(tested) == len(set(tested)) == 2 * 4 * 3
+    assert all(len(results[m]) == 4 * 3 for m in ("byol", "simclr"))
+
+
 def test_a_resumed_table_reports_the_finished_cells_before_their_turn(table, monkeypatch):
     # an invocation cut off before it reaches a method must still report that method's finished cells
     before = json.loads((table / "results.json").read_text())["rows"]
 
-    def cut_off(self, method, seeds):
+    def cut_off(self, *args, **kwargs):
         raise RuntimeError("cut off before the first method's turn")
 
     monkeypatch.setattr(methods_table.MethodsTable, "cells_of", cut_off)
