@@ -31,7 +31,7 @@ E (its first plateau point, its 20% cell, its ReLA cell and, where that cell's s
 the constant-schedule choice and cell), then every method's doubling study and its seed-0 cells at
 the plateau, then the other seeds' 20% cells (a few minutes each: they carry the comparison of
 ReLA with the method at 20%), and last the other seeds' method* (the longest runs). Every run is cached (``runs/e<E>/<cell>/seed<k>``,
-a killed training run resumes from its last epoch; results in ``result.json`` / ``plateau/``), so
+a killed training run resumes from its last epoch; results in ``val.json`` / ``test.json``), so
 rerunning the same command resumes. ``results.csv`` (a row per floor and per cell, ``method`` and
 ``label`` naming it), ``results.json``, ``results.md`` and ``methods.png`` (one panel per method,
 floors as lines) are rewritten after every finished run; a cell still at E rather than at its
