@@ -446,9 +446,10 @@ def _slug(prior: str) -> str:
 def stage_one_checksums(manifest: dict[str, Any]) -> dict[str, Any]:
     """The SHA-256 digests a shard set's manifest records: ``{"shards": {name: sha256},
     "transport": sha256, "scores": sha256}``. Shards are byte-reproducible (fixed tar mtime, seeded
-    embedding), so two machines that embed the same split with the same prior and software agree
-    on every digest; a run trained on one set compares with a run trained on another only if they
-    do."""
+    embedding), so two machines with the same kind of CPU that embed the same split with the same
+    prior and software agree on every digest (another instruction set rounds differently:
+    docs/shards.md); a run trained on one set compares exactly with a run trained on another only if
+    they do."""
     return {
         "shards": {shard["name"]: shard["sha256"] for shard in manifest["shards"]},
         "transport": manifest["transport"]["sha256"],

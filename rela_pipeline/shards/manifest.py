@@ -19,8 +19,9 @@ last and atomically by ``embed``; its presence marks a complete run. Fields (sch
 * ``run`` (out_dir, num_workers, checkpoint_seconds, resumed, images_embedded, shards_reused: what
   this invocation did), ``host``, ``timings_s``, ``throughput``
 
-Two runs with the same data, prior, seed, settings and software write byte-identical files and
-manifests that differ only in :data:`VARYING_FIELDS`.
+Two runs with the same data, prior, seed, settings and software on the same kind of CPU (or GPU)
+write byte-identical files and manifests that differ only in :data:`VARYING_FIELDS`; another
+instruction set rounds differently (docs/shards.md, "Reproducible bytes").
 """
 
 from __future__ import annotations
