@@ -34,12 +34,12 @@ ReLA with the method at 20%), and last the other seeds' method* (the longest run
 a killed training run resumes from its last epoch; results in ``val.json`` / ``test.json``), so
 rerunning the same command resumes. ``results.csv`` (a row per floor and per cell, ``method`` and
 ``label`` naming it), ``results.json``, ``results.md`` and ``methods.png`` (one panel per method,
-floors as lines) are rewritten after every finished run; a cell still at E rather than at its
-method's plateau is marked ``provisional``.
+floors as lines) are rewritten after each method's turn in each pass (the order above); a cell
+still at E rather than at its method's plateau is marked ``provisional``.
 
 ``--snapshot DIR`` carries the table across machines: at the start, every finished run's result and
 every chosen schedule and every floor's score in DIR that OUT lacks is copied into OUT (so those runs are not trained
-again), and after every finished run the outputs and the finished runs' results are copied into DIR
+again); every finished run's result is copied into DIR as it finishes, and the outputs with each rewrite
 (small JSON files, no checkpoints: commit DIR and a fresh machine resumes where this one stopped).
 The fresh machine re-embeds stage one, and the table goes on only if the shard set's checksums equal
 those ``results.json`` records (``--allow-stage-one-change`` goes on anyway and records the change).
