@@ -422,6 +422,16 @@ def copy_finished_runs(source: Path, destination: Path) -> int:
     return copied
 
 
+def train_seconds_by_cpu(runs: list[dict[str, Any]]) -> str:
+    """The mean training wall clock (seconds) of ``runs`` per CPU, ``"CPU: mean; CPU: mean"`` in
+    CPU-name order: the table's seeds may train on different machines (``--snapshot``), and a mean
+    across machines of different speed would compare with nothing."""
+    by_cpu: dict[str, list[float]] = {}
+    for run in runs:
+        by_cpu.setdefault(run.get("cpu") or "not recorded", []).append(run["train_seconds"])
+    return "; ".join(f"{cpu}: {sum(seconds) / len(seconds):.0f}" for cpu, seconds in sorted(by_cpu.items()))
+
+
 def summarise_methods(
     profile: Profile, methods: list[str], results: dict[str, list[dict[str, Any]]], plateau: dict[str, Any], floor_results: list[dict[str, Any]], stage_one
 ) -> dict[str, Any]:
@@ -473,7 +483,7 @@ def summarise_methods(
                     if first["schedule"] != "none"
                     else "",
                     "steps": first["steps"],
-                    "train_seconds_mean": sum(r["train_seconds"] for r in runs) / len(runs),
+                    "train_seconds_by_cpu": train_seconds_by_cpu(runs),
                     "precision": first["precision"],
                     "cpu": " / ".join(sorted({r.get("cpu") or "not recorded" for r in runs})),
                 }
@@ -505,7 +515,7 @@ CSV_FIELDS = (
     "knn_std",
     "switch_steps",
     "steps",
-    "train_seconds_mean",
+    "train_seconds_by_cpu",
     "precision",
     "cpu",
 )
@@ -526,14 +536,14 @@ def markdown_methods(payload: dict[str, Any]) -> str:
         "",
         "### Table (test split; mean ± std over seeds)",
         "",
-        "| cell | epochs | seeds | linear probe top-1 | k-NN top-1 | ReLA switch steps | train s (mean) | precision |",
+        "| cell | epochs | seeds | linear probe top-1 | k-NN top-1 | ReLA switch steps | train s (mean per CPU) | precision |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for row in (r for r in payload["rows"] if r["kind"] == "cell"):
         epochs = f"{row['epochs']}" + (" (provisional)" if row["provisional"] else "")
         lines.append(
             f"| {row['label']} | {epochs} | {row['seeds']} | {100 * row['linear_probe']:.2f} ± {100 * row['linear_probe_std']:.2f} | "
-            f"{100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} | {row['switch_steps'] or '-'} | {row['train_seconds_mean']:.0f} | {row['precision']} |"
+            f"{100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} | {row['switch_steps'] or '-'} | {row['train_seconds_by_cpu']} | {row['precision']} |"
         )
     lines += [
         "",

@@ -246,3 +246,16 @@ def test_a_resumed_table_reports_the_finished_cells_before_their_turn(table, mon
     with pytest.raises(RuntimeError, match="cut off"):
         run_table(table)
     assert json.loads((table / "results.json").read_text())["rows"] == before
+
+
+def test_train_seconds_are_averaged_per_cpu_never_across_machines():
+    # seeds of one cell may train on different machines (--snapshot); their seconds do not mix
+    runs = [
+        {"cpu": "AMD EPYC (no native bf16)", "train_seconds": 400.0},
+        {"cpu": "Intel(R) Xeon(R) Processor (native bf16)", "train_seconds": 300.0},
+        {"cpu": "Intel(R) Xeon(R) Processor (native bf16)", "train_seconds": 340.0},
+        {"train_seconds": 90.0},
+    ]
+    assert methods_table.train_seconds_by_cpu(runs) == (
+        "AMD EPYC (no native bf16): 400; Intel(R) Xeon(R) Processor (native bf16): 320; not recorded: 90"
+    )
