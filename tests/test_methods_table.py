@@ -256,6 +256,4 @@ def test_train_seconds_are_averaged_per_cpu_never_across_machines():
         {"cpu": "Intel(R) Xeon(R) Processor (native bf16)", "train_seconds": 340.0},
         {"train_seconds": 90.0},
     ]
-    assert methods_table.train_seconds_by_cpu(runs) == (
-        "AMD EPYC (no native bf16): 400; Intel(R) Xeon(R) Processor (native bf16): 320; not recorded: 90"
-    )
+    assert methods_table.train_seconds_by_cpu(runs) == ("AMD EPYC (no native bf16): 400; Intel(R) Xeon(R) Processor (native bf16): 320; not recorded: 90")
