@@ -422,13 +422,17 @@ def copy_finished_runs(source: Path, destination: Path) -> int:
     return copied
 
 
+def _cpu_of(run: dict[str, Any]) -> str:
+    return run.get("cpu") or "not recorded"
+
+
 def train_seconds_by_cpu(runs: list[dict[str, Any]]) -> str:
     """The mean training wall clock (seconds) of ``runs`` per CPU, ``"CPU: mean; CPU: mean"`` in
     CPU-name order: the table's seeds may train on different machines (``--snapshot``), and a mean
     across machines of different speed would compare with nothing."""
     by_cpu: dict[str, list[float]] = {}
     for run in runs:
-        by_cpu.setdefault(run.get("cpu") or "not recorded", []).append(run["train_seconds"])
+        by_cpu.setdefault(_cpu_of(run), []).append(run["train_seconds"])
     return "; ".join(f"{cpu}: {sum(seconds) / len(seconds):.0f}" for cpu, seconds in sorted(by_cpu.items()))
 
 
@@ -485,7 +489,7 @@ def summarise_methods(
                     "steps": first["steps"],
                     "train_seconds_by_cpu": train_seconds_by_cpu(runs),
                     "precision": first["precision"],
-                    "cpu": " / ".join(sorted({r.get("cpu") or "not recorded" for r in runs})),
+                    "cpu": " / ".join(sorted({_cpu_of(r) for r in runs})),
                 }
             )
     return {
