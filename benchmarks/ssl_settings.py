@@ -1,7 +1,9 @@
-"""BYOL's settings, chosen on a validation split: every trial of the settings study in one table.
+"""A method's settings (BYOL unless a trial sets ``method``), chosen on a validation split: every
+trial of the settings study in one table.
 
-Each trial is BYOL at 100% budget on the profile's train split (the budget table's data, student,
-stage-one shard set and evaluation protocol) with the paper's optimiser and BYOL's own views
+Each trial is BYOL (or the trial's ``method``) at 100% budget on the profile's train split (the
+budget table's data, student, stage-one shard set and evaluation protocol) with the paper's
+optimiser and the method's own views
 (:data:`PAPER_SETTINGS`, not the profile's or ``train``'s defaults, so a trial means the same thing
 after either changes) and some :class:`TrainConfig` fields changed, scored
 by ``eval``'s linear probe and k-NN on the **validation** split carved out of the train split
@@ -123,7 +125,7 @@ def write_results(out: Path, results: list[dict[str, Any]]) -> str:
         for r in results:
             writer.writerow({**r, "settings": json.dumps(r["settings"], sort_keys=True)})
     lines = [
-        "| trial | settings (on top of the paper's: AdamW 1e-3 constant, BYOL's views and teacher) | val linear probe | val k-NN | steps | train wall-clock |",
+        "| trial | settings (on top of the paper's: AdamW 1e-3 constant, the method's own views and teacher; BYOL unless set) | val linear probe | val k-NN | steps | train wall-clock |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:

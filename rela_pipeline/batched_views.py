@@ -761,17 +761,18 @@ def with_crop_min_scale(views: BatchedViews, min_scale: float) -> BatchedViews:
     return BatchedViews(recipes_with_crop_min_scale(views.recipes, min_scale), views.name)
 
 
-def batched_method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> BatchedViews:
+def batched_method_views(method: str, image_size: int, crop_min_scale: float | None = None, local_views: int | None = None) -> BatchedViews:
     """The standard views of a built-in method (a name of :data:`rela_pipeline.methods.METHODS`:
     ``byol``, ``simclr``, ``dino``, ``barlowtwins``, ``vicreg``, ``moco``, ``swav``, ``supervised``), made
     from the same recipes as :func:`rela_pipeline.views.method_views`
-    (:func:`rela_pipeline.recipes.method_recipes`).
+    (:func:`rela_pipeline.recipes.method_recipes`; ``local_views``: DINO's and SwaV's number of
+    local views, None for lightly's 6).
 
     Raises:
-        RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
-            ``(0, 1]``.
+        RelaError: unknown method, an image size below 8 pixels, ``crop_min_scale`` outside
+            ``(0, 1]``, or a bad ``local_views`` (:func:`rela_pipeline.recipes.method_recipes`).
     """
-    return BatchedViews(method_recipes(method, image_size, crop_min_scale), method)
+    return BatchedViews(method_recipes(method, image_size, crop_min_scale, local_views), method)
 
 
 def _describe(value: object) -> str:

@@ -383,6 +383,7 @@ def train_setting(*param_decls, **attrs):
     help="EMA teacher momentum (BYOL, DINO): cosine from the base value to 1, or constant.",
 )
 @train_setting("--crop-min-scale", type=float, help="Lower bound of the SSL views' crop scale [default: the method's, 0.08 for BYOL/SimCLR].")
+@train_setting("--local-views", type=int, help="DINO's local / SwaV's low-resolution views per image [default: lightly's 6; 0 = the two full-size views only].")
 @train_setting("--device", help="auto | cpu | cuda | cuda:N.")
 @train_setting(
     "--precision",

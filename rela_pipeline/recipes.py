@@ -242,7 +242,12 @@ _METHOD_RECIPES = {
 }
 
 
-def method_recipes(method: str, image_size: int, crop_min_scale: float | None = None) -> tuple[ViewRecipe, ...]:
+#: The methods with multi-crop views, whose number of local (low-resolution) views
+#: ``local_views`` sets: DINO's local crops and SwaV's low-resolution crops (6 by default).
+MULTI_CROP_METHODS = ("dino", "swav")
+
+
+def method_recipes(method: str, image_size: int, crop_min_scale: float | None = None, local_views: int | None = None) -> tuple[ViewRecipe, ...]:
     """The standard views of a built-in method.
 
     Args:
@@ -253,13 +258,23 @@ def method_recipes(method: str, image_size: int, crop_min_scale: float | None = 
             (:func:`with_crop_min_scale`); None keeps the method's (0.08 for BYOL, SimCLR, Barlow
             Twins, VICReg and supervised, 0.2 for MoCo v2, 0.4 for DINO's global crops, 0.14 for
             SwaV's high-resolution crops).
+        local_views: for the :data:`MULTI_CROP_METHODS`, the number of local (low-resolution)
+            views after the two full-size ones; None keeps lightly's 6. 0 leaves the two full-size
+            views alone, as solo-learn's CIFAR recipes for DINO and SwaV do at 32 px
+            (``num_small_crops: 0``).
 
     Raises:
-        RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
-            ``(0, 1]``.
+        RelaError: unknown method, an image size below 8 pixels, ``crop_min_scale`` outside
+            ``(0, 1]``, a negative ``local_views``, or ``local_views`` for a method without
+            multi-crop views.
     """
     check_image_size(image_size)
     if method not in _METHOD_RECIPES:
         raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_RECIPES)}")
-    recipes = tuple(_METHOD_RECIPES[method](image_size))
+    if local_views is None:
+        recipes = tuple(_METHOD_RECIPES[method](image_size))
+    elif method in MULTI_CROP_METHODS:
+        recipes = tuple(_METHOD_RECIPES[method](image_size, local_views))
+    else:
+        raise RelaError(f"local views are a multi-crop setting ({', '.join(MULTI_CROP_METHODS)}); method '{method}' has none")
     return recipes if crop_min_scale is None else with_crop_min_scale(recipes, crop_min_scale)

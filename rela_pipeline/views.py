@@ -105,7 +105,7 @@ def dino_views(image_size: int, crop_min_scale: float = 0.4, n_local_views: int 
     return views_of(with_crop_min_scale(dino_recipes(image_size, n_local_views), crop_min_scale))
 
 
-def method_views(method: str, image_size: int, crop_min_scale: float | None = None) -> MultiViewTransform:
+def method_views(method: str, image_size: int, crop_min_scale: float | None = None, local_views: int | None = None) -> MultiViewTransform:
     """The standard views of a built-in method (:func:`rela_pipeline.recipes.method_recipes`).
 
     Args:
@@ -113,12 +113,14 @@ def method_views(method: str, image_size: int, crop_min_scale: float | None = No
         image_size: S, pixels of the (global) views.
         crop_min_scale: lower bound of the full-size crops' ``RandomResizedCrop`` scale; None keeps
             the method's (:func:`rela_pipeline.recipes.method_recipes`).
+        local_views: DINO's and SwaV's number of local (low-resolution) views; None keeps
+            lightly's 6.
 
     Raises:
-        RelaError: unknown method, an image size below 8 pixels, or ``crop_min_scale`` outside
-            ``(0, 1]``.
+        RelaError: unknown method, an image size below 8 pixels, ``crop_min_scale`` outside
+            ``(0, 1]``, or a bad ``local_views`` (:func:`rela_pipeline.recipes.method_recipes`).
     """
-    return views_of(method_recipes(method, image_size, crop_min_scale))
+    return views_of(method_recipes(method, image_size, crop_min_scale, local_views))
 
 
 @contextlib.contextmanager

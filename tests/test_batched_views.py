@@ -231,6 +231,25 @@ def test_crop_min_scale_is_the_same_on_both_paths_and_spares_dino_local_crops(fa
         pil_views.method_views(family, 32, crop_min_scale=1.5)
 
 
+@pytest.mark.parametrize("family", ["dino", "swav"])
+def test_local_views_set_the_multi_crop_count_on_both_paths(family):
+    defaults = batched_method_views(family, 32).recipes
+    for n in (0, 2):
+        batched = batched_method_views(family, 32, local_views=n)
+        reference = pil_views.method_views(family, 32, local_views=n)
+        assert len(batched.recipes) == len(reference.transforms) == 2 + n
+        assert batched.recipes == defaults[: 2 + n]  # the full-size pair, then local crops of the default recipe
+        views = batched(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.Generator().manual_seed(0))
+        assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, defaults[2].size, defaults[2].size)] * n
+    with pytest.raises(RelaError, match="must be >= 0"):
+        batched_method_views(family, 32, local_views=-1)
+
+
+def test_local_views_are_refused_for_a_method_without_multi_crop():
+    with pytest.raises(RelaError, match="method 'byol' has none"):
+        batched_method_views("byol", 32, local_views=2)
+
+
 def test_normalisation_constants_are_lightlys():
     from lightly.transforms.utils import IMAGENET_NORMALIZE
 

@@ -413,6 +413,8 @@ def test_incompatible_manifest_schema_is_refused(shard_copy, tmp_path):
         (["--subset", "hardest"], "unknown subset rule"),
         (["--warmup-epochs", "10"], "--warmup-epochs must be in [0, --epochs)"),
         (["--crop-min-scale", "0"], "--crop-min-scale must be in (0, 1]"),
+        (["--method", "dino", "--local-views", "-1"], "--local-views must be >= 0"),
+        (["--method", "simclr", "--local-views", "2"], "method 'simclr' has none"),
     ],
 )
 def test_bad_train_options_give_one_line_errors_and_no_output(shard_set, tmp_path, args, fragment):
@@ -562,3 +564,14 @@ def test_optimiser_and_view_settings_reach_the_run(shard_set, tmp_path):
     assert all(a >= b for a, b in zip(lrs[steps_per_epoch - 1 :], lrs[steps_per_epoch:]))
     saved = json.loads((run / "config.json").read_text())
     assert (saved["teacher_momentum"], saved["crop_min_scale"], saved["warmup_epochs"]) == ("constant", 0.3, 1)
+
+
+@pytest.mark.parametrize("augment", ["device", "pil"])
+def test_local_views_reach_the_views_of_the_run(tmp_path, augment):
+    from rela_pipeline.stages.train.data import view_transforms
+
+    def n_views(local_views):
+        ssl = view_transforms(TrainConfig(shards="unused", out_dir=tmp_path, method="dino", augment=augment, local_views=local_views), None)["ssl"]
+        return len(ssl.recipes) if augment == "device" else len(ssl.transform.transforms)
+
+    assert (n_views(None), n_views(0), n_views(3)) == (8, 2, 5)

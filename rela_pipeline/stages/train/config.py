@@ -67,6 +67,8 @@ class TrainConfig:
             (:data:`rela_pipeline.methods.MOMENTUM_SCHEDULES`); built-in methods only.
         crop_min_scale: lower bound of the SSL views' crop scale (None: the method's; the ReLA
             views keep their 0.5).
+        local_views: DINO's and SwaV's number of local (low-resolution) views, None for lightly's
+            6 (:func:`rela_pipeline.recipes.method_recipes`); other built-in methods refuse it.
         device: "auto", "cpu", "cuda" or "cuda:N".
         precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``
             (:func:`rela_pipeline.runtime.resolve_precision`; auto = bf16 on CUDA and on CPUs
@@ -121,6 +123,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     teacher_momentum: str = "cosine"
     crop_min_scale: float | None = None
+    local_views: int | None = None
     device: str = "auto"
     precision: str = "auto"
     augment: str = "device"
@@ -149,6 +152,7 @@ class TrainConfig:
         """
         from ...methods import METHODS, MOMENTUM_SCHEDULES
         from ...models import check_backbone_name
+        from ...recipes import MULTI_CROP_METHODS
         from ...rela import TRANSFER_MODES, parse_schedule
         from ...runtime import PRECISIONS
         from ...shards.batches import DATA_PATHS
@@ -179,6 +183,11 @@ class TrainConfig:
             raise RelaError(f"--teacher-momentum must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {self.teacher_momentum!r}")
         if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise RelaError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.local_views is not None:
+            if self.local_views < 0:
+                raise RelaError(f"--local-views must be >= 0, got {self.local_views}")
+            if not custom_method and self.method not in MULTI_CROP_METHODS:
+                raise RelaError(f"--local-views sets the multi-crop views of {' and '.join(MULTI_CROP_METHODS)}; method '{self.method}' has none")
         if self.precision not in PRECISIONS:
             raise RelaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.augment not in AUGMENT_PATHS:

@@ -28,11 +28,14 @@ def view_transforms(config: TrainConfig, ssl_views: Callable | None) -> dict[str
     augment path (``ssl_views``: a custom method's, batched for ``device``, per image for ``pil``)."""
     size = config.image_size
     if config.augment == "pil":
-        ssl = ssl_views if ssl_views is not None else method_views(config.method, size, config.crop_min_scale)
+        ssl = ssl_views if ssl_views is not None else method_views(config.method, size, config.crop_min_scale, config.local_views)
         return {"rela": PerImageViews(rela_views(size)), "ssl": ssl if isinstance(ssl, PerImageViews) else PerImageViews(ssl)}
     from ...batched_views import batched_method_views, batched_rela_views
 
-    return {"rela": batched_rela_views(size), "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale)}
+    return {
+        "rela": batched_rela_views(size),
+        "ssl": ssl_views if ssl_views is not None else batched_method_views(config.method, size, config.crop_min_scale, config.local_views),
+    }
 
 
 def build_training_data(
