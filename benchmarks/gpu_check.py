@@ -18,6 +18,10 @@ ImageFolder, then measures, in this order (each section a top-level key of the J
 ``scores``       exact and IVF faiss search at 1M x 64 on the GPU when faiss sees one, else on the
                  CPU (saying why) at a size the CPU finishes.
 ``eval``         ``run_eval`` of a short run's backbone on the synthetic set, on the GPU.
+``methods``      every method of :data:`rela_pipeline.methods.METHODS` through ``run_train`` (memory
+                 path, its own views batched on the device, bf16) on the table's GPU student
+                 (ResNet-18, CIFAR stem, 32 px): img/s and the last logged loss of the method's own
+                 phase and of the ReLA phase, so the cost of a gpu-profile table can be read off.
 
 A section that fails records its one-line error and the next one runs; the JSON is rewritten
 after every section, so a run stopped by a time limit keeps what it measured. The exit status
@@ -425,6 +429,35 @@ def eval_section(shards: Path, train_dir: Path, test_dir: Path, work: Path, devi
     }
 
 
+def methods_section(shards: Path, device: torch.device, tiny: bool, workers: int) -> dict[str, Any]:
+    """Every method's training step on the device through ``run_train``, in its own phase
+    (``--rela-schedule none``) and in the ReLA phase (``constant:1.0``): img/s, the median metrics
+    interval rate after the first, and whether the last logged loss is finite."""
+    from rela_pipeline.methods import METHODS
+
+    steps, batch = (4, 2) if tiny else (60, 128)  # the gpu profile's batch
+    precision = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    results: dict[str, Any] = {"student": "resnet18@32 (CIFAR stem)", "batch_size": batch, "steps": steps, "precision": precision, "methods": {}}
+    for method in METHODS:
+        entry: dict[str, Any] = {}
+        for phase, rela in (("method", False), ("rela", True)):
+            if rela and method != METHODS[0] and tiny:
+                continue  # --tiny: the ReLA phase once (it is the same for every method but the views)
+            try:
+                rate, _ = pipeline(
+                    str(shards), "resnet18", 32, batch, steps, str(device), workers, rela,
+                    {"augment": "device", "data_path": "memory", "precision": precision, "method": method},
+                )  # fmt: skip
+                entry[phase] = {"images_per_s": _finite(round(rate, 1))}
+            except Exception as error:  # noqa: BLE001 - one method failing does not hide the others
+                entry[phase] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
+        results["methods"][method] = entry
+    failures = [f"{m}/{phase}" for m, entry in results["methods"].items() for phase, row in entry.items() if "error" in row]
+    if failures:
+        results["error"] = "failed: " + ", ".join(failures)
+    return results
+
+
 def print_table(record: dict[str, Any]) -> None:
     """The short table of the headline numbers."""
     env = record.get("environment", {})
@@ -458,6 +491,12 @@ def print_table(record: dict[str, Any]) -> None:
         print(
             f"eval on {record['eval']['device']}: linear probe {record['eval']['linear_probe_top1']:.3f}, k-NN {record['eval']['knn_top1']:.3f} in {record['eval']['seconds']} s"
         )
+    methods = record.get("methods", {})
+    if "methods" in methods:
+        print(f"\n| method ({methods['student']}, {methods['precision']}) | own phase img/s | ReLA phase img/s |\n|---|---:|---:|")
+        for method, entry in methods["methods"].items():
+            cell = lambda row: row.get("images_per_s", row.get("error", "")) if row else ""  # noqa: E731
+            print(f"| {method} | {cell(entry.get('method'))} | {cell(entry.get('rela'))} |")
     for name, section in record.items():
         if isinstance(section, dict) and "error" in section:
             print(f"FAILED {name}: {section['error']}")
@@ -515,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         section("train", lambda: train_section(shards, work, device, args.tiny, workers))
         section("scores", lambda: scores_section(device, args.tiny))
         section("eval", lambda: eval_section(shards, data["train"], data["test"], work, device, args.tiny, workers))
+        section("methods", lambda: methods_section(shards, device, args.tiny, workers))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -220,7 +220,7 @@ def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
     done = subprocess.run([sys.executable, str(GPU_CHECK), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     record = json.loads(out.read_text())
-    for section in ("environment", "embed", "train", "scores", "eval"):
+    for section in ("environment", "embed", "train", "scores", "eval", "methods"):
         assert section in record and "error" not in record[section], (section, record.get(section, {}).get("error"))
     assert record["environment"]["faiss"]["version"] and record["environment"]["resolved_precision"]["embed_auto"] == "fp32"
     images = record["data"]["train_images"]
@@ -239,7 +239,12 @@ def test_gpu_check_runs_every_section_at_tiny_size(tmp_path):
     assert record["scores"]["device"] == "cpu" and record["scores"]["why_cpu"] == "no CUDA device"
     assert record["scores"]["ivf"]["settings"]["recall_at_k"] >= 0.95
     assert 0.0 <= record["eval"]["knn_top1"] <= 1.0 and record["eval"]["test_samples"] == record["data"]["test_images"]
-    assert "| prior | run |" in done.stdout  # the table
+    from rela_pipeline.methods import METHODS
+
+    assert set(record["methods"]["methods"]) == set(METHODS)  # every method trained on the device path
+    assert all(entry["method"]["images_per_s"] > 0 for entry in record["methods"]["methods"].values())
+    assert record["methods"]["methods"]["byol"]["rela"]["images_per_s"] > 0
+    assert "| prior | run |" in done.stdout and "| supervised |" in done.stdout  # the tables
 
     refused = subprocess.run([sys.executable, str(GPU_CHECK), "--out", str(tmp_path / "full.json")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and refused.stderr.startswith("error: no CUDA device")
