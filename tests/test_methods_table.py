@@ -257,3 +257,31 @@ def test_train_seconds_are_averaged_per_cpu_never_across_machines():
         {"train_seconds": 90.0},
     ]
     assert methods_table.train_seconds_by_cpu(runs) == ("AMD EPYC (no native bf16): 400; Intel(R) Xeon(R) Processor (native bf16): 320; not recorded: 90")
+
+
+def test_a_variant_entry_trains_its_method_with_its_settings(tmp_path, monkeypatch):
+    # "dino-2views" is DINO with --local-views 0: the TrainConfig the table builds for it must say so,
+    # while a plain "dino" entry keeps lightly's recipe (local_views None: its 6 local views)
+    import budget_table
+
+    profile = methods_table.tiny(methods_table.PROFILES["cpu"])
+    table = methods_table.MethodsTable(profile, tmp_path, FIXTURE_ROOT, ["dino", "dino-2views"], device="cpu")
+    table.splits = SimpleNamespace(train=Path("train"), val=Path("val"), test=Path("test"))
+    configs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config):
+        configs.append(config)
+        raise Stop
+
+    monkeypatch.setattr(budget_table, "run_train", capture)
+    for entry in ("dino", "dino-2views"):
+        with pytest.raises(Stop):
+            table.method_run(methods_table.MethodCell(entry, "star"), 0, profile.epochs, "shards", Path("val"), "val")
+    plain, variant = configs
+    assert (plain.method, plain.local_views) == ("dino", None)
+    assert (variant.method, variant.local_views) == ("dino", 0)
+    assert variant.out_dir.parts[-3:] == ("dino-2views-100", "seed0", "train")  # its own runs, never DINO's
+    assert methods_table.MethodCell("dino-2views", "baseline").label == "DINO (2 views) 20%"
