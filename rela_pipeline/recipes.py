@@ -271,6 +271,8 @@ def method_recipes(method: str, image_size: int, crop_min_scale: float | None = 
     check_image_size(image_size)
     if method not in _METHOD_RECIPES:
         raise RelaError(f"unknown SSL method '{method}'; choose one of: {', '.join(_METHOD_RECIPES)}")
+    if local_views is not None and local_views < 0:
+        raise RelaError(f"local views must be >= 0, got {local_views}")
     if local_views is None:
         recipes = tuple(_METHOD_RECIPES[method](image_size))
     elif method in MULTI_CROP_METHODS:

@@ -245,9 +245,11 @@ def test_local_views_set_the_multi_crop_count_on_both_paths(family):
         batched_method_views(family, 32, local_views=-1)
 
 
-def test_local_views_are_refused_for_a_method_without_multi_crop():
+def test_local_views_are_refused_for_a_method_without_multi_crop_or_below_zero():
     with pytest.raises(RelaError, match="method 'byol' has none"):
         batched_method_views("byol", 32, local_views=2)
+    with pytest.raises(RelaError, match="local views must be >= 0, got -1"):
+        batched_method_views("dino", 32, local_views=-1)  # the library path, without TrainConfig's check
 
 
 def test_normalisation_constants_are_lightlys():
