@@ -20,8 +20,8 @@ ImageFolder, then measures, in this order (each section a top-level key of the J
 ``eval``         ``run_eval`` of a short run's backbone on the synthetic set, on the GPU.
 ``methods``      every method of :data:`rela_pipeline.methods.METHODS` through ``run_train`` (memory
                  path, its own views batched on the device, bf16) on the table's GPU student
-                 (ResNet-18, CIFAR stem, 32 px): img/s and the last logged loss of the method's own
-                 phase and of the ReLA phase, so the cost of a gpu-profile table can be read off.
+                 (ResNet-18, CIFAR stem, 32 px): img/s of the method's own phase and of the ReLA
+                 phase (or its one-line error), so the cost of a gpu-profile table can be read off.
 
 A section that fails records its one-line error and the next one runs; the JSON is rewritten
 after every section, so a run stopped by a time limit keeps what it measured. The exit status
@@ -118,6 +118,11 @@ def _rate(images: int, seconds: float) -> float | None:
 def _finite(value: Any) -> Any:
     """JSON-safe: non-finite floats become None."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _one_line(error: Exception) -> str:
+    """``Type: first line of the message``, as a failed section or method records it."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def _timed(device: torch.device, work: Callable[[], Any], repeats: int = 1) -> float:
@@ -432,7 +437,7 @@ def eval_section(shards: Path, train_dir: Path, test_dir: Path, work: Path, devi
 def methods_section(shards: Path, device: torch.device, tiny: bool, workers: int) -> dict[str, Any]:
     """Every method's training step on the device through ``run_train``, in its own phase
     (``--rela-schedule none``) and in the ReLA phase (``constant:1.0``): img/s, the median metrics
-    interval rate after the first, and whether the last logged loss is finite."""
+    interval rate after the first (:func:`train_throughput.pipeline`), or the run's one-line error."""
     from rela_pipeline.methods import METHODS
 
     steps, batch = (4, 2) if tiny else (60, 128)  # the gpu profile's batch
@@ -450,7 +455,7 @@ def methods_section(shards: Path, device: torch.device, tiny: bool, workers: int
                 )  # fmt: skip
                 entry[phase] = {"images_per_s": _finite(round(rate, 1))}
             except Exception as error:  # noqa: BLE001 - one method failing does not hide the others
-                entry[phase] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
+                entry[phase] = {"error": _one_line(error)[:300]}
         results["methods"][method] = entry
     failures = [f"{m}/{phase}" for m, entry in results["methods"].items() for phase, row in entry.items() if "error" in row]
     if failures:
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run()
         except Exception as error:  # noqa: BLE001 - the check records it and goes on
             failed = True
-            result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:400], "traceback": traceback.format_exc()[-2000:]}
+            result = {"error": _one_line(error)[:400], "traceback": traceback.format_exc()[-2000:]}
         result["section_s"] = round(time.perf_counter() - t, 2)
         record[name] = result
         record["total_s"] = round(time.perf_counter() - started, 2)

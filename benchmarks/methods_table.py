@@ -622,8 +622,8 @@ def plot_methods(payload: dict[str, Any], path: Path) -> None:
             axis.axhline(100 * floor["linear_probe"], linestyle=style, color="black", linewidth=0.8, label=floor["label"])
         axis.set_xticks(range(len(mine)), [bar_name(r) for r in mine], fontsize=6)
         seeds = max(r["seeds"] for r in mine)
-        names = {id(r): bar_name(r).replace("\n", " ") for r in mine}
-        fewer = ", ".join(f"{names[id(r)]}: {r['seeds']}" for r in mine if r["seeds"] < seeds)  # e.g. method* before pass 4
+        names = [bar_name(r).replace("\n", " ") for r in mine]
+        fewer = ", ".join(f"{name}: {r['seeds']}" for name, r in zip(names, mine) if r["seeds"] < seeds)  # e.g. method* before pass 4
         title = f"{METHOD_LABELS[method]}, {mine[0]['epochs']} epochs, " + ("seed 0" if seeds == 1 else f"{seeds} seeds") + (f" ({fewer})" if fewer else "")
         axis.set_title(title + (" (provisional)" if mine[0]["provisional"] else ""), fontsize=7)
     for axis in axes.flat[len(methods) :]:
