@@ -559,29 +559,113 @@ def markdown_methods(payload: dict[str, Any]) -> str:
             f"| {row['label']} | {epochs} | {row['seeds']} | {100 * row['linear_probe']:.2f} ± {100 * row['linear_probe_std']:.2f} | "
             f"{100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} | {row['switch_steps'] or '-'} | {row['train_seconds_by_cpu']} | {row['precision']} |"
         )
-    lines += [
-        "",
+    lines += ["", *markdown_reading(payload)]
+    return "\n".join(lines) + "\n"
+
+
+#: A difference between two cells is resolved when Welch's two-sided t-test over their seeds gives p under this.
+RESOLVED_P = 0.05
+
+
+def compare_cells(a: dict[str, Any], b: dict[str, Any], metric: str = "linear_probe") -> dict[str, float | None]:
+    """``a - b`` for two rows of the table: the difference of their mean ``metric`` (a fraction, as
+    the rows hold it), the standard error of that difference, sqrt(s_a^2 / n_a + s_b^2 / n_b) with
+    s the std over a row's seeds and n its number of seeds, and Welch's two-sided t-test p-value
+    (:func:`scipy.stats.ttest_ind_from_stats` with ``equal_var=False``: the cells' seeds need not
+    vary alike).
+
+    Returns:
+        ``{"difference": float, "standard_error": float | None, "p_value": float | None}``; the
+        last two are ``None`` when either row has a single seed, whose spread is unknown. Two rows
+        whose seeds agree exactly (std 0) give p 0.0 for any nonzero difference, 1.0 for none.
+    """
+    from scipy.stats import ttest_ind_from_stats
+
+    difference = a[metric] - b[metric]
+    if a["seeds"] < 2 or b["seeds"] < 2:
+        return {"difference": difference, "standard_error": None, "p_value": None}
+    standard_error = math.sqrt(a[f"{metric}_std"] ** 2 / a["seeds"] + b[f"{metric}_std"] ** 2 / b["seeds"])
+    if standard_error == 0.0:
+        return {"difference": difference, "standard_error": 0.0, "p_value": 0.0 if difference else 1.0}
+    test = ttest_ind_from_stats(a[metric], a[f"{metric}_std"], a["seeds"], b[metric], b[f"{metric}_std"], b["seeds"], equal_var=False)
+    return {"difference": difference, "standard_error": standard_error, "p_value": float(test.pvalue)}
+
+
+def resolved(comparison: dict[str, float | None]) -> bool | None:
+    """Whether a :func:`compare_cells` difference is beyond the seeds' noise (p under
+    :data:`RESOLVED_P`); ``None`` when a single seed leaves it unjudged."""
+    return None if comparison["p_value"] is None else comparison["p_value"] < RESOLVED_P
+
+
+def _points(comparison: dict[str, float | None]) -> str:
+    """A difference in points, with its standard error and p-value where the seeds allow."""
+    text = f"{100 * comparison['difference']:+.2f}"
+    if comparison["standard_error"] is None:
+        return text + " (1 seed)"
+    p_value = comparison["p_value"]
+    return text + f" ± {100 * comparison['standard_error']:.2f} " + (f"(p {p_value:.2f})" if p_value >= 0.01 else "(p < 0.01)")
+
+
+def reaches_method_star(comparison: dict[str, float | None]) -> str:
+    """The verdict on ``ReLA 20% - method*``: ``yes`` (ahead, ``resolved`` if beyond the noise),
+    ``within the noise`` (behind, not resolved), ``no`` (behind, resolved) or ``not judged`` (one
+    seed of either)."""
+    verdict = resolved(comparison)
+    if verdict is None:
+        return "not judged (1 seed)"
+    if comparison["difference"] >= 0:
+        return "yes, resolved" if verdict else "yes"
+    return "no" if verdict else "within the noise"
+
+
+def markdown_reading(payload: dict[str, Any]) -> list[str]:
+    """The reading of the table as Markdown lines: per method and ReLA schedule, the ReLA cell at
+    20% against the method at 20% and against method* (linear probe, points, ± the standard error
+    of the difference, Welch's p over seeds; :func:`compare_cells`), and which schedule wins."""
+    percent = round(BUDGET * 100)
+    reach = [
         "### Reading: does ReLA at 20% reach method*? (linear probe, points)",
         "",
-        "| method | method* | method 20% | + ReLA adaptive 20% | + ReLA constant 20% | best ReLA - method* | best ReLA - method 20% | schedule that wins |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"Differences in points, ± their standard error, with Welch's two-sided p over the seeds; resolved when p < {RESOLVED_P}.",
+        "",
+        f"| method | ReLA schedule | + ReLA {percent}% | minus method {percent}% | minus method* | reaches method*? |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    schedules = [
+        "",
+        "### Which ReLA schedule wins (linear probe, points)",
+        "",
+        "| method | adaptive minus constant | wins |",
+        "| --- | ---: | --- |",
     ]
     for method in dict.fromkeys(r["method"] for r in payload["rows"] if r["kind"] == "cell"):
         mine = {r["cell"].split(f"{method}-", 1)[1]: r for r in payload["rows"] if r["kind"] == "cell" and r["method"] == method}
-        star, base = mine.get("100"), mine.get(f"{round(BUDGET * 100)}")
-        adaptive = mine.get(f"rela-random-{round(BUDGET * 100)}")
-        constant = next((r for k, r in mine.items() if k.startswith(f"rela-random-{round(BUDGET * 100)}-constant")), None)
-        rela = [r for r in (adaptive, constant) if r is not None]
-        if star is None or base is None or not rela:
+        star, base = mine.get("100"), mine.get(f"{percent}")
+        adaptive = mine.get(f"rela-random-{percent}")
+        constant = next((r for k, r in mine.items() if k.startswith(f"rela-random-{percent}-constant")), None)
+        if star is None or base is None:
             continue
-        best = max(rela, key=lambda r: r["linear_probe"])
-        cell = lambda r: f"{100 * r['linear_probe']:.2f}" if r is not None else "-"
-        lines.append(
-            f"| {METHOD_LABELS[method]}{' (provisional)' if star['provisional'] else ''} | {cell(star)} | {cell(base)} | {cell(adaptive)} | {cell(constant)} | "
-            f"{100 * (best['linear_probe'] - star['linear_probe']):+.2f} | {100 * (best['linear_probe'] - base['linear_probe']):+.2f} | "
-            f"{'adaptive' if best is adaptive else best['schedule']} |"
-        )
-    return "\n".join(lines) + "\n"
+        label = METHOD_LABELS[method] + (" (provisional)" if star["provisional"] else "")
+        for rela in (r for r in (adaptive, constant) if r is not None):
+            to_star = compare_cells(rela, star)
+            reach.append(
+                f"| {label} | {'adaptive' if rela is adaptive else rela['schedule']} | {100 * rela['linear_probe']:.2f} | "
+                f"{_points(compare_cells(rela, base))} | {_points(to_star)} | {reaches_method_star(to_star)} |"
+            )
+        if adaptive is not None and constant is not None:
+            between = compare_cells(adaptive, constant)
+            verdict = resolved(between)
+            wins = (
+                "not judged (1 seed)"
+                if verdict is None
+                else "not resolved"
+                if not verdict
+                else "adaptive"
+                if between["difference"] > 0
+                else constant["schedule"]
+            )
+            schedules.append(f"| {label} | {_points(between)} | {wins} |")
+    return reach + (schedules if len(schedules) > 5 else [])
 
 
 def bar_name(row: dict[str, Any]) -> str:

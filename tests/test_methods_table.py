@@ -285,3 +285,28 @@ def test_a_variant_entry_trains_its_method_with_its_settings(tmp_path, monkeypat
     assert (variant.method, variant.local_views) == ("dino", 0)
     assert variant.out_dir.parts[-3:] == ("dino-2views-100", "seed0", "train")  # its own runs, never DINO's
     assert methods_table.MethodCell("dino-2views", "baseline").label == "DINO (2 views) 20%"
+
+
+def _row(values: list[float]) -> dict:
+    mean, std = methods_table.mean_std(values)
+    return {"linear_probe": mean, "linear_probe_std": std, "seeds": len(values)}
+
+
+def test_the_reading_judges_a_difference_by_welchs_test_over_the_seeds():
+    from scipy.stats import ttest_ind
+
+    rela, star = [0.8697, 0.8650, 0.8744], [0.8843, 0.8712, 0.8749]
+    comparison = methods_table.compare_cells(_row(rela), _row(star))
+    # the summary-statistics path agrees with Welch's test on the seeds' own values
+    assert comparison["p_value"] == pytest.approx(ttest_ind(rela, star, equal_var=False).pvalue)
+    assert comparison["difference"] == pytest.approx(sum(rela) / 3 - sum(star) / 3)
+    assert comparison["standard_error"] ** 2 == pytest.approx(_row(rela)["linear_probe_std"] ** 2 / 3 + _row(star)["linear_probe_std"] ** 2 / 3)
+    # a gap the seeds cannot tell from noise, a resolved one each way, and a single seed
+    assert comparison["difference"] < 0 and not methods_table.resolved(comparison)
+    assert methods_table.reaches_method_star(comparison) == "within the noise"
+    far_below = methods_table.compare_cells(_row([0.80, 0.801, 0.799]), _row(star))
+    assert methods_table.resolved(far_below) and methods_table.reaches_method_star(far_below) == "no"
+    assert methods_table.reaches_method_star(methods_table.compare_cells(_row([0.95, 0.951, 0.949]), _row(star))) == "yes, resolved"
+    one_seed = methods_table.compare_cells(_row(rela), _row([0.8843]))
+    assert one_seed["p_value"] is None and methods_table.resolved(one_seed) is None
+    assert methods_table.reaches_method_star(one_seed).startswith("not judged")
