@@ -360,6 +360,17 @@ class MethodsTable(BudgetTable):
         self.keep_in_snapshot(path)
         return preferred
 
+    def constant_schedule_choices(self) -> dict[str, dict[str, Any]]:
+        """method -> the validation split's scores of the constant schedules at the method's
+        current epochs and the one preferred (``schedules/<method>-e<E>.json``), for the methods
+        whose choice has been made."""
+        choices = {}
+        for method in self.methods:
+            path = self.out / "schedules" / f"{method}-e{self.epochs_of(method)[0]}.json"
+            if path.exists():
+                choices[method] = json.loads(path.read_text())
+        return choices
+
     def run_all(self) -> dict[str, Any]:
         """Every run in the order of the module docstring; the outputs after each method's step."""
         started = time.perf_counter()
@@ -379,6 +390,7 @@ class MethodsTable(BudgetTable):
         def write() -> dict[str, Any]:
             payload = summarise_methods(self.profile, self.methods, results, self.plateau, floor_results, stage_one)
             payload.update(machine=machine, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "")
+            payload["constant_schedules"] = self.constant_schedule_choices()
             payload["wall_clock_s_this_invocation"] = round(time.perf_counter() - started, 1)
             write_method_outputs(self.out, payload)
             if self.snapshot is not None:
@@ -536,7 +548,8 @@ CSV_FIELDS = (
 
 
 def markdown_methods(payload: dict[str, Any]) -> str:
-    """The floors, the plateau studies and the table as Markdown (percentages, mean ± std)."""
+    """The floors, the plateau studies, the table (percentages, mean ± std), the constant
+    schedules' validation scores and the reading (:func:`markdown_reading`) as Markdown."""
     lines = ["### Floors (test split)", "", "| floor | seeds | linear probe top-1 | k-NN top-1 |", "| --- | ---: | ---: | ---: |"]
     for row in (r for r in payload["rows"] if r["kind"] == "floor"):
         lines.append(
@@ -559,6 +572,19 @@ def markdown_methods(payload: dict[str, Any]) -> str:
             f"| {row['label']} | {epochs} | {row['seeds']} | {100 * row['linear_probe']:.2f} ± {100 * row['linear_probe_std']:.2f} | "
             f"{100 * row['knn']:.2f} ± {100 * row['knn_std']:.2f} | {row['switch_steps'] or '-'} | {row['train_seconds_by_cpu']} | {row['precision']} |"
         )
+    choices = payload.get("constant_schedules", {})
+    if choices:
+        fractions = [f"constant:{f}" for f in CONSTANT_FRACTIONS]
+        lines += [
+            "",
+            f"### The constant schedule, chosen on the validation split (seed 0, {round(BUDGET * 100)}%, linear probe top-1)",
+            "",
+            "| method | epochs | " + " | ".join(f"`{f}`" for f in fractions) + " | chosen |",
+            "| --- | ---: | " + "---: | " * len(fractions) + "--- |",
+        ]
+        for method, choice in choices.items():
+            scores = " | ".join(f"{100 * choice['val_linear_probe_top1'][f]:.2f}" if f in choice["val_linear_probe_top1"] else "-" for f in fractions)
+            lines.append(f"| {METHOD_LABELS[method]} | {choice['epochs']} | {scores} | `{choice['preferred']}` |")
     lines += ["", *markdown_reading(payload)]
     return "\n".join(lines) + "\n"
 

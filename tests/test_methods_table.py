@@ -90,6 +90,10 @@ def test_floors_csv_markdown_and_plot(table):
     for row in payload["rows"]:
         assert row["label"] in report
     assert "does ReLA at 20% reach method*" in report and (table / "methods.png").stat().st_size > 10_000
+    # the validation choice of a constant schedule is reported for exactly the methods whose constant cell ran
+    constant_cells = {r["method"]: r["schedule"] for r in payload["rows"] if r["kind"] == "cell" and r["schedule"].startswith("constant:")}
+    assert {m: c["preferred"] for m, c in payload["constant_schedules"].items()} == constant_cells
+    assert all(f"`{schedule}`" in report for schedule in constant_cells.values())
     cells = [r for r in payload["rows"] if r["kind"] == "cell"]
     # the precision is pinned (fp32 by default) so that cells from different CPUs compare
     assert payload["machine"]["cpu"] and cells and all(r["precision"] == "fp32" and r["cpu"] for r in cells)
