@@ -629,7 +629,7 @@ def _points(comparison: dict[str, float | None]) -> str:
     if comparison["standard_error"] is None:
         return text + " (1 seed)"
     p_value = comparison["p_value"]
-    return text + f" ± {100 * comparison['standard_error']:.2f} " + (f"(p {p_value:.2f})" if p_value >= 0.01 else "(p < 0.01)")
+    return text + f" ± {100 * comparison['standard_error']:.2f} " + (f"(p {p_value:.2g})" if p_value >= 0.01 else "(p < 0.01)")
 
 
 def reaches_method_star(comparison: dict[str, float | None]) -> str:
