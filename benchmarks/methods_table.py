@@ -657,13 +657,7 @@ def markdown_reading(payload: dict[str, Any]) -> list[str]:
         f"| method | ReLA schedule | + ReLA {percent}% | minus method {percent}% | minus method* | reaches method*? |",
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
-    schedules = [
-        "",
-        "### Which ReLA schedule wins (linear probe, points)",
-        "",
-        "| method | adaptive minus constant | wins |",
-        "| --- | ---: | --- |",
-    ]
+    schedule_rows = []
     for method in dict.fromkeys(r["method"] for r in payload["rows"] if r["kind"] == "cell"):
         mine = {r["cell"].split(f"{method}-", 1)[1]: r for r in payload["rows"] if r["kind"] == "cell" and r["method"] == method}
         star, base = mine.get("100"), mine.get(f"{percent}")
@@ -681,17 +675,23 @@ def markdown_reading(payload: dict[str, Any]) -> list[str]:
         if adaptive is not None and constant is not None:
             between = compare_cells(adaptive, constant)
             verdict = resolved(between)
-            wins = (
-                "not judged (1 seed)"
-                if verdict is None
-                else "not resolved"
-                if not verdict
-                else "adaptive"
-                if between["difference"] > 0
-                else constant["schedule"]
-            )
-            schedules.append(f"| {label} | {_points(between)} | {wins} |")
-    return reach + (schedules if len(schedules) > 5 else [])
+            if verdict is None:
+                wins = "not judged (1 seed)"
+            elif not verdict:
+                wins = "not resolved"
+            else:
+                wins = "adaptive" if between["difference"] > 0 else constant["schedule"]
+            schedule_rows.append(f"| {label} | {_points(between)} | {wins} |")
+    if not schedule_rows:
+        return reach
+    return reach + [
+        "",
+        "### Which ReLA schedule wins (linear probe, points)",
+        "",
+        "| method | adaptive minus constant | wins |",
+        "| --- | ---: | --- |",
+        *schedule_rows,
+    ]
 
 
 def bar_name(row: dict[str, Any]) -> str:
