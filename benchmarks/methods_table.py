@@ -335,12 +335,13 @@ class MethodsTable(BudgetTable):
         """The test-split results of ``method``'s cells already cached at its epochs, trained
         nothing: what an invocation reports for a method before that method's turn comes (a resumed
         table would otherwise drop, until their turn, the methods it has not reached yet). Of the
-        constant-schedule cells, only the preferred schedule's."""
+        constant-schedule cells, only the preferred schedule's. A run counts by the method its
+        result records, never by its directory's prefix: ``dino-*`` also matches ``dino-2views-*``."""
         epochs, _ = self.epochs_of(method)
         chosen = self.out / "schedules" / f"{method}-e{epochs}.json"
         preferred = json.loads(chosen.read_text())["preferred"] if chosen.exists() else None
         runs = [json.loads(path.read_text()) for path in sorted(self.runs_dir(epochs).glob(f"{method}-*/seed*/test.json"))]
-        return [r for r in runs if r["kind"] != "rela-constant" or r["schedule"] == preferred]
+        return [r for r in runs if r["method"] == method and (r["kind"] != "rela-constant" or r["schedule"] == preferred)]
 
     def preferred_constant(self, method: str, epochs: int) -> str:
         """The ``constant:<f>`` schedule of :data:`CONSTANT_FRACTIONS` with the best validation

@@ -252,6 +252,18 @@ def test_a_resumed_table_reports_the_finished_cells_before_their_turn(table, mon
     assert json.loads((table / "results.json").read_text())["rows"] == before
 
 
+def test_a_resumed_table_never_reports_a_variant_s_runs_as_its_base_method(tmp_path):
+    # "dino-2views-*" directories share the "dino-" prefix: a resumed table listed them under DINO too
+    profile = methods_table.tiny(methods_table.PROFILES["cpu"])
+    table = methods_table.MethodsTable(profile, tmp_path, FIXTURE_ROOT, ["dino", "dino-2views"], device="cpu")
+    for method in ("dino", "dino-2views"):
+        run = table.runs_dir(profile.epochs) / f"{method}-100" / "seed0" / "test.json"
+        run.parent.mkdir(parents=True)
+        run.write_text(json.dumps({"method": method, "cell": f"{method}-100", "kind": "star", "schedule": "none"}))
+    assert [r["cell"] for r in table.finished_cells("dino")] == ["dino-100"]
+    assert [r["cell"] for r in table.finished_cells("dino-2views")] == ["dino-2views-100"]
+
+
 def test_train_seconds_are_averaged_per_cpu_never_across_machines():
     # seeds of one cell may train on different machines (--snapshot); their seconds do not mix
     runs = [
